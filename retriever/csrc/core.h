@@ -1,0 +1,130 @@
+// specdraft drafting core: index structures and the draft-tree builder.
+//
+// Pure C++17, no Python types: bindings.cpp is the only file that knows nanobind.
+// Token ids are int32 in [0, 2^24 - 1); kSeparator (-1) ends a document and never
+// matches or continues. Positions are int64 in memory, uint32 on disk.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <deque>
+#include <string>
+#include <vector>
+
+namespace specdraft {
+
+constexpr int32_t kSeparator = -1;
+constexpr int32_t kMaxTokenId = (1 << 24) - 2;  // 0xFFFFFF is the on-disk separator
+
+// Knobs of one source query. Depth and match caps are in tokens.
+struct QueryParams {
+  int max_match = 64;          // longest context suffix considered
+  int max_depth = 64;          // longest continuation read after a match
+  int max_occurrences = 32;    // occurrences gathered (online) / children sampled (corpus)
+  int max_nodes = 128;         // nodes of the candidate trie (corpus expansion cap)
+  float match_exponent = 2.0f; // online: occurrence weight = match_length ^ exponent
+};
+
+// A continuation trie from one source: the tokens seen after the context's suffix
+// matches, with the (weighted) number of occurrences through each node.
+// Invariant: parents[i] == -1 or parents[i] < i; mass[child] <= mass[parent].
+struct Candidates {
+  std::vector<int32_t> tokens;   // [num_nodes]
+  std::vector<int32_t> parents;  // [num_nodes]
+  std::vector<float> mass;       // [num_nodes]
+  float root_mass = 0.0f;        // mass of all occurrences that have a continuation
+  int32_t match_length = 0;      // longest suffix match found (0: none)
+  int32_t occurrences = 0;       // occurrences contributing
+
+  int32_t add_child(int32_t parent, int32_t token, float m);  // find-or-add, += m
+};
+
+// Online index over a growing token log split into documents: hash chains over the
+// n-grams of a fixed ladder of lengths. Appends are O(ladder) per token; the oldest
+// documents are evicted whole once live tokens exceed the budget (memory stays flat).
+// Not thread-safe: the caller serializes access.
+class OnlineIndex {
+ public:
+  explicit OnlineIndex(int64_t token_budget);
+  void append(const int32_t* tokens, size_t n);  // to the open document
+  void end_document();                           // close it; evict over budget
+  Candidates query(const int32_t* context, size_t n, const QueryParams& p) const;
+
+  int64_t num_tokens() const { return live_tokens_; }        // excluding separators
+  int64_t num_documents() const { return static_cast<int64_t>(docs_.size()); }
+  int64_t memory_bytes() const;
+
+ private:
+  struct Level;
+  int32_t at(int64_t pos) const { return ring_[pos & mask_]; }
+  void push(int32_t token);
+  void grow_ring();
+  void evict_over_budget();
+  int match_length(int64_t end_pos, const int32_t* context, size_t n, int cap) const;
+
+  int64_t budget_;
+  std::vector<int32_t> ring_;          // [capacity] tokens by position & mask_
+  std::vector<uint32_t> prev_;         // [capacity * levels] chain deltas (0 = end)
+  int64_t mask_ = 0;
+  int64_t base_ = 0;                   // first live position
+  int64_t end_ = 0;                    // one past the last position
+  int64_t live_tokens_ = 0;
+  int64_t open_doc_start_ = -1;        // -1: no open document
+  std::deque<std::pair<int64_t, int64_t>> docs_;  // [start, end) of closed docs
+  std::vector<Level> levels_;
+};
+
+// Static corpus index: token array (24-bit on disk) + suffix array (uint32), both
+// memory-mapped read-only. Suffixes are sorted on their first `sorted_depth` tokens.
+class CorpusIndex {
+ public:
+  // Raises std::runtime_error with a precise message on any size mismatch.
+  CorpusIndex(const std::string& tokens_path, const std::string& sa_path,
+              int64_t num_positions, int64_t num_suffixes, int sorted_depth);
+  ~CorpusIndex();
+  CorpusIndex(const CorpusIndex&) = delete;
+  CorpusIndex& operator=(const CorpusIndex&) = delete;
+
+  Candidates query(const int32_t* context, size_t n, const QueryParams& p) const;
+  int32_t token(int64_t pos) const;    // kSeparator at doc ends and past the end
+  int64_t suffix(int64_t rank) const;  // position of the rank-th smallest suffix
+  int64_t num_positions() const { return num_positions_; }
+  int64_t num_suffixes() const { return num_suffixes_; }
+  // [lo, hi) of suffix ranks whose first n tokens equal pattern.
+  std::pair<int64_t, int64_t> find_range(const int32_t* pattern, size_t n) const;
+
+ private:
+  const uint8_t* tokens_ = nullptr;
+  const uint32_t* sa_ = nullptr;
+  size_t tokens_bytes_ = 0, sa_bytes_ = 0;
+  int64_t num_positions_, num_suffixes_;
+  int sorted_depth_;
+};
+
+// Suffix array of the non-separator positions of tokens[0:n], sorted by their first
+// max_depth tokens (a separator ends a suffix and sorts before every token; ties
+// broken by position). O(n log max_depth) expected.
+std::vector<uint32_t> build_suffix_array(const int32_t* tokens, size_t n, int max_depth);
+
+// One source's contribution to a draft.
+struct SourceInput {
+  const Candidates* candidates;
+  float reliability;  // r_s: scales the source's confidence
+  float half_match;   // k_s: confidence = r_s * m / (m + k_s), m = match length
+  int32_t source_id;
+};
+
+// The draft: node i proposes tokens[i] after parents[i] (-1 = after the context).
+// Nodes come best-first: scores non-increasing, parents[i] < i.
+struct DraftTree {
+  std::vector<int32_t> tokens;   // [num_nodes]
+  std::vector<int32_t> parents;  // [num_nodes]
+  std::vector<float> scores;     // [num_nodes] estimated P(path accepted)
+  std::vector<int32_t> sources;  // [num_nodes] id of the source adding most score
+};
+
+// Merge the sources' tries into one and keep the max_nodes best nodes with score
+// >= min_score. score(v) = min(1, sum_s conf_s * mass_s(v) / root_mass_s).
+DraftTree build_tree(const std::vector<SourceInput>& sources, int max_nodes, float min_score);
+
+}  // namespace specdraft

@@ -1,0 +1,33 @@
+"""The `specdraft` console script: one entry point, subcommands per component.
+
+Each component module exposes `register(subparsers)`, adding its commands with
+`set_defaults(run=callable)`; the callable takes the parsed args and returns an
+exit code.
+"""
+
+import argparse
+import sys
+from typing import Sequence
+
+from specdraft import __version__
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from index_builder import cli as index_cli
+    from retriever import cli as retriever_cli
+
+    parser = argparse.ArgumentParser(prog="specdraft", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"specdraft {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+    index_cli.register(sub)
+    retriever_cli.register(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return int(args.run(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
