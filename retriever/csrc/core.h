@@ -6,6 +6,7 @@
 #pragma once
 
 #include <cstddef>
+#include <climits>
 #include <cstdint>
 #include <deque>
 #include <string>
@@ -21,7 +22,7 @@ struct QueryParams {
   int max_match = 64;          // longest context suffix considered
   int max_depth = 64;          // longest continuation read after a match
   int max_occurrences = 32;    // occurrences gathered (online) / children sampled (corpus)
-  int max_nodes = 128;         // nodes of the candidate trie (corpus expansion cap)
+  int max_nodes = 256;         // nodes of the candidate trie (longest matches kept first)
   float match_exponent = 2.0f; // online: occurrence weight = match_length ^ exponent
 };
 
@@ -36,7 +37,15 @@ struct Candidates {
   int32_t match_length = 0;      // longest suffix match found (0: none)
   int32_t occurrences = 0;       // occurrences contributing
 
-  int32_t add_child(int32_t parent, int32_t token, float m);  // find-or-add, += m
+  // Find-or-add the child and add m to its mass; -1 when it would be node max_nodes + 1.
+  int32_t add_child(int32_t parent, int32_t token, float m, int max_nodes = INT32_MAX);
+  int32_t find_child(int32_t parent, int32_t token) const;  // -1: none
+  size_t size() const { return tokens.size(); }
+
+ private:
+  std::vector<int32_t> first_child_;   // [num_nodes] -1 = leaf
+  std::vector<int32_t> next_sibling_;  // [num_nodes] -1 = last
+  int32_t root_first_child_ = -1;
 };
 
 // Online index over a growing token log split into documents: hash chains over the
@@ -46,6 +55,9 @@ struct Candidates {
 class OnlineIndex {
  public:
   explicit OnlineIndex(int64_t token_budget);
+  ~OnlineIndex();
+  OnlineIndex(const OnlineIndex&) = delete;
+  OnlineIndex& operator=(const OnlineIndex&) = delete;
   void append(const int32_t* tokens, size_t n);  // to the open document
   void end_document();                           // close it; evict over budget
   Candidates query(const int32_t* context, size_t n, const QueryParams& p) const;
@@ -57,13 +69,22 @@ class OnlineIndex {
  private:
   struct Level;
   int32_t at(int64_t pos) const { return ring_[pos & mask_]; }
+  int64_t live_positions() const { return end_ - base_; }
   void push(int32_t token);
   void grow_ring();
   void evict_over_budget();
+  void rehash(int lvl);
+  void insert_level(int lvl, int64_t pos);
+  void table_insert(Level& lv, int lvl, int64_t pos, uint64_t h);
+  uint64_t ngram_hash(int64_t end_pos, const Level& lv) const;
+  int64_t find_head(const Level& lv, uint64_t h) const;
+  int64_t full_pos(uint32_t low) const;
+  int64_t doc_start_of(int64_t pos) const;
   int match_length(int64_t end_pos, const int32_t* context, size_t n, int cap) const;
 
   int64_t budget_;
   std::vector<int32_t> ring_;          // [capacity] tokens by position & mask_
+  std::vector<uint64_t> hash_;         // [capacity] prefix hashes by position & mask_
   std::vector<uint32_t> prev_;         // [capacity * levels] chain deltas (0 = end)
   int64_t mask_ = 0;
   int64_t base_ = 0;                   // first live position

@@ -1,0 +1,289 @@
+// OnlineIndex: hash chains over a ladder of n-gram lengths on a ring buffer of tokens.
+//
+// Layout per live position p (slot = p & mask_):
+//   ring_[slot]                 token at p (kSeparator ends a document)
+//   hash_[slot]                 prefix hash H(p) = H(p-1) * B + token + 1 (mod 2^64)
+//   prev_[slot * L + l]         distance to the previous occurrence of the level-l n-gram
+//                               ending at p (0 = none)
+// Each level has an open-addressing table of {fingerprint, low 32 bits of the latest
+// end position}. Stale entries (evicted positions) are detected by position and dropped
+// at the next rehash, which rebuilds the tables from the live tokens.
+#include <algorithm>
+#include <cmath>
+#include <stdexcept>
+
+#include "core.h"
+
+namespace specdraft {
+namespace {
+
+constexpr int kLadder[] = {1, 2, 3, 4, 6, 8, 12, 16, 24, 32};
+constexpr int kNumLevels = sizeof(kLadder) / sizeof(kLadder[0]);
+constexpr uint64_t kBase = 0x9E3779B97F4A7C15ull;
+constexpr int kMaxChainSteps = 4096;  // per level and query: bounds latency on hash collisions
+
+uint64_t pow_base(int n) {
+  uint64_t r = 1;
+  for (int i = 0; i < n; ++i) r *= kBase;
+  return r;
+}
+
+uint64_t mix(uint64_t h) {  // finalizer: spreads the polynomial hash over all bits
+  h ^= h >> 33;
+  h *= 0xff51afd7ed558ccdull;
+  h ^= h >> 33;
+  h *= 0xc4ceb9fe1a85ec53ull;
+  h ^= h >> 33;
+  return h;
+}
+
+}  // namespace
+
+struct OnlineIndex::Level {
+  int length;
+  uint64_t base_pow;                    // kBase^length
+  std::vector<uint64_t> slots;          // [capacity] (fingerprint << 32) | pos_low; 0 = empty
+  uint64_t used = 0;
+};
+
+int32_t Candidates::find_child(int32_t parent, int32_t token) const {
+  for (int32_t c = parent < 0 ? root_first_child_ : first_child_[parent]; c >= 0; c = next_sibling_[c])
+    if (tokens[c] == token) return c;
+  return -1;
+}
+
+int32_t Candidates::add_child(int32_t parent, int32_t token, float m, int max_nodes) {
+  const int32_t found = find_child(parent, token);
+  if (found >= 0) {
+    mass[found] += m;
+    return found;
+  }
+  if (static_cast<int64_t>(tokens.size()) >= max_nodes) return -1;
+  int32_t& head = parent < 0 ? root_first_child_ : first_child_[parent];
+  const int32_t id = static_cast<int32_t>(tokens.size());
+  next_sibling_.push_back(head);
+  head = id;  // before push_back below: `head` may alias first_child_ storage
+  tokens.push_back(token);
+  parents.push_back(parent);
+  mass.push_back(m);
+  first_child_.push_back(-1);
+  return id;
+}
+
+OnlineIndex::OnlineIndex(int64_t token_budget) : budget_(token_budget) {
+  if (token_budget <= 0) throw std::invalid_argument("token_budget must be positive");
+  for (int l = 0; l < kNumLevels; ++l) {
+    levels_.push_back(Level{kLadder[l], pow_base(kLadder[l]), std::vector<uint64_t>(64, 0), 0});
+  }
+  ring_.assign(64, kSeparator);
+  hash_.assign(64, 0);
+  prev_.assign(64 * kNumLevels, 0);
+  mask_ = 63;
+}
+
+OnlineIndex::~OnlineIndex() = default;
+
+uint64_t OnlineIndex::ngram_hash(int64_t end_pos, const Level& lv) const {
+  // Callers guarantee end_pos - length >= base_ - 1, a position still in the ring.
+  const uint64_t before = end_pos - lv.length >= 0 ? hash_[(end_pos - lv.length) & mask_] : 0;
+  return mix(hash_[end_pos & mask_] - before * lv.base_pow);
+}
+
+void OnlineIndex::grow_ring() {
+  const int64_t cap = (mask_ + 1) * 2;
+  std::vector<int32_t> ring(cap, kSeparator);
+  std::vector<uint64_t> hash(cap, 0);
+  std::vector<uint32_t> prev(cap * kNumLevels, 0);
+  // Keep one position before base_ (a separator) so hashes of the first doc stay valid.
+  for (int64_t p = std::max<int64_t>(base_ - 1, 0); p < end_; ++p) {
+    ring[p & (cap - 1)] = ring_[p & mask_];
+    hash[p & (cap - 1)] = hash_[p & mask_];
+    std::copy_n(&prev_[(p & mask_) * kNumLevels], kNumLevels, &prev[(p & (cap - 1)) * kNumLevels]);
+  }
+  ring_.swap(ring);
+  hash_.swap(hash);
+  prev_.swap(prev);
+  mask_ = cap - 1;
+}
+
+void OnlineIndex::table_insert(Level& lv, int lvl, int64_t pos, uint64_t h) {
+  const uint64_t fp = (h >> 32) | 1;  // never 0: 0 marks an empty slot
+  const uint64_t cap_mask = lv.slots.size() - 1;
+  uint64_t i = h & cap_mask;
+  uint32_t& prev = prev_[(pos & mask_) * kNumLevels + lvl];
+  prev = 0;
+  while (true) {
+    uint64_t s = lv.slots[i];
+    if (s == 0) {
+      lv.slots[i] = (fp << 32) | static_cast<uint32_t>(pos);
+      ++lv.used;
+      return;
+    }
+    if ((s >> 32) == fp) {
+      const int64_t head = full_pos(static_cast<uint32_t>(s));
+      if (head >= base_ && head < pos) prev = static_cast<uint32_t>(std::min<int64_t>(pos - head, UINT32_MAX));
+      lv.slots[i] = (fp << 32) | static_cast<uint32_t>(pos);
+      return;
+    }
+    i = (i + 1) & cap_mask;
+  }
+}
+
+int64_t OnlineIndex::full_pos(uint32_t low) const {
+  // Positions in tables are within 2^32 of end_: the live window is smaller than that.
+  const uint32_t end_low = static_cast<uint32_t>(end_);
+  return end_ - static_cast<int64_t>(static_cast<uint32_t>(end_low - low));
+}
+
+int64_t OnlineIndex::find_head(const Level& lv, uint64_t h) const {
+  const uint64_t fp = (h >> 32) | 1;
+  const uint64_t cap_mask = lv.slots.size() - 1;
+  for (uint64_t i = h & cap_mask;; i = (i + 1) & cap_mask) {
+    uint64_t s = lv.slots[i];
+    if (s == 0) return -1;
+    if ((s >> 32) == fp) return full_pos(static_cast<uint32_t>(s));
+  }
+}
+
+void OnlineIndex::rehash(int lvl) {
+  Level& lv = levels_[lvl];
+  uint64_t cap = 64;
+  while (cap < static_cast<uint64_t>(live_positions()) * 2 + 64) cap *= 2;
+  lv.slots.assign(cap, 0);
+  lv.used = 0;
+  for (int64_t p = base_; p < end_; ++p) insert_level(lvl, p);
+}
+
+void OnlineIndex::insert_level(int lvl, int64_t p) {
+  Level& lv = levels_[lvl];
+  const int64_t start = p - lv.length + 1;
+  const int64_t doc_start = open_doc_start_ >= 0 && p >= open_doc_start_ ? open_doc_start_ : doc_start_of(p);
+  if (start < doc_start || at(p) == kSeparator) {
+    prev_[(p & mask_) * kNumLevels + lvl] = 0;
+    return;
+  }
+  table_insert(lv, lvl, p, ngram_hash(p, lv));
+}
+
+int64_t OnlineIndex::doc_start_of(int64_t p) const {
+  // Closed documents, newest last; the open document is handled by the caller.
+  auto it = std::upper_bound(docs_.begin(), docs_.end(), p,
+                             [](int64_t v, const std::pair<int64_t, int64_t>& d) { return v < d.first; });
+  if (it == docs_.begin()) return base_;
+  return std::prev(it)->first;
+}
+
+void OnlineIndex::push(int32_t token) {
+  if (end_ - std::max<int64_t>(base_ - 1, 0) + 1 > mask_ + 1) grow_ring();
+  const int64_t p = end_;
+  const uint64_t before = p > 0 ? hash_[(p - 1) & mask_] : 0;
+  ring_[p & mask_] = token;
+  hash_[p & mask_] = before * kBase + static_cast<uint64_t>(static_cast<int64_t>(token) + 2);
+  ++end_;
+  if (token == kSeparator) {
+    for (int l = 0; l < kNumLevels; ++l) prev_[(p & mask_) * kNumLevels + l] = 0;
+    return;
+  }
+  ++live_tokens_;
+  for (int l = 0; l < kNumLevels; ++l) {
+    Level& lv = levels_[l];
+    if ((lv.used + 1) * 2 > lv.slots.size()) {
+      rehash(l);  // includes position p
+    } else {
+      insert_level(l, p);
+    }
+  }
+}
+
+void OnlineIndex::append(const int32_t* tokens, size_t n) {
+  if (open_doc_start_ < 0) open_doc_start_ = end_;
+  for (size_t i = 0; i < n; ++i) {
+    if (tokens[i] < 0 || tokens[i] > kMaxTokenId) throw std::invalid_argument("token id out of range");
+    push(tokens[i]);
+  }
+}
+
+void OnlineIndex::end_document() {
+  if (open_doc_start_ < 0) return;
+  docs_.emplace_back(open_doc_start_, end_);
+  open_doc_start_ = -1;
+  push(kSeparator);
+  evict_over_budget();
+}
+
+void OnlineIndex::evict_over_budget() {
+  while (live_tokens_ > budget_ && !docs_.empty()) {
+    auto [start, stop] = docs_.front();
+    docs_.pop_front();
+    live_tokens_ -= stop - start;
+    base_ = stop + 1;  // past the document's separator
+  }
+}
+
+int64_t OnlineIndex::memory_bytes() const {
+  int64_t total = static_cast<int64_t>(ring_.capacity() * sizeof(int32_t) + hash_.capacity() * sizeof(uint64_t) +
+                                       prev_.capacity() * sizeof(uint32_t));
+  for (const Level& lv : levels_) total += static_cast<int64_t>(lv.slots.capacity() * sizeof(uint64_t));
+  total += static_cast<int64_t>(docs_.size() * sizeof(std::pair<int64_t, int64_t>));
+  return total + static_cast<int64_t>(sizeof(*this));
+}
+
+int OnlineIndex::match_length(int64_t end_pos, const int32_t* context, size_t n, int cap) const {
+  int m = 0;
+  while (m < cap && static_cast<size_t>(m) < n && end_pos - m >= base_) {
+    const int32_t t = at(end_pos - m);
+    if (t == kSeparator || t != context[n - 1 - m]) break;
+    ++m;
+  }
+  return m;
+}
+
+Candidates OnlineIndex::query(const int32_t* context, size_t n, const QueryParams& p) const {
+  Candidates out;
+  if (n == 0 || live_tokens_ == 0) return out;
+  std::vector<int64_t> found;
+  found.reserve(p.max_occurrences);
+  uint64_t ctx_hash = 0;  // hash of the last L context tokens, built incrementally
+  std::vector<uint64_t> ctx_prefix(std::min<size_t>(n, kLadder[kNumLevels - 1]) + 1, 0);
+  const size_t tail = ctx_prefix.size() - 1;
+  for (size_t i = 0; i < tail; ++i)
+    ctx_prefix[i + 1] = ctx_prefix[i] * kBase + static_cast<uint64_t>(static_cast<int64_t>(context[n - tail + i]) + 2);
+  for (int l = kNumLevels - 1; l >= 0 && static_cast<int>(found.size()) < p.max_occurrences; --l) {
+    const Level& lv = levels_[l];
+    if (static_cast<size_t>(lv.length) > tail || lv.length > p.max_match) continue;
+    ctx_hash = mix(ctx_prefix[tail] - ctx_prefix[tail - lv.length] * lv.base_pow);
+    int64_t pos = find_head(lv, ctx_hash);
+    for (int steps = 0; pos >= base_ && pos < end_ && steps < kMaxChainSteps; ++steps) {
+      if (static_cast<int>(found.size()) >= p.max_occurrences) break;
+      const bool has_next = pos + 1 < end_ && at(pos + 1) != kSeparator;
+      if (has_next && match_length(pos, context, n, lv.length) == lv.length &&
+          std::find(found.begin(), found.end(), pos) == found.end()) {
+        found.push_back(pos);
+      }
+      const uint32_t d = prev_[(pos & mask_) * kNumLevels + l];
+      if (d == 0) break;
+      pos -= d;
+    }
+  }
+  std::vector<std::pair<int, int64_t>> weighted;  // (match length, end position)
+  for (int64_t pos : found) weighted.emplace_back(match_length(pos, context, n, p.max_match), pos);
+  // Longest matches first (stable: most recent first among equals), so the node cap
+  // keeps the most predictive paths; later occurrences still add mass to kept nodes.
+  std::stable_sort(weighted.begin(), weighted.end(), [](auto a, auto b) { return a.first > b.first; });
+  for (auto [m, pos] : weighted) {
+    const float w = std::pow(static_cast<float>(m), p.match_exponent);
+    out.match_length = std::max(out.match_length, m);
+    out.root_mass += w;
+    ++out.occurrences;
+    int32_t node = -1;
+    for (int64_t q = pos + 1; q < end_ && q <= pos + p.max_depth; ++q) {
+      const int32_t t = at(q);
+      if (t == kSeparator) break;
+      node = out.add_child(node, t, w, p.max_nodes);
+      if (node < 0) break;
+    }
+  }
+  return out;
+}
+
+}  // namespace specdraft
