@@ -1,0 +1,183 @@
+"""Slow pure-Python references of the C++ drafting core (retriever/csrc), for the tests.
+
+Each mirrors the documented contract of its C++ twin, written for clarity, not speed.
+Tokens are Python ints; SEP (-1) ends a document.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+f32 = np.float32
+
+SEP = -1
+LADDER = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32)
+
+
+@dataclass
+class Trie:
+    """Find-or-add trie in insertion order, like `Candidates`."""
+
+    tokens: list[int] = field(default_factory=list)
+    parents: list[int] = field(default_factory=list)
+    mass: list[float] = field(default_factory=list)
+    root_mass: float = 0.0
+    match_length: int = 0
+    occurrences: int = 0
+
+    def add_child(self, parent: int, token: int, m: float, max_nodes: int = 1 << 31) -> int:
+        for i, (t, p) in enumerate(zip(self.tokens, self.parents)):
+            if p == parent and t == token:
+                self.mass[i] += m
+                return i
+        if len(self.tokens) >= max_nodes:
+            return -1
+        self.tokens.append(token)
+        self.parents.append(parent)
+        self.mass.append(m)  # += keeps the type of m: float32 in build_tree
+        return len(self.tokens) - 1
+
+    def add_path(self, path: list[int], m: float, max_nodes: int) -> None:
+        node = -1
+        for t in path:
+            node = self.add_child(node, t, m, max_nodes)
+            if node < 0:
+                return
+
+
+def suffix_key(tokens: list[int], i: int, depth: int) -> tuple:
+    """First `depth` symbols of the suffix at i; a separator ends it and sorts lowest."""
+    key = []
+    for j in range(i, min(i + depth, len(tokens))):
+        key.append(tokens[j])
+        if tokens[j] == SEP:
+            break
+    return tuple(key)
+
+
+class OnlineRef:
+    """OnlineIndex: a token log of documents with whole-document eviction over budget."""
+
+    def __init__(self, budget: int) -> None:
+        self.budget = budget
+        self.docs: list[list[int]] = []  # closed documents, oldest first
+        self.open: list[int] | None = None
+
+    def append(self, tokens: list[int]) -> None:
+        self.open = (self.open or []) + list(tokens)
+
+    def end_document(self) -> None:
+        if self.open is None:
+            return
+        self.docs.append(self.open)
+        self.open = None
+        while sum(map(len, self.docs)) > self.budget and self.docs:
+            self.docs.pop(0)
+
+    def _live(self) -> list[list[int]]:
+        return self.docs + ([self.open] if self.open is not None else [])
+
+    def query(self, ctx: list[int], max_match: int, max_depth: int, max_occurrences: int,
+              max_nodes: int, exponent: float) -> Trie:
+        # Global positions: documents in order; each closed document owns one more slot (its separator).
+        ends = []  # (doc, index in doc) of every token, newest last
+        for d, doc in enumerate(self._live()):
+            ends.extend((d, i) for i in range(len(doc)))
+        live = self._live()
+        found: list[tuple[int, int]] = []
+        tail = min(len(ctx), LADDER[-1])
+        for length in sorted((L for L in LADDER if L <= tail and L <= max_match), reverse=True):
+            for d, i in reversed(ends):
+                if len(found) >= max_occurrences:
+                    break
+                doc = live[d]
+                if i + 1 >= len(doc) or i - length + 1 < 0 or (d, i) in found:
+                    continue
+                if doc[i - length + 1:i + 1] == ctx[len(ctx) - length:]:
+                    found.append((d, i))
+        return self._trie(found, ctx, max_match, max_depth, max_nodes, exponent)
+
+    def _trie(self, found, ctx, max_match, max_depth, max_nodes, exponent) -> Trie:
+        live = self._live()
+        scored = []
+        for order, (d, i) in enumerate(found):
+            doc, m = live[d], 0
+            while m < max_match and m < len(ctx) and i - m >= 0 and doc[i - m] == ctx[len(ctx) - 1 - m]:
+                m += 1
+            scored.append((-m, order, d, i, m))
+        trie = Trie()
+        for _, _, d, i, m in sorted(scored):
+            w = float(m) ** exponent
+            trie.match_length = max(trie.match_length, m)
+            trie.root_mass += w
+            trie.occurrences += 1
+            trie.add_path(live[d][i + 1:i + 1 + max_depth], w, max_nodes)
+        return trie
+
+
+def corpus_query(tokens: list[int], ctx: list[int], sorted_depth: int, max_match: int, max_depth: int,
+                 max_occurrences: int, max_nodes: int) -> Trie:
+    """CorpusIndex.query over `tokens` (documents each followed by SEP)."""
+    positions = [i for i, t in enumerate(tokens) if t != SEP]
+    order = sorted(positions, key=lambda i: suffix_key(tokens, i, sorted_depth))
+    best, occ = 0, []
+    for length in range(1, min(len(ctx), max_match, sorted_depth) + 1):
+        hits = [i for i in order if tuple(tokens[i:i + length]) == tuple(ctx[len(ctx) - length:])]
+        if not hits:
+            break
+        best, occ = length, hits
+    trie = Trie(match_length=best)
+    if best == 0 or max_occurrences <= 0:
+        return Trie()
+    count = len(occ)
+    samples = min(count, max_occurrences)
+    w = count / samples
+    for j in range(samples):
+        start = occ[(2 * j + 1) * count // (2 * samples)] + best
+        if start >= len(tokens) or tokens[start] == SEP:
+            continue
+        trie.root_mass += w
+        trie.occurrences += 1
+        path = []
+        for t in tokens[start:start + max_depth]:
+            if t == SEP:
+                break
+            path.append(t)
+        trie.add_path(path, w, max_nodes)
+    return trie
+
+
+def build_tree(sources: list[tuple[Trie, float, float, int]], max_nodes: int, min_score: float):
+    """build_tree: (tokens, parents, scores, sources) of the best nodes of the merged tries."""
+    merged = Trie()
+    best: list[tuple[float, int]] = []  # (largest contribution, source id)
+    for trie, reliability, half_match, source_id in sources:
+        if not trie.tokens or trie.root_mass <= 0 or trie.match_length <= 0:
+            continue
+        m = trie.match_length  # float32 arithmetic, in the core's order
+        scale = f32(f32(f32(reliability) * f32(m)) / f32(f32(m) + f32(half_match))) / f32(trie.root_mass)
+        local = []
+        for t, p, mass in zip(trie.tokens, trie.parents, trie.mass):
+            c = f32(scale * f32(mass))
+            v = merged.add_child(-1 if p < 0 else local[p], t, c)
+            local.append(v)
+            if v == len(best):
+                best.append((c, source_id))
+            elif c > best[v][0]:
+                best[v] = (c, source_id)
+    score = list(merged.mass)
+    for v, p in enumerate(merged.parents):
+        score[v] = min(score[v], f32(1.0) if p < 0 else score[p])
+    order = sorted(range(len(score)), key=lambda v: (-score[v], v))[:max_nodes]
+    out_t, out_p, out_s, out_src, position = [], [], [], [], {}
+    for v in order:
+        if score[v] < min_score:
+            break
+        position[v] = len(out_t)
+        out_t.append(merged.tokens[v])
+        out_p.append(-1 if merged.parents[v] < 0 else position[merged.parents[v]])
+        out_s.append(score[v])
+        out_src.append(best[v][1])
+    return out_t, out_p, out_s, out_src
