@@ -80,8 +80,8 @@ class DraftingParams:
     """The scoring model of all sources (tuned on the dev traces, see README)."""
 
     context: SourceWeights = SourceWeights(reliability=1.0, half_match=2.0)
-    tenant: SourceWeights = SourceWeights(reliability=1.0, half_match=2.0)
-    corpus: SourceWeights = SourceWeights(reliability=0.6, half_match=4.0, max_occurrences=16)
+    tenant: SourceWeights = SourceWeights(reliability=1.0, half_match=0.5)
+    corpus: SourceWeights = SourceWeights(reliability=0.5, half_match=8.0, max_occurrences=16, max_candidates=256)
     min_score: float = 1e-3
 
 

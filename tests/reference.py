@@ -158,8 +158,13 @@ def build_tree(sources: list[tuple[Trie, float, float, int]], max_nodes: int, mi
             continue
         m = trie.match_length  # float32 arithmetic, in the core's order
         scale = f32(f32(f32(reliability) * f32(m)) / f32(f32(m) + f32(half_match))) / f32(trie.root_mass)
+        ranked = sorted(range(len(trie.tokens)), key=lambda i: (-trie.mass[i], i))
+        kept = set(ranked[:2 * max(max_nodes, 0)])  # each source's heaviest 2 * max_nodes nodes
         local = []
-        for t, p, mass in zip(trie.tokens, trie.parents, trie.mass):
+        for i, (t, p, mass) in enumerate(zip(trie.tokens, trie.parents, trie.mass)):
+            if i not in kept or (p >= 0 and local[p] < 0):
+                local.append(-1)
+                continue
             c = f32(scale * f32(mass))
             v = merged.add_child(-1 if p < 0 else local[p], t, c)
             local.append(v)

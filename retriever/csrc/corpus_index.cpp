@@ -88,25 +88,36 @@ std::pair<int64_t, int64_t> CorpusIndex::find_range(const int32_t* pattern, size
     const int64_t mid = lo + (hi - lo) / 2;
     if (compare_prefix(*this, sa_[mid], pattern, n) < 0) lo = mid + 1; else hi = mid;
   }
-  int64_t lo2 = lo, hi2 = num_suffixes_;
-  while (lo2 < hi2) {  // first suffix > pattern
-    const int64_t mid = lo2 + (hi2 - lo2) / 2;
-    if (compare_prefix(*this, sa_[mid], pattern, n) <= 0) lo2 = mid + 1; else hi2 = mid;
+  if (lo == num_suffixes_ || compare_prefix(*this, sa_[lo], pattern, n) != 0) return {lo, lo};
+  // Gallop from lo for the first suffix > pattern: ranges of long patterns are short.
+  int64_t step = 1, last_in = lo;
+  while (lo + step < num_suffixes_ && compare_prefix(*this, sa_[lo + step], pattern, n) == 0) {
+    last_in = lo + step;
+    step *= 2;
   }
-  return {lo, lo2};
+  int64_t a = last_in + 1, b = std::min(lo + step, num_suffixes_);
+  while (a < b) {
+    const int64_t mid = a + (b - a) / 2;
+    if (compare_prefix(*this, sa_[mid], pattern, n) == 0) a = mid + 1; else b = mid;
+  }
+  return {lo, a};
 }
 
 Candidates CorpusIndex::query(const int32_t* context, size_t n, const QueryParams& p) const {
   Candidates out;
   const int cap = static_cast<int>(std::min<size_t>({n, static_cast<size_t>(p.max_match),
                                                      static_cast<size_t>(sorted_depth_)}));
-  int best = 0;
+  // Longest suffix of the context that occurs: gallop up (1, 2, 4, ...), then bisect.
+  // Matches are usually short, so this probes fewer long patterns than a plain bisection.
+  int best = 0, fail = cap + 1;
   std::pair<int64_t, int64_t> range{0, 0};
-  for (int lo = 1, hi = cap; lo <= hi;) {  // longest suffix of the context that occurs
-    const int mid = (lo + hi) / 2;
-    auto r = find_range(context + n - mid, mid);
-    if (r.first < r.second) { best = mid; range = r; lo = mid + 1; } else { hi = mid - 1; }
-  }
+  auto probe = [&](int len) {
+    auto r = find_range(context + n - len, len);
+    if (r.first < r.second) { best = len; range = r; } else { fail = len; }
+  };
+  for (int len = 1; len <= cap && best == len / 2; len *= 2) probe(len);
+  if (best > 0 && best < cap && fail > cap) probe(cap);
+  while (fail - best > 1) probe((best + fail) / 2);
   if (best == 0 || p.max_occurrences <= 0) return out;
   const int64_t count = range.second - range.first;
   const int64_t samples = std::min<int64_t>(count, p.max_occurrences);

@@ -1,5 +1,7 @@
 // build_tree: merge per-source candidate tries and keep the best nodes.
 //
+// Each source contributes its 2 * max_nodes heaviest nodes.
+//
 // Example: source A (conf 0.8) saw "x y" twice and "x z" twice (root mass 4); source B
 // (conf 0.5) saw "x y" once (root mass 1). Merged scores: x = 0.8*4/4 + 0.5 = 1 (clipped),
 // x>y = 0.8*2/4 + 0.5 = 0.9, x>z = 0.4. With max_nodes 2 the draft is [x, y].
@@ -9,6 +11,25 @@
 #include "core.h"
 
 namespace specdraft {
+
+namespace {
+
+// The k nodes of largest mass (ties: lower index), a subtree: mass never grows along a path.
+// Merging only these keeps build_tree cheap; a node outside every source's top 2 * max_nodes
+// rarely reaches the merged top max_nodes.
+std::vector<bool> top_nodes(const Candidates& c, size_t k) {
+  std::vector<bool> keep(c.size(), true);
+  if (c.size() <= k) return keep;
+  std::vector<int32_t> order(c.size());
+  std::iota(order.begin(), order.end(), 0);
+  std::nth_element(order.begin(), order.begin() + k, order.end(), [&](int32_t a, int32_t b) {
+    return c.mass[a] != c.mass[b] ? c.mass[a] > c.mass[b] : a < b;
+  });
+  for (size_t j = k; j < order.size(); ++j) keep[order[j]] = false;
+  return keep;
+}
+
+}  // namespace
 
 DraftTree build_tree(const std::vector<SourceInput>& sources, int max_nodes, float min_score) {
   Candidates merged;  // mass = score; parents precede children
@@ -20,8 +41,10 @@ DraftTree build_tree(const std::vector<SourceInput>& sources, int max_nodes, flo
     if (c.size() == 0 || c.root_mass <= 0.0f || c.match_length <= 0) continue;
     const float conf = s.reliability * c.match_length / (c.match_length + s.half_match);
     const float scale = conf / c.root_mass;
-    local.resize(c.size());
+    const std::vector<bool> keep = top_nodes(c, 2 * static_cast<size_t>(std::max(max_nodes, 0)));
+    local.assign(c.size(), -1);
     for (size_t i = 0; i < c.size(); ++i) {
+      if (!keep[i] || (c.parents[i] >= 0 && local[c.parents[i]] < 0)) continue;
       const float contrib = scale * c.mass[i];
       const int32_t v = merged.add_child(c.parents[i] < 0 ? -1 : local[c.parents[i]], c.tokens[i], contrib);
       local[i] = v;
