@@ -22,7 +22,7 @@ import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from enum import IntEnum
-from typing import TYPE_CHECKING, Sequence
+from typing import TYPE_CHECKING, Callable, Sequence
 
 import numpy as np
 
@@ -154,8 +154,11 @@ class _Session:
 class Drafter:
     """Sessions, tenant indexes and corpora; see the module docstring for the lifecycle."""
 
-    def __init__(self, config: DrafterConfig, corpora: Sequence["CorpusDatastore"] = ()) -> None:
+    def __init__(self, config: DrafterConfig, corpora: Sequence["CorpusDatastore"] = (),
+                 on_output: Callable[[str, np.ndarray], None] | None = None) -> None:
+        """`on_output(tenant, tokens)` is told of every retired output (e.g. to publish it)."""
         self._config = config
+        self._on_output = on_output
         self._sessions: OrderedDict[tuple[str, str], _Session] = OrderedDict()
         self._tenants: dict[str, _core.OnlineIndex] = {}
         p = config.params
@@ -203,6 +206,15 @@ class Drafter:
             raise NotFound(f"session must exist to be ended, got unknown session {session_id!r}")
         return self._retire(tenant, session)
 
+    def add_prior_output(self, tenant: str, tokens: np.ndarray) -> None:
+        """Add one finished output (int32 [k]) to the tenant's index, e.g. from the shared log."""
+        if tokens.shape[0]:
+            index = self._tenants.get(tenant)
+            if index is None:
+                index = self._tenants[tenant] = _core.OnlineIndex(self._config.tenant_token_budget)
+            index.append(tokens)
+            index.end_document()
+
     def expire_idle(self, now_s: float | None = None) -> int:
         """End every session idle longer than `session_idle_s`; returns how many."""
         now_s = time.monotonic() if now_s is None else now_s
@@ -229,12 +241,9 @@ class Drafter:
 
     def _retire(self, tenant: str, session: _Session) -> int:
         output = session.output_tokens()
-        if output.shape[0]:
-            index = self._tenants.get(tenant)
-            if index is None:
-                index = self._tenants[tenant] = _core.OnlineIndex(self._config.tenant_token_budget)
-            index.append(output)
-            index.end_document()
+        self.add_prior_output(tenant, output)
+        if self._on_output is not None and output.shape[0]:
+            self._on_output(tenant, output)
         return int(output.shape[0])
 
     def _check_length(self, tokens: int) -> None:
