@@ -15,12 +15,16 @@ from specdraft import __version__
 def build_parser() -> argparse.ArgumentParser:
     from index_builder import cli as index_cli
     from retriever import cli as retriever_cli
+    from specdraft.bench import cli as bench_cli
+    from verifier import cli as verifier_cli
 
     parser = argparse.ArgumentParser(prog="specdraft", description=__doc__.splitlines()[0])
     parser.add_argument("--version", action="version", version=f"specdraft {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     index_cli.register(sub)
     retriever_cli.register(sub)
+    verifier_cli.register(sub)
+    bench_cli.register(sub)
     return parser
 
 

@@ -1,0 +1,32 @@
+# specdraft retriever image: the C++ core is compiled in a build stage; the runtime
+# stage holds only the installed wheels (no compiler).
+#   docker build -t specdraft .
+#   docker run -p 50051:50051 -v ./data:/data:ro specdraft \
+#       specdraft retriever serve --port 50051 --index /data/indexes/stdlib
+
+FROM python:3.11-slim AS build
+ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends build-essential \
+    && rm -rf /var/lib/apt/lists/*
+WORKDIR /src
+# scikit-build-core brings cmake and ninja from PyPI when the image has none.
+COPY pyproject.toml CMakeLists.txt README.md ./
+COPY specdraft specdraft
+COPY retriever retriever
+COPY verifier verifier
+COPY index_builder index_builder
+COPY protos protos
+RUN pip wheel --wheel-dir /wheels .
+
+FROM python:3.11-slim
+ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1 PYTHONUNBUFFERED=1
+COPY --from=build /wheels /wheels
+RUN pip install --no-index --find-links /wheels specdraft && rm -rf /wheels \
+    && useradd --create-home --uid 10001 specdraft
+USER specdraft
+WORKDIR /home/specdraft
+EXPOSE 50051
+# Health: the standard grpc.health.v1 service (NOT_SERVING until the indexes are loaded).
+HEALTHCHECK --interval=10s --timeout=5s --start-period=60s --retries=3 CMD python -c "import grpc, sys; from grpc_health.v1 import health_pb2 as h, health_pb2_grpc as g; r = g.HealthStub(grpc.insecure_channel('localhost:50051')).Check(h.HealthCheckRequest(service=''), timeout=3); sys.exit(r.status != h.HealthCheckResponse.SERVING)"
+CMD ["specdraft", "retriever", "serve", "--port", "50051"]

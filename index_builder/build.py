@@ -1,0 +1,157 @@
+"""Offline build of a corpus datastore: read INPUTs, tokenize in batches, write.
+
+Tokenization uses `Tokenizer.encode_batch[_fast]` (Rust, multi-threaded, no special tokens);
+the next batch of texts is read on a helper thread while the current one is encoded.
+The datastore is written by `retriever.datastore.write_datastore` (atomic).
+"""
+
+from __future__ import annotations
+
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Iterator, Sequence
+
+import numpy as np
+
+from index_builder.inputs import InputReader, InputSummary, iter_documents, load_exclude_ids
+from index_builder.tokenizer import LoadedTokenizer, load_tokenizer
+from retriever.datastore import DEFAULT_SORTED_DEPTH, Manifest, check_target, write_datastore
+from retriever.errors import InvalidArgument
+
+BATCH_DOCUMENTS = 512  # texts per encode_batch call, at most
+BATCH_CHARS = 4 << 20  # characters per encode_batch call, about
+
+
+@dataclass(frozen=True)
+class BuildReport:
+    """Outcome of one build."""
+
+    path: Path
+    manifest: Manifest
+    inputs: tuple[InputSummary, ...]
+    tokens: int
+    documents: int
+    seconds: float
+    tokens_per_s: float
+    bytes_on_disk: int  # tokens.u24 + sa.u32 + manifest.json
+    bytes_per_token: float
+
+    @property
+    def num_tokens(self) -> int:
+        return self.tokens
+
+    @property
+    def num_documents(self) -> int:
+        return self.documents
+
+    def describe(self) -> str:
+        return (f"built {self.path}: {self.tokens:,} tokens in {self.documents:,} documents, "
+                f"{self.seconds:.1f} s ({self.tokens_per_s:,.0f} tokens/s), "
+                f"{self.bytes_on_disk / 1e6:,.1f} MB on disk ({self.bytes_per_token:.2f} bytes/token)")
+
+
+def build(inputs: Sequence[str | Path], tokenizer: str | Path | LoadedTokenizer, out_dir: str | Path, *,
+          name: str | None = None, glob: str | None = None, exclude: Sequence[str] = (),
+          exclude_ids: str | Path | Iterable[str] | None = None, overwrite: bool = False,
+          max_tokens: int | None = None, progress: bool = True,
+          sorted_depth: int = DEFAULT_SORTED_DEPTH) -> BuildReport:
+    """Builds the datastore of `inputs` (see index_builder.inputs) at `out_dir`.
+
+    `tokenizer` is a tokenizer.json path, a directory holding one, or a loaded one;
+    `exclude_ids` a JSON list file or the ids themselves; `max_tokens` caps the corpus
+    (the last document is cut). Raises InvalidArgument (bad inputs/options) or OSError.
+    """
+    if not inputs:
+        raise InvalidArgument("inputs must name at least one file or directory, got none")
+    if max_tokens is not None and max_tokens < 1:
+        raise InvalidArgument(f"max_tokens must be positive, got {max_tokens}")
+    out = Path(out_dir)
+    check_target(out.absolute(), overwrite)  # fail before any work; checked again when moving into place
+    tok = tokenizer if isinstance(tokenizer, LoadedTokenizer) else load_tokenizer(tokenizer)
+    ids = exclude_ids if isinstance(exclude_ids, (frozenset, set, list, tuple)) else load_exclude_ids(exclude_ids)
+    readers = [InputReader(p, glob, exclude, frozenset(str(i) for i in ids)) for p in inputs]
+    start = time.perf_counter()
+    with _progress(progress) as bar:
+        docs = tokenize(iter_documents(readers), tok, bar)
+        if max_tokens is not None:
+            docs = _cap_tokens(docs, max_tokens)
+        manifest = write_datastore(out, docs, tok.info, name or out.absolute().name, _LazySources(readers),
+                                   sorted_depth=sorted_depth, overwrite=overwrite)
+    seconds = time.perf_counter() - start
+    disk = sum(p.stat().st_size for p in out.iterdir() if p.is_file())
+    return BuildReport(out, manifest, tuple(r.summary() for r in readers), manifest.num_tokens,
+                       manifest.num_documents, seconds, manifest.num_tokens / max(seconds, 1e-9), disk,
+                       disk / max(manifest.num_tokens, 1))
+
+
+class _LazySources:
+    """The readers' descriptions, taken when write_datastore iterates (after the documents)."""
+
+    def __init__(self, readers: Sequence[InputReader]) -> None:
+        self.readers = readers
+
+    def __iter__(self) -> Iterator[str]:
+        return (r.summary().describe() for r in self.readers)
+
+
+def tokenize(texts: Iterable[str], tok: LoadedTokenizer, bar=None) -> Iterator[np.ndarray]:
+    """int32[k] token ids of each text (no special tokens), encoded in batches."""
+    # encode_batch_fast (tokenizers >= 0.21) skips the offsets we do not need.
+    encode = getattr(tok.tokenizer, "encode_batch_fast", tok.tokenizer.encode_batch)
+    with ThreadPoolExecutor(max_workers=1) as reader:
+        batches = _batches(iter(texts))
+        pending = reader.submit(next, batches, None)
+        while (batch := pending.result()) is not None:
+            pending = reader.submit(next, batches, None)  # read ahead while encoding
+            encodings = encode(batch, add_special_tokens=False)
+            arrays = [np.asarray(e.ids, dtype=np.int32) for e in encodings]
+            if bar is not None:
+                bar.update(sum(a.size for a in arrays))
+            yield from arrays
+    if bar is not None:
+        bar.set_description_str("tokenized; sorting suffixes")
+
+
+def _batches(texts: Iterator[str]) -> Iterator[list[str]]:
+    batch: list[str] = []
+    chars = 0
+    for text in texts:
+        batch.append(text)
+        chars += len(text)
+        if len(batch) >= BATCH_DOCUMENTS or chars >= BATCH_CHARS:
+            yield batch
+            batch, chars = [], 0
+    if batch:
+        yield batch
+
+
+def _cap_tokens(docs: Iterator[np.ndarray], max_tokens: int) -> Iterator[np.ndarray]:
+    """Passes documents on until max_tokens tokens; the last one is cut to fit."""
+    left = max_tokens
+    for doc in docs:
+        if left <= 0:
+            return
+        yield doc[:left]
+        left -= min(left, doc.size)
+
+
+class _progress:
+    """A tqdm bar counting tokens (to stderr), or a no-op when disabled."""
+
+    def __init__(self, enabled: bool) -> None:
+        self.enabled = enabled
+        self.bar = None
+
+    def __enter__(self):
+        if not self.enabled:
+            return None
+        from tqdm import tqdm
+
+        self.bar = tqdm(unit="tokens", unit_scale=True, desc="tokenizing", dynamic_ncols=True)
+        return self.bar
+
+    def __exit__(self, *exc) -> None:
+        if self.bar is not None:
+            self.bar.close()

@@ -1,0 +1,57 @@
+"""`specdraft retriever serve`: the retriever gRPC service (flags > SPECDRAFT_* > defaults)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    retriever = subparsers.add_parser("retriever", help="the retriever service (drafts from suffix indexes)")
+    rsub = retriever.add_subparsers(dest="retriever_command", required=True)
+    serve = rsub.add_parser("serve", help="serve specdraft.v1.Retriever over gRPC until SIGINT/SIGTERM")
+    serve.add_argument("--port", type=int, help="port (0: a free one; default 50051, SPECDRAFT_PORT)")
+    serve.add_argument("--host", help="address to bind (default 0.0.0.0, SPECDRAFT_HOST)")
+    serve.add_argument("--index", action="append", metavar="DIR",
+                       help="corpus datastore directory, repeatable (replaces SPECDRAFT_INDEX_DIRS)")
+    serve.add_argument("--max-nodes", type=int, metavar="N", help="default and cap of a draft's max_nodes")
+    serve.add_argument("--tokenizer", metavar="PATH", help="tokenizer dir or tokenizer.json the indexes must match")
+    serve.add_argument("--reflection", action="store_true", default=None, help="enable gRPC server reflection")
+    serve.add_argument("--redis-url", metavar="URL",
+                       help="shared output log in Redis: redis://, rediss:// or unix:// (SPECDRAFT_REDIS_URL; "
+                            "default: the file log under --data-dir)")
+    serve.add_argument("--data-dir", metavar="DIR", help="the file output log's directory parent (default data, "
+                                                         "SPECDRAFT_DATA_DIR)")
+    serve.add_argument("--output-log", choices=("auto", "redis", "file", "off"),
+                       help="where finished outputs are shared (default auto: Redis if a URL is set, else the file)")
+    serve.set_defaults(run=run_serve)
+
+
+def settings_from_args(args: argparse.Namespace):
+    """RetrieverSettings from the environment with the given flags on top (ValueError when invalid)."""
+    from retriever.settings import RetrieverSettings
+
+    return RetrieverSettings.from_env(
+        host=args.host, port=args.port, indexes=tuple(args.index) if args.index else None,
+        default_max_nodes=args.max_nodes, max_nodes_cap=args.max_nodes, tokenizer=args.tokenizer,
+        reflection=args.reflection, redis_url=args.redis_url, data_dir=args.data_dir, output_log=args.output_log)
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    """Serves until SIGINT/SIGTERM; 2 on bad settings, 1 when binding or loading the indexes fails."""
+    try:
+        settings = settings_from_args(args)
+    except ValueError as e:
+        print(f"specdraft retriever serve: error: {e}", file=sys.stderr)
+        return 2
+    if not logging.getLogger().handlers:
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from retriever.server import serve
+
+    try:
+        return asyncio.run(serve(settings))
+    except OSError as e:
+        print(f"specdraft retriever serve: error: {e}", file=sys.stderr)
+        return 1

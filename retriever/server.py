@@ -1,0 +1,359 @@
+"""The retriever's gRPC server (grpc.aio).
+
+- `start(settings)` (on a running loop) -> `AioRetrieverServer`: binds host:port (0: a free
+  port), serves `specdraft.v1.Retriever`, the standard health service (`grpc.health.v1`:
+  "" and "specdraft.v1.Retriever" NOT_SERVING until the indexes are loaded, then SERVING)
+  and, with `settings.reflection`, reflection. The indexes load on a thread after the
+  server started; a failure is logged and leaves health NOT_SERVING. Idle sessions are
+  ended every `settings.expire_interval_s`. The shared output log (`settings.output_log`,
+  docs/OUTPUT_LOG.md) is replayed into the drafter from the start; with
+  `log_warmup_gate=not_serving` health stays NOT_SERVING until the replay is done (or
+  `log_warmup_timeout_s` passed); "specdraft.v1.OutputLog" reports the log's own health
+  (SERVING: replayed and reachable).
+- `create_server(settings) -> (RetrieverServer, port)`: the same on its own event-loop
+  thread, driven like a `grpc.Server` from synchronous code (`stop(grace)` returns an Event).
+- `serve(settings)`: runs until SIGINT/SIGTERM, then stops gracefully; exit code 1 when the
+  indexes fail to load.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import logging
+import math
+import signal
+import threading
+import time
+from typing import TYPE_CHECKING, Callable, TypeVar
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from protos.specdraft.v1 import retriever_pb2, retriever_pb2_grpc
+from retriever import errors
+from retriever.drafter import Drafter
+from retriever.log_sync import LogSync, open_log
+from retriever.outputlog import LogUnavailable
+from retriever.service import RetrieverServicer
+from retriever.settings import RetrieverSettings
+
+if TYPE_CHECKING:
+    from retriever.datastore import CorpusDatastore, TokenizerInfo
+
+log = logging.getLogger(__name__)
+SERVICE_NAME = retriever_pb2.DESCRIPTOR.services_by_name["Retriever"].full_name
+HEALTH_NAMES = ("", SERVICE_NAME)
+LOG_HEALTH_NAME = "specdraft.v1.OutputLog"  # SERVING once the log is replayed and reachable
+MAX_MESSAGE_BYTES = 64 << 20  # a DraftBatch restarting many long sessions is large
+Loader = Callable[[RetrieverSettings], "list[CorpusDatastore]"]
+_T = TypeVar("_T")
+
+
+# ---------------------------------------------------------------- index loading (blocking)
+
+
+def load_indexes(settings: RetrieverSettings) -> list["CorpusDatastore"]:
+    """Opens every `settings.indexes` datastore (checked against `settings.tokenizer` if set).
+
+    Raises IndexFormatError / FailedPrecondition (a tokenizer mismatch, also between indexes).
+    """
+    from retriever.datastore import open_datastore
+
+    expect = tokenizer_info(settings.tokenizer) if settings.tokenizer else None
+    corpora = [open_datastore(path, expect_tokenizer=expect) for path in settings.indexes]
+    for corpus in corpora[1:]:
+        first, other = corpora[0].manifest.tokenizer, corpus.manifest.tokenizer
+        if (other.sha256, other.vocab_size) != (first.sha256, first.vocab_size):
+            raise errors.FailedPrecondition(
+                f"indexes must share one tokenizer, got {corpora[0].path} with {first.name} ({first.sha256[:12]}) "
+                f"and {corpus.path} with {other.name} ({other.sha256[:12]})")
+    return corpora
+
+
+def tokenizer_info(path: str) -> "TokenizerInfo":
+    """The identity of a tokenizer dir or tokenizer.json, as the index builder records it
+    (`index_builder.tokenizer`: sha256 of the file's bytes, vocab size with added tokens).
+
+    Raises FailedPrecondition when it cannot be read.
+    """
+    from index_builder.tokenizer import load_tokenizer
+
+    try:
+        return load_tokenizer(path).info
+    except errors.InvalidArgument as e:
+        raise errors.FailedPrecondition(str(e)) from None
+
+
+async def _in_daemon_thread(fn: Callable[..., _T], *args: object) -> _T:
+    """`fn(*args)` on a daemon thread (a stop never waits for a long load)."""
+    loop = asyncio.get_running_loop()
+    future: asyncio.Future[_T] = loop.create_future()
+
+    def settle(ok: bool, value: object) -> None:
+        if future.done():  # cancelled: the server stopped first
+            return
+        if ok:
+            future.set_result(value)  # type: ignore[arg-type]
+        else:
+            future.set_exception(value)  # type: ignore[arg-type]
+
+    def work() -> None:
+        try:
+            ok, value = True, fn(*args)
+        except BaseException as e:  # noqa: BLE001 - handed to the awaiting task
+            ok, value = False, e
+        try:
+            loop.call_soon_threadsafe(settle, ok, value)
+        except RuntimeError:  # the loop is closed: nobody waits any more
+            pass
+
+    threading.Thread(target=work, name="retriever-load-indexes", daemon=True).start()
+    return await future
+
+
+async def _load(settings: RetrieverSettings, loader: Loader, servicer: RetrieverServicer,
+                health_servicer: health.aio.HealthServicer, sync: LogSync | None = None) -> bool:
+    """Loads the indexes (and with the not_serving gate waits for the output log's replay),
+    then serves (health SERVING); False (logged) when loading failed."""
+    try:
+        corpora = await _in_daemon_thread(loader, settings)
+    except Exception as e:  # noqa: BLE001 - reported through health, the log and serve's exit code
+        expected = isinstance(e, errors.SpecdraftError)
+        log.error("retriever indexes failed to load: %s", e, exc_info=None if expected else e)
+        servicer.set_failed(str(e))
+        return False
+    servicer.set_corpora(corpora)
+    if sync is not None and settings.log_warmup_gate == "not_serving":
+        await _wait_warm(sync, settings.log_warmup_timeout_s)
+    for name in HEALTH_NAMES:
+        await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    log.info("retriever serving %d indexes (%s tokens)", len(corpora),
+             sum(c.manifest.num_tokens for c in corpora))
+    return True
+
+
+async def _wait_warm(sync: LogSync, timeout_s: float) -> None:
+    """Waits for the output log's replay (timeout 0: no limit), logging progress every 5 s."""
+    deadline = time.monotonic() + timeout_s if timeout_s else math.inf
+    while not await sync.wait_warm(min(5.0, max(0.0, deadline - time.monotonic()))):
+        h = sync.health()
+        if time.monotonic() >= deadline:
+            log.warning("output log replay not done after %.0f s (%d tokens replayed): serving without the rest",
+                        timeout_s, h.warmup_tokens)
+            return
+        log.info("output log replay: %d outputs, %d of %d tokens in %.0f s%s", h.warmup_entries, h.warmup_tokens,
+                 h.warmup_total_tokens, h.warmup_s, "" if h.reading else " (log unreachable, retrying)")
+
+
+async def _report_log_health(sync: LogSync, health_servicer: health.aio.HealthServicer,
+                             interval_s: float = 1.0) -> None:
+    """Keeps LOG_HEALTH_NAME at SERVING while the log is replayed and reachable, else NOT_SERVING."""
+    last = None
+    while True:
+        status = (health_pb2.HealthCheckResponse.NOT_SERVING if sync.health().degraded
+                  else health_pb2.HealthCheckResponse.SERVING)
+        if status != last:
+            await health_servicer.set(LOG_HEALTH_NAME, status)
+            last = status
+        await asyncio.sleep(interval_s)
+
+
+def _log_sync(settings: RetrieverSettings) -> LogSync | None:
+    """The output log's LogSync (None when off); OSError when the store cannot be opened."""
+    config = settings.log_config()
+    if config is None:
+        return None
+    try:
+        return LogSync(open_log(config), config)
+    except (LogUnavailable, ValueError) as e:
+        raise OSError(f"output log must open, got {e}") from None
+
+
+async def _expire_periodically(servicer: RetrieverServicer, interval_s: float) -> None:
+    while True:
+        await asyncio.sleep(interval_s)
+        try:
+            servicer.expire_idle()
+        except Exception:  # noqa: BLE001 - the next round tries again
+            log.exception("ending idle sessions failed")
+
+
+# ---------------------------------------------------------------- the server on a running loop
+
+
+class AioRetrieverServer:
+    """A started server on the current loop. `loaded` resolves to True once the indexes are
+    loaded, False when loading failed."""
+
+    def __init__(self, server: grpc.aio.Server, port: int, health_servicer: health.aio.HealthServicer,
+                 servicer: RetrieverServicer, loaded: "asyncio.Task[bool]", expiry: "asyncio.Task[None]",
+                 sync: LogSync | None = None, log_health: "asyncio.Task[None] | None" = None) -> None:
+        self.server, self.port, self.servicer = server, port, servicer
+        self.loaded, self._health, self._expiry = loaded, health_servicer, expiry
+        self.sync, self._log_health = sync, log_health
+
+    async def stop(self, grace: float | None) -> None:
+        """Health NOT_SERVING, then in-flight calls get `grace` seconds (None: forever)."""
+        await self._health.enter_graceful_shutdown()
+        self._expiry.cancel()
+        self.loaded.cancel()
+        await self.server.stop(grace)
+        if self._log_health is not None:
+            self._log_health.cancel()
+        if self.sync is not None:  # after the calls: outputs of sessions ended in the grace go out too
+            await self.sync.stop(flush_s=2.0)
+
+    async def wait_for_termination(self) -> None:
+        await self.server.wait_for_termination()
+
+
+def _address(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host and not host.startswith("[") else f"{host}:{port}"
+
+
+def _grpc_server(settings: RetrieverSettings, servicer: RetrieverServicer,
+                 health_servicer: health.aio.HealthServicer) -> tuple[grpc.aio.Server, int]:
+    server = grpc.aio.server(options=[("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+                                      ("grpc.so_reuseport", 0)])
+    retriever_pb2_grpc.add_RetrieverServicer_to_server(servicer, server)
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    if settings.reflection:
+        reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
+    address = _address(settings.host, settings.port)
+    try:
+        port = server.add_insecure_port(address)
+    except RuntimeError as e:
+        raise OSError(f"retriever address must be bindable, got {address} ({e})") from None
+    if port == 0:
+        raise OSError(f"retriever address must be bindable, got {address}")
+    return server, port
+
+
+async def start(settings: RetrieverSettings, loader: Loader = load_indexes,
+                drafter: "Drafter | None" = None) -> AioRetrieverServer:
+    """Binds and starts the server on the running loop; the indexes load in the background.
+
+    `drafter`: the one to serve with, as is; default: one from the settings, wired to the
+    output log (a drafter passed in gets no log).
+    """
+    sync = _log_sync(settings) if drafter is None else None
+    if drafter is None:
+        drafter = Drafter(settings.drafter_config(), on_output=sync.publish if sync is not None else None)
+    servicer = RetrieverServicer(settings, drafter)
+    health_servicer = health.aio.HealthServicer()
+    for name in (*HEALTH_NAMES, *((LOG_HEALTH_NAME,) if sync is not None else ())):
+        await health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+    try:
+        server, port = _grpc_server(settings, servicer, health_servicer)
+    except BaseException:
+        if sync is not None:
+            await sync.log.close()
+        raise
+    await server.start()
+    log_health = None
+    if sync is not None:
+        await sync.start(drafter)
+        log_health = asyncio.create_task(_report_log_health(sync, health_servicer))
+        log.info("output log: %s (replica %s), warm-up gate %s", sync.log.name, sync.replica_id,
+                 settings.log_warmup_gate)
+    log.info("retriever listening on %s (%d index dirs to load)", _address(settings.host, port),
+             len(settings.indexes))
+    loaded = asyncio.create_task(_load(settings, loader, servicer, health_servicer, sync))
+    expiry = asyncio.create_task(_expire_periodically(servicer, settings.expire_interval_s))
+    return AioRetrieverServer(server, port, health_servicer, servicer, loaded, expiry, sync, log_health)
+
+
+# ---------------------------------------------------------------- the server on its own thread
+
+
+class RetrieverServer:
+    """An `AioRetrieverServer` on its own event-loop thread, driven like a `grpc.Server`."""
+
+    def __init__(self, inner: AioRetrieverServer, loop: asyncio.AbstractEventLoop, stopped: threading.Event) -> None:
+        self._inner, self._loop, self._stopped = inner, loop, stopped
+        self._stopping = threading.Lock()
+        self._stop_called = False
+
+    @property
+    def port(self) -> int:
+        return self._inner.port
+
+    def stop(self, grace: float | None) -> threading.Event:
+        """Stops gracefully (see AioRetrieverServer.stop); the Event is set once it has stopped."""
+        with self._stopping:
+            if not self._stop_called:
+                self._stop_called = True
+                future = asyncio.run_coroutine_threadsafe(self._inner.stop(grace), self._loop)
+                future.add_done_callback(lambda _: self._loop.call_soon_threadsafe(self._loop.stop))
+        return self._stopped
+
+    def wait_for_termination(self, timeout: float | None = None) -> bool:
+        """As grpc.Server's: True when `timeout` passed before the server stopped."""
+        return not self._stopped.wait(timeout)
+
+    def wait_ready(self, timeout: float | None = None) -> bool:
+        """True once the indexes are loaded; False when loading failed or `timeout` passed."""
+        async def loaded() -> bool:
+            return await asyncio.shield(self._inner.loaded)
+
+        try:
+            return asyncio.run_coroutine_threadsafe(loaded(), self._loop).result(timeout)
+        except (TimeoutError, asyncio.CancelledError, concurrent.futures.CancelledError):
+            return False
+
+
+def _run_loop(loop: asyncio.AbstractEventLoop, stopped: threading.Event) -> None:
+    asyncio.set_event_loop(loop)
+    try:
+        loop.run_forever()
+        tasks = asyncio.all_tasks(loop)
+        for task in tasks:
+            task.cancel()
+        loop.run_until_complete(asyncio.gather(*tasks, return_exceptions=True))
+        loop.run_until_complete(loop.shutdown_asyncgens())
+    finally:
+        loop.close()
+        stopped.set()
+
+
+def create_server(settings: RetrieverSettings, *, loader: Loader = load_indexes,
+                  drafter: "Drafter | None" = None) -> tuple[RetrieverServer, int]:
+    """A started server (see `start`) on a new event-loop thread and its bound port."""
+    loop = asyncio.new_event_loop()
+    stopped = threading.Event()
+    threading.Thread(target=_run_loop, args=(loop, stopped), name="retriever-aio", daemon=True).start()
+    try:
+        inner = asyncio.run_coroutine_threadsafe(start(settings, loader, drafter), loop).result()
+    except BaseException:
+        loop.call_soon_threadsafe(loop.stop)
+        stopped.wait()
+        raise
+    return RetrieverServer(inner, loop, stopped), inner.port
+
+
+# ---------------------------------------------------------------- the process
+
+
+async def serve(settings: RetrieverSettings, loader: Loader = load_indexes, drafter: "Drafter | None" = None) -> int:
+    """Serves until SIGINT/SIGTERM (then stops with `settings.grace_s`); 1 if the indexes fail to load."""
+    server = await start(settings, loader, drafter)
+    print(f"retriever listening on {_address(settings.host, server.port)}", flush=True)
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        stopping = asyncio.create_task(stop.wait())
+        await asyncio.wait((server.loaded, stopping), return_when=asyncio.FIRST_COMPLETED)
+        failed = server.loaded.done() and not server.loaded.result()
+        if not failed:
+            await stopping
+            log.info("retriever stopping (grace %.1f s)", settings.grace_s)
+        await server.stop(0 if failed else settings.grace_s)
+        stopping.cancel()
+    finally:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(sig)
+    return 1 if failed else 0

@@ -1,0 +1,186 @@
+"""The `specdraft.v1.Retriever` service (grpc.aio): proto -> `validate_draft` -> `Drafter` -> proto.
+
+Every handler runs inline on the event loop (a draft is microseconds of C++), so the
+`Drafter`, which is not thread-safe, only ever runs on the loop's thread. Domain errors
+become status codes in one place, `STATUS_BY_ERROR` (via `status_of`); anything else is
+logged and answered INTERNAL. Until `set_corpora` is called (the server loads the indexes
+after it starts) every call but Describe answers UNAVAILABLE. Request contents (prompts,
+drafts) are never logged.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING, AsyncIterator, Callable, Sequence, TypeVar
+
+import grpc
+
+import specdraft
+from protos.specdraft.v1 import retriever_pb2 as pb
+from protos.specdraft.v1 import retriever_pb2_grpc as pb_grpc
+from retriever import errors
+from retriever.drafter import Drafter, DraftResult
+from retriever.settings import Limits, RetrieverSettings
+from retriever.validation import check_name, validate_draft
+
+if TYPE_CHECKING:
+    from retriever.datastore import CorpusDatastore
+
+log = logging.getLogger(__name__)
+
+STATUS_BY_ERROR: dict[type[errors.SpecdraftError], grpc.StatusCode] = {
+    errors.InvalidArgument: grpc.StatusCode.INVALID_ARGUMENT,
+    errors.NotFound: grpc.StatusCode.NOT_FOUND,
+    errors.FailedPrecondition: grpc.StatusCode.FAILED_PRECONDITION,
+    errors.ResourceExhausted: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    errors.Unavailable: grpc.StatusCode.UNAVAILABLE,
+    errors.IndexFormatError: grpc.StatusCode.FAILED_PRECONDITION,
+}
+LOADING = "indexes are still loading"
+_Req = TypeVar("_Req")
+_Resp = TypeVar("_Resp")
+
+
+def status_of(error: Exception) -> tuple[grpc.StatusCode, str]:
+    """The status of an error: its class (or nearest base) in STATUS_BY_ERROR, else INTERNAL (logged)."""
+    for cls in type(error).__mro__:
+        code = STATUS_BY_ERROR.get(cls)  # type: ignore[call-overload]
+        if code is not None:
+            return code, str(error)
+    log.error("retriever call failed with an unexpected %s", type(error).__name__, exc_info=error)
+    return grpc.StatusCode.INTERNAL, f"internal error ({type(error).__name__}), see the retriever's log"
+
+
+def encode_result(result: DraftResult) -> pb.DraftResponse:
+    tree = result.tree  # arrays [n]: int32 ids, int32 parents, float32 scores, uint8 sources
+    return pb.DraftResponse(tree=pb.DraftTree(token_ids=tree.token_ids.tolist(), parents=tree.parents.tolist(),
+                                              scores=tree.scores.tolist(), sources=tree.sources.tolist()),
+                            context_tokens=result.context_tokens)
+
+
+def encode_error(error: Exception) -> pb.DraftResponse:
+    """A DraftBatch item that failed: `error` set (code = the grpc.StatusCode's number), tree empty."""
+    code, message = status_of(error)
+    return pb.DraftResponse(error=pb.DraftError(code=code.value[0], message=message))
+
+
+async def _answer(context: grpc.aio.ServicerContext, handle: Callable[[_Req], _Resp], request: _Req) -> _Resp:
+    """`handle(request)`, or the call aborted with the status of what it raised."""
+    try:
+        return handle(request)
+    except Exception as e:  # noqa: BLE001 - every failure becomes a status, the server never crashes
+        code, message = status_of(e)
+    await context.abort(code, message)
+    raise AssertionError("unreachable: abort raises")
+
+
+class RetrieverServicer(pb_grpc.RetrieverServicer):
+    """The service over one `Drafter`; `set_corpora` makes it ready."""
+
+    def __init__(self, settings: RetrieverSettings, drafter: Drafter | None = None) -> None:
+        self._settings = settings
+        self._drafter = drafter if drafter is not None else Drafter(settings.drafter_config())
+        self._corpora: tuple["CorpusDatastore", ...] = ()
+        self._vocab_size = settings.vocab_size  # 0: none fixed (yet)
+        self._limits: Limits | None = None  # None: not ready
+        self._unavailable = LOADING
+
+    @property
+    def ready(self) -> bool:
+        return self._limits is not None
+
+    def set_corpora(self, corpora: Sequence["CorpusDatastore"]) -> None:
+        """Serve with these corpora (one tokenizer); the vocabulary comes from them unless set."""
+        self._drafter.set_corpora(list(corpora))
+        self._corpora = tuple(corpora)
+        index_vocab = corpora[0].manifest.tokenizer.vocab_size if corpora else 0
+        self._vocab_size = self._settings.vocab_size or index_vocab
+        self._limits = self._settings.limits(self._vocab_size)
+
+    def set_failed(self, reason: str) -> None:
+        """Loading failed: calls answer UNAVAILABLE with `reason` instead of "still loading"."""
+        self._unavailable = f"indexes failed to load: {reason}"
+
+    def expire_idle(self) -> int:
+        """Ends the idle sessions (their output goes to their tenants); returns how many."""
+        ended = self._drafter.expire_idle()
+        if ended:
+            log.info("ended %d idle sessions", ended)
+        return ended
+
+    # ------------------------------------------------------------ RPCs
+
+    async def Draft(self, request: pb.DraftRequest, context: grpc.aio.ServicerContext) -> pb.DraftResponse:
+        return await _answer(context, self._draft, request)
+
+    async def DraftStream(self, request_iterator: AsyncIterator[pb.DraftRequest],
+                          context: grpc.aio.ServicerContext) -> AsyncIterator[pb.DraftResponse]:
+        """One response per request, in order; the first failure ends the stream with its status."""
+        async for request in request_iterator:
+            try:
+                response = self._draft(request)
+            except Exception as e:  # noqa: BLE001
+                code, message = status_of(e)
+                break
+            yield response
+        else:
+            return
+        await context.abort(code, message)
+
+    async def DraftBatch(self, request: pb.DraftBatchRequest,
+                         context: grpc.aio.ServicerContext) -> pb.DraftBatchResponse:
+        return await _answer(context, self._draft_batch, request)
+
+    async def EndSession(self, request: pb.EndSessionRequest,
+                         context: grpc.aio.ServicerContext) -> pb.EndSessionResponse:
+        return await _answer(context, self._end_session, request)
+
+    async def Describe(self, request: pb.DescribeRequest, context: grpc.aio.ServicerContext) -> pb.DescribeResponse:
+        return await _answer(context, self._describe, request)
+
+    # ------------------------------------------------------------ the work (sync, raises domain errors)
+
+    def _require_limits(self) -> Limits:
+        if self._limits is None:
+            raise errors.Unavailable(self._unavailable)
+        return self._limits
+
+    def _draft(self, request: pb.DraftRequest) -> pb.DraftResponse:
+        v = validate_draft(request.tenant, request.session_id, request.prompt, request.new_tokens,
+                           request.max_nodes, self._require_limits())
+        return encode_result(self._drafter.draft(v.tenant, v.session_id, v.prompt, v.new_tokens, v.max_nodes))
+
+    def _draft_or_error(self, request: pb.DraftRequest) -> pb.DraftResponse:
+        try:
+            return self._draft(request)
+        except Exception as e:  # noqa: BLE001 - one item's failure is that item's error
+            return encode_error(e)
+
+    def _draft_batch(self, request: pb.DraftBatchRequest) -> pb.DraftBatchResponse:
+        n, cap = len(request.requests), self._settings.max_batch
+        if not 0 < n <= cap:
+            raise errors.InvalidArgument(f"requests must hold 1 to {cap} drafts, got {n}")
+        self._require_limits()
+        return pb.DraftBatchResponse(responses=[self._draft_or_error(r) for r in request.requests])
+
+    def _end_session(self, request: pb.EndSessionRequest) -> pb.EndSessionResponse:
+        self._require_limits()
+        tenant, session_id = check_name(request.tenant, "tenant"), check_name(request.session_id, "session_id")
+        return pb.EndSessionResponse(output_tokens=self._drafter.end_session(tenant, session_id))
+
+    def _describe(self, request: pb.DescribeRequest) -> pb.DescribeResponse:
+        """limits.vocab_size 0: no vocabulary fixed (no indexes, no setting): any 24-bit id goes."""
+        s = self._settings
+        limits = pb.Limits(default_max_nodes=s.default_max_nodes, max_nodes_cap=s.max_nodes_cap,
+                           vocab_size=self._vocab_size, max_context_tokens=s.max_context_tokens,
+                           max_new_tokens=s.max_new_tokens, max_batch=s.max_batch, max_sessions=s.max_sessions,
+                           tenant_token_budget=s.tenant_token_budget)
+        return pb.DescribeResponse(version=specdraft.__version__, indexes=[index_info(c) for c in self._corpora],
+                                   limits=limits, ready=self.ready)
+
+
+def index_info(corpus: "CorpusDatastore") -> pb.IndexInfo:
+    m = corpus.manifest
+    return pb.IndexInfo(name=m.name, kind=m.kind, tokens=m.num_tokens, documents=m.num_documents,
+                        tokenizer_name=m.tokenizer.name, tokenizer_sha256=m.tokenizer.sha256,
+                        vocab_size=m.tokenizer.vocab_size, path=str(corpus.path))

@@ -1,0 +1,192 @@
+"""The retriever's configuration: one frozen `RetrieverSettings` per process.
+
+`RetrieverSettings.from_env()` reads every field `x` from `SPECDRAFT_X` (the index
+directories from `SPECDRAFT_INDEX_DIRS`, separated by `os.pathsep`); keyword overrides
+(the CLI's flags) win over the environment. Invalid values raise ValueError with a
+"SPECDRAFT_X must be Y, got Z" message. Narrow views for the other modules:
+`drafter_config()` (the `Drafter`), `limits(vocab_size)` (request validation) and
+`log_config()` (the shared output log, see docs/OUTPUT_LOG.md).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+from dataclasses import dataclass, field, fields
+from typing import TYPE_CHECKING, Callable, Mapping
+
+if TYPE_CHECKING:
+    from retriever.drafter import DrafterConfig
+    from retriever.outputlog import LogConfig
+
+ENV_PREFIX = "SPECDRAFT_"
+MAX_VOCAB_SIZE = 16_777_214  # token ids are stored as 24 bits; 0xFFFFFF is the document separator
+MAX_NODES_LIMIT = 4096  # the largest max_nodes_cap a server accepts
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What one request may ask for; `vocab_size` is the effective one (never 0)."""
+
+    default_max_nodes: int
+    max_nodes_cap: int
+    vocab_size: int
+    max_context_tokens: int
+    max_new_tokens: int
+    max_batch: int
+
+
+@dataclass(frozen=True)
+class RetrieverSettings:
+    host: str = "0.0.0.0"  # every interface (the container's port mapping needs it)
+    port: int = 50051  # 0: a free port
+    indexes: tuple[str, ...] = field(default=(), metadata={"env": "INDEX_DIRS"})  # corpus datastore dirs
+    default_max_nodes: int = 64  # a request's max_nodes 0 gets this
+    max_nodes_cap: int = 64
+    vocab_size: int = 0  # 0: the loaded indexes' (MAX_VOCAB_SIZE without indexes)
+    max_context_tokens: int = 131_072  # per session
+    max_new_tokens: int = 4096  # per call
+    max_batch: int = 256  # drafts per DraftBatch
+    max_sessions: int = 100_000  # beyond it the least recently used session ends
+    session_idle_s: float = 900.0  # idle sessions end after this long
+    tenant_token_budget: int = 2_000_000  # prior-output tokens kept per tenant
+    reflection: bool = False  # gRPC server reflection
+    tokenizer: str = ""  # tokenizer dir or tokenizer.json; when set, every index must match its hash
+    grace_s: float = 5.0  # graceful stop: in-flight calls get this long
+    expire_interval_s: float = 30.0  # how often idle sessions are looked for
+    # The shared output log (docs/OUTPUT_LOG.md): auto = Redis if redis_url is set, else the file log.
+    output_log: str = "auto"  # auto, redis, file or off
+    redis_url: str = field(default="", repr=False)  # redis://, rediss:// or unix:// (may hold a password)
+    redis_username: str = ""  # ACL user (overrides the URL's)
+    redis_password: str = field(default="", repr=False)  # (overrides the URL's)
+    redis_timeout_s: float = 0.5  # connect and command timeout; failures are retried in the background
+    data_dir: str = "data"  # the file log lives in data_dir/log/
+    log_token_budget: int = 0  # tokens kept per tenant in the log (0: tenant_token_budget)
+    log_queue_max: int = 10_000  # outputs waiting to be published; beyond it the oldest drop
+    log_warmup_gate: str = "not_serving"  # not_serving: health waits for the replay; degraded: it does not
+    log_warmup_timeout_s: float = 0.0  # not_serving: serve anyway after this long (0: wait for the replay)
+
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            check = _RULES.get(f.name)
+            if check is not None and not check[0](getattr(self, f.name)):
+                shown = repr(getattr(self, f.name)) if f.repr else "a value not shown (it may hold a secret)"
+                raise ValueError(f"{env_name(f.name)} must be {check[1]}, got {shown}")
+        if self.output_log == "redis" and not self.redis_url:
+            raise ValueError(f"{env_name('redis_url')} must be set when {env_name('output_log')}=redis, got ''")
+        if self.default_max_nodes > self.max_nodes_cap:
+            raise ValueError(f"{env_name('default_max_nodes')} must be at most {env_name('max_nodes_cap')}="
+                             f"{self.max_nodes_cap}, got {self.default_max_nodes}")
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: object) -> "RetrieverSettings":
+        """Defaults <- SPECDRAFT_* variables <- overrides (None values are ignored)."""
+        environ = os.environ if environ is None else environ
+        values: dict[str, object] = {}
+        for f in fields(cls):
+            raw = environ.get(env_name(f.name))
+            if raw is not None:
+                values[f.name] = _parse(f.name, _kind(f.default), raw)
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        if isinstance(values.get("indexes"), list):
+            values["indexes"] = tuple(values["indexes"])  # type: ignore[arg-type]
+        return cls(**values)  # type: ignore[arg-type]
+
+    def replace(self, **changes: object) -> "RetrieverSettings":
+        return dataclasses.replace(self, **changes)  # type: ignore[arg-type]
+
+    def drafter_config(self) -> "DrafterConfig":
+        from retriever.drafter import DrafterConfig  # lazy: settings parse without the C++ core
+
+        return DrafterConfig(max_sessions=self.max_sessions, session_idle_s=self.session_idle_s,
+                             tenant_token_budget=self.tenant_token_budget,
+                             max_context_tokens=self.max_context_tokens)
+
+    def log_config(self) -> "LogConfig | None":
+        """The output log's configuration; None when `output_log` is off."""
+        from retriever.outputlog import LogConfig
+
+        if self.output_log == "off":
+            return None
+        url = self.redis_url if self.output_log in ("auto", "redis") else ""
+        return LogConfig(redis_url=url, redis_username=self.redis_username, redis_password=self.redis_password,
+                         timeout_s=self.redis_timeout_s, data_dir=self.data_dir,
+                         token_budget=self.log_token_budget or self.tenant_token_budget,
+                         queue_max=self.log_queue_max)
+
+    def limits(self, index_vocab_size: int = 0) -> Limits:
+        """The request limits; vocab: the setting, else `index_vocab_size`, else MAX_VOCAB_SIZE."""
+        vocab = self.vocab_size or index_vocab_size or MAX_VOCAB_SIZE
+        return Limits(self.default_max_nodes, self.max_nodes_cap, vocab, self.max_context_tokens,
+                      self.max_new_tokens, self.max_batch)
+
+
+def env_name(field_name: str) -> str:
+    """The environment variable of a field, e.g. `indexes` -> SPECDRAFT_INDEX_DIRS."""
+    for f in fields(RetrieverSettings):
+        if f.name == field_name:
+            return ENV_PREFIX + f.metadata.get("env", field_name.upper())
+    raise KeyError(field_name)
+
+
+def _int(lo: int, hi: int | None = None) -> Callable[[object], bool]:
+    return lambda v: isinstance(v, int) and not isinstance(v, bool) and lo <= v and (hi is None or v <= hi)
+
+
+def _seconds(lo: float, inclusive: bool) -> Callable[[object], bool]:
+    return lambda v: (isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+                      and (v >= lo if inclusive else v > lo))
+
+
+_RULES: dict[str, tuple[Callable[[object], bool], str]] = {
+    "host": (lambda v: isinstance(v, str) and bool(v), "a non-empty host name or address"),
+    "port": (_int(0, 65535), "an integer in [0, 65535]"),
+    "indexes": (lambda v: isinstance(v, tuple) and all(isinstance(p, str) and p for p in v),
+                "a tuple of non-empty directory paths"),
+    "default_max_nodes": (_int(1), "an integer >= 1"),
+    "max_nodes_cap": (_int(1, MAX_NODES_LIMIT), f"an integer in [1, {MAX_NODES_LIMIT}]"),
+    "vocab_size": (_int(0, MAX_VOCAB_SIZE), f"an integer in [0, {MAX_VOCAB_SIZE}] (0: the indexes')"),
+    "max_context_tokens": (_int(1), "an integer >= 1"),
+    "max_new_tokens": (_int(1), "an integer >= 1"),
+    "max_batch": (_int(1), "an integer >= 1"),
+    "max_sessions": (_int(1), "an integer >= 1"),
+    "session_idle_s": (_seconds(0, False), "a finite number of seconds > 0"),
+    "tenant_token_budget": (_int(1), "an integer >= 1"),
+    "reflection": (lambda v: isinstance(v, bool), "a boolean"),
+    "tokenizer": (lambda v: isinstance(v, str), "a path or empty"),
+    "grace_s": (_seconds(0, True), "a finite number of seconds >= 0"),
+    "expire_interval_s": (_seconds(0, False), "a finite number of seconds > 0"),
+    "output_log": (lambda v: v in ("auto", "redis", "file", "off"), "one of auto, redis, file, off"),
+    "redis_url": (lambda v: isinstance(v, str) and (not v or v.split("://", 1)[0] in ("redis", "rediss", "unix")),
+                  "empty or a redis://, rediss:// or unix:// URL"),
+    "redis_username": (lambda v: isinstance(v, str), "a string"),
+    "redis_password": (lambda v: isinstance(v, str), "a string"),
+    "redis_timeout_s": (_seconds(0, False), "a finite number of seconds > 0"),
+    "data_dir": (lambda v: isinstance(v, str) and bool(v), "a non-empty directory path"),
+    "log_token_budget": (_int(0), "an integer >= 0 (0: tenant_token_budget)"),
+    "log_queue_max": (_int(1), "an integer >= 1"),
+    "log_warmup_gate": (lambda v: v in ("not_serving", "degraded"), "not_serving or degraded"),
+    "log_warmup_timeout_s": (_seconds(0, True), "a finite number of seconds >= 0 (0: no limit)"),
+}
+_BOOLS = {"1": True, "true": True, "yes": True, "on": True, "0": False, "false": False, "no": False, "off": False}
+
+
+def _kind(default: object) -> type:
+    return tuple if isinstance(default, tuple) or default is dataclasses.MISSING else type(default)
+
+
+def _parse(name: str, kind: type, raw: str) -> object:
+    """One environment value as the field's type; ValueError names the variable."""
+    text = raw.strip()
+    if kind is tuple:
+        return tuple(p for p in text.split(os.pathsep) if p)
+    if kind is bool:
+        if text.lower() not in _BOOLS:
+            raise ValueError(f"{env_name(name)} must be 0 or 1 (or true/false), got {raw!r}")
+        return _BOOLS[text.lower()]
+    try:
+        return kind(text) if kind in (int, float) else raw
+    except ValueError:
+        what = "an integer" if kind is int else "a number"
+        raise ValueError(f"{env_name(name)} must be {what}, got {raw!r}") from None
