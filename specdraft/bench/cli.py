@@ -48,6 +48,18 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--json", metavar="PATH", help="also write the result as JSON")
     p.set_defaults(run=run_index)
 
+    from specdraft.bench import generate
+
+    p = sub.add_parser("generate", help="end to end: tokens/s with and without drafting, HF prompt lookup, by workload")
+    _traces_args(p)
+    p.set_defaults(limit=3, run=generate.run)
+    p.add_argument("--model", default="smollm2", help="HF folder, cached HF id, .gguf file or smollm2 (default)")
+    p.add_argument("--dtype", default="float32", choices=("float32", "float64", "bfloat16", "float16"))
+    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--tokenizer", default=DEFAULT_TOKENIZER, help="the traces' tokenizer (to decode their prompts)")
+    p.add_argument("--no-hf", action="store_true", help="skip HF generate (plain and prompt lookup)")
+
     from specdraft.bench import log_bench
 
     p = sub.add_parser("log", help="output log: ingest rate, 10M-token warm-up, memory; Draft p99 in a Redis outage")

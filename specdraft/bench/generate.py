@@ -1,0 +1,174 @@
+"""`specdraft bench generate`: end-to-end tokens/s with and without drafting, by workload.
+
+The dev traces' prompts are decoded with the traces' tokenizer (Qwen2.5-Coder) and
+re-generated greedily by the model under test: raw prompts as text, chat prompts as their
+user message under the model's own chat template. For each prompt, in one process and on one
+device: plain decoding (`Engine`, no drafter), speculative decoding (`Engine` drafting from an
+in-process `Drafter`: the prompt, the workload's earlier outputs, optional datastores built
+with the model's tokenizer), and optionally HF transformers' own `generate` plain and with
+prompt lookup (`prompt_lookup_num_tokens=10`). Speedups are over plain HF greedy when it runs,
+else over the engine's plain decoding.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Sequence
+
+from specdraft.bench.replay import Trace
+
+_USER = "<|im_start|>user\n"
+_END = "<|im_end|>"
+
+
+@dataclass(frozen=True)
+class Prompt:
+    id: str
+    workload: str
+    text: str
+    chat: bool  # text is a user message (rendered with the model's chat template)
+
+
+@dataclass(frozen=True)
+class WorkloadSpeed:
+    workload: str
+    prompts: int
+    new_tokens: int  # speculative run, all prompts
+    steps: int
+    plain_tok_s: float  # engine without a drafter
+    draft_tok_s: float  # engine drafting from the retriever
+    hf_tok_s: float  # HF generate greedy (0: not run)
+    lookup_tok_s: float  # HF generate with prompt lookup (0: not run)
+    same_output: bool  # speculative output == plain output on every prompt
+
+    @property
+    def mat(self) -> float:
+        return self.new_tokens / max(self.steps, 1)
+
+    def speedup(self, tok_s: float) -> float:
+        base = self.hf_tok_s or self.plain_tok_s
+        return tok_s / base if base else 0.0
+
+
+def prompts_of(traces: Sequence[Trace], tokenizer_path: str) -> list[Prompt]:
+    """The traces' prompts as text; chat prompts reduced to their (last) user message."""
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_file(str(Path(tokenizer_path) / "tokenizer.json")
+                              if Path(tokenizer_path).is_dir() else tokenizer_path)
+    out = []
+    for t in traces:
+        text = tok.decode(t.prompt_ids.tolist(), skip_special_tokens=False)
+        chat = _USER in text
+        if chat:
+            text = text.rsplit(_USER, 1)[1].split(_END, 1)[0]
+        out.append(Prompt(t.id, t.workload, text, chat))
+    return out
+
+
+def prompt_ids(prompt: Prompt, tokenizer) -> list[int]:
+    if not prompt.chat:
+        return list(tokenizer.encode(prompt.text))
+    text = tokenizer.apply_chat_template([{"role": "user", "content": prompt.text}], add_generation_prompt=True,
+                                         tokenize=False)
+    return list(tokenizer.encode(text, add_special_tokens=False))
+
+
+def _timed(fn):
+    t0 = time.perf_counter()
+    out = fn()
+    return out, time.perf_counter() - t0
+
+
+def _hf(loaded, ids: list[int], max_new_tokens: int, **kwargs) -> tuple[list[int], float]:
+    import torch
+
+    x = torch.tensor([ids], device=loaded.device)
+    with torch.inference_mode():
+        out, s = _timed(lambda: loaded.model.generate(x, attention_mask=torch.ones_like(x), do_sample=False,
+                                                       max_new_tokens=max_new_tokens, **kwargs))
+    return out[0, len(ids):].tolist(), s
+
+
+def run_workload(engine, loaded, drafter, workload: str, prompts: list[Prompt], max_new_tokens: int,
+                 hf: bool) -> WorkloadSpeed:
+    """Runs every prompt of one workload (tenant = workload: outputs feed later prompts' drafts)."""
+    from verifier.engine import LocalDraftSource
+
+    totals = dict(plain=(0, 0.0), draft=(0, 0.0), hf=(0, 0.0), lookup=(0, 0.0))
+    steps, same = 0, True
+
+    def add(key: str, tokens: int, seconds: float) -> None:
+        n, s = totals[key]
+        totals[key] = (n + tokens, s + seconds)
+
+    for i, p in enumerate(prompts):
+        ids = prompt_ids(p, loaded.tokenizer)
+        plain, s = _timed(lambda: [t for r in engine.generate(ids, max_new_tokens) for t in r.tokens])
+        add("plain", len(plain), s)
+        source = LocalDraftSource(drafter, tenant=workload, session_id=f"{workload}-{i}")
+        results, s = _timed(lambda: list(engine.generate(ids, max_new_tokens, drafter=source)))
+        drafted = [t for r in results for t in r.tokens]
+        add("draft", len(drafted), s)
+        steps += len(results)
+        same &= drafted == plain
+        if hf:
+            add("hf", *_len_s(_hf(loaded, ids, max_new_tokens)))
+            add("lookup", *_len_s(_hf(loaded, ids, max_new_tokens, prompt_lookup_num_tokens=10)))
+    rate = {k: (n / s if s else 0.0) for k, (n, s) in totals.items()}
+    return WorkloadSpeed(workload, len(prompts), totals["draft"][0], steps, rate["plain"], rate["draft"],
+                         rate["hf"], rate["lookup"], same)
+
+
+def _len_s(result: tuple[list[int], float]) -> tuple[int, float]:
+    return len(result[0]), result[1]
+
+
+def table(rows: list[WorkloadSpeed], header: str) -> str:
+    lines = [header, "| workload | prompts | tokens | MAT | plain tok/s | HF greedy tok/s | specdraft tok/s | "
+             "speedup | HF prompt lookup tok/s | lookup speedup | same output |", "|---" * 11 + "|"]
+    for r in rows:
+        lines.append(f"| {r.workload} | {r.prompts} | {r.new_tokens} | {r.mat:.2f} | {r.plain_tok_s:.1f} | "
+                     f"{r.hf_tok_s:.1f} | {r.draft_tok_s:.1f} | {r.speedup(r.draft_tok_s):.2f}x | "
+                     f"{r.lookup_tok_s:.1f} | {r.speedup(r.lookup_tok_s):.2f}x | {'yes' if r.same_output else 'NO'} |")
+    return "\n".join(lines)
+
+
+def write_json(rows: list[WorkloadSpeed], path: str) -> None:
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(json.dumps([asdict(r) | {"mat": r.mat} for r in rows], indent=2) + "\n")
+
+
+def run(args) -> int:
+    """The command: loads the model and the drafter once, then runs each workload."""
+    from retriever.datastore import open_datastore
+    from retriever.drafter import Drafter, DrafterConfig
+    from specdraft.bench.replay import load_traces
+    from verifier.engine import Engine
+    from verifier.model import ModelSpec, load_model
+
+    workloads = [w for w in args.workloads.split(",") if w]
+    traces = load_traces(args.traces, workloads, args.limit)
+    loaded, load_s = _timed(lambda: load_model(ModelSpec(args.model, dtype=args.dtype, device=args.device)))
+    engine, cost_s = _timed(lambda: Engine(loaded, max_nodes=args.max_nodes))
+    drafter = Drafter(DrafterConfig(), [open_datastore(p) for p in args.index])
+    warm = prompt_ids(Prompt("warm-up", "warm-up", "def f(x):\n    return", False), loaded.tokenizer)
+    for _ in engine.generate(warm, 4):  # first-call costs (allocations, lazy initialization)
+        pass
+    header = (f"End-to-end generation: model={args.model} {args.dtype} {args.device}, max_new_tokens="
+              f"{args.max_new_tokens}, {args.limit} prompts per workload, indexes={args.index or 'none'} "
+              f"(load {load_s:.1f} s, cost model {cost_s:.1f} s: {engine.cost_model.tokens} tokens -> "
+              f"{[round(c / 1e6, 1) for c in engine.cost_model.cost_ns]} ms)")
+    rows = []
+    for workload, group in traces.items():
+        rows.append(run_workload(engine, loaded, drafter, workload, prompts_of(group, args.tokenizer),
+                                 args.max_new_tokens, not args.no_hf))
+        print(f"  {workload}: done", flush=True)
+    print(table(rows, header))
+    if args.json:
+        write_json(rows, args.json)
+        print(f"wrote {args.json}")
+    return 0
