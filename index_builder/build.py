@@ -2,7 +2,8 @@
 
 Tokenization uses `Tokenizer.encode_batch[_fast]` (Rust, multi-threaded, no special tokens);
 the next batch of texts is read on a helper thread while the current one is encoded.
-The datastore is written by `retriever.datastore.write_datastore` (atomic).
+The datastore is written by `retriever.datastore.write_datastore` (kind "suffix_array") or
+`retriever.faiss_store.write_faiss_store` (kind "faiss", options in `FaissOptions`); both atomic.
 """
 
 from __future__ import annotations
@@ -19,9 +20,22 @@ from index_builder.inputs import InputReader, InputSummary, iter_documents, load
 from index_builder.tokenizer import LoadedTokenizer, load_tokenizer
 from retriever.datastore import DEFAULT_SORTED_DEPTH, Manifest, check_target, write_datastore
 from retriever.errors import InvalidArgument
+from retriever.faiss_manifest import FaissManifest, WindowParams
+
+KINDS = ("suffix_array", "faiss")
+_DONE_LABEL = {"suffix_array": "tokenized; sorting suffixes", "faiss": "tokenized; embedding"}
 
 BATCH_DOCUMENTS = 512  # texts per encode_batch call, at most
 BATCH_CHARS = 4 << 20  # characters per encode_batch call, about
+
+
+@dataclass(frozen=True)
+class FaissOptions:
+    """Options of a kind "faiss" build (see retriever.faiss_store.write_faiss_store)."""
+
+    index_type: str = "auto"  # "auto" | "flat" | "hnsw"
+    dim: int = 512  # lexical embedding dimension
+    windows: WindowParams = WindowParams()
 
 
 @dataclass(frozen=True)
@@ -29,13 +43,13 @@ class BuildReport:
     """Outcome of one build."""
 
     path: Path
-    manifest: Manifest
+    manifest: Manifest | FaissManifest
     inputs: tuple[InputSummary, ...]
     tokens: int
     documents: int
     seconds: float
     tokens_per_s: float
-    bytes_on_disk: int  # tokens.u24 + sa.u32 + manifest.json
+    bytes_on_disk: int  # every file of the index, manifest.json included
     bytes_per_token: float
 
     @property
@@ -56,34 +70,62 @@ def build(inputs: Sequence[str | Path], tokenizer: str | Path | LoadedTokenizer,
           name: str | None = None, glob: str | None = None, exclude: Sequence[str] = (),
           exclude_ids: str | Path | Iterable[str] | None = None, overwrite: bool = False,
           max_tokens: int | None = None, progress: bool = True,
-          sorted_depth: int = DEFAULT_SORTED_DEPTH) -> BuildReport:
+          sorted_depth: int = DEFAULT_SORTED_DEPTH, kind: str = "suffix_array",
+          faiss: FaissOptions | None = None) -> BuildReport:
     """Builds the datastore of `inputs` (see index_builder.inputs) at `out_dir`.
 
     `tokenizer` is a tokenizer.json path, a directory holding one, or a loaded one;
     `exclude_ids` a JSON list file or the ids themselves; `max_tokens` caps the corpus
-    (the last document is cut). Raises InvalidArgument (bad inputs/options) or OSError.
+    (the last document is cut). `kind` "faiss" builds a FAISS datastore (`faiss` options).
+    Raises InvalidArgument (bad inputs/options), FailedPrecondition (faiss missing) or OSError.
     """
     if not inputs:
         raise InvalidArgument("inputs must name at least one file or directory, got none")
     if max_tokens is not None and max_tokens < 1:
         raise InvalidArgument(f"max_tokens must be positive, got {max_tokens}")
+    if kind not in KINDS:
+        raise InvalidArgument(f"kind must be one of {KINDS}, got {kind!r}")
     out = Path(out_dir)
-    check_target(out.absolute(), overwrite)  # fail before any work; checked again when moving into place
+    check_target(out.absolute(), overwrite, _replaceable(kind))  # fail early; checked again when moving
     tok = tokenizer if isinstance(tokenizer, LoadedTokenizer) else load_tokenizer(tokenizer)
     ids = exclude_ids if isinstance(exclude_ids, (frozenset, set, list, tuple)) else load_exclude_ids(exclude_ids)
     readers = [InputReader(p, glob, exclude, frozenset(str(i) for i in ids)) for p in inputs]
     start = time.perf_counter()
     with _progress(progress) as bar:
-        docs = tokenize(iter_documents(readers), tok, bar)
+        docs = tokenize(iter_documents(readers), tok, bar, _DONE_LABEL[kind])
         if max_tokens is not None:
             docs = _cap_tokens(docs, max_tokens)
-        manifest = write_datastore(out, docs, tok.info, name or out.absolute().name, _LazySources(readers),
-                                   sorted_depth=sorted_depth, overwrite=overwrite)
+        name = name or out.absolute().name
+        if kind == "faiss":
+            manifest = _write_faiss(out, docs, tok, name, _LazySources(readers), faiss or FaissOptions(), overwrite)
+        else:
+            manifest = write_datastore(out, docs, tok.info, name, _LazySources(readers),
+                                       sorted_depth=sorted_depth, overwrite=overwrite)
     seconds = time.perf_counter() - start
     disk = sum(p.stat().st_size for p in out.iterdir() if p.is_file())
     return BuildReport(out, manifest, tuple(r.summary() for r in readers), manifest.num_tokens,
                        manifest.num_documents, seconds, manifest.num_tokens / max(seconds, 1e-9), disk,
                        disk / max(manifest.num_tokens, 1))
+
+
+def _replaceable(kind: str) -> frozenset[str]:
+    """The file names an index that --overwrite may replace consists of."""
+    from retriever.manifest import INDEX_FILES
+
+    if kind == "faiss":
+        from retriever.faiss_store import REPLACEABLE
+
+        return REPLACEABLE
+    return INDEX_FILES
+
+
+def _write_faiss(out: Path, docs: Iterable[np.ndarray], tok: LoadedTokenizer, name: str, sources: Iterable[str],
+                 opts: FaissOptions, overwrite: bool) -> FaissManifest:
+    from retriever.embedding import LexicalEmbedder
+    from retriever.faiss_store import write_faiss_store
+
+    return write_faiss_store(out, docs, tok.info, name, sources, embedder=LexicalEmbedder(opts.dim),
+                             windows=opts.windows, index_type=opts.index_type, overwrite=overwrite)
 
 
 class _LazySources:
@@ -96,7 +138,8 @@ class _LazySources:
         return (r.summary().describe() for r in self.readers)
 
 
-def tokenize(texts: Iterable[str], tok: LoadedTokenizer, bar=None) -> Iterator[np.ndarray]:
+def tokenize(texts: Iterable[str], tok: LoadedTokenizer, bar=None,
+             done: str = "tokenized; sorting suffixes") -> Iterator[np.ndarray]:
     """int32[k] token ids of each text (no special tokens), encoded in batches."""
     # encode_batch_fast (tokenizers >= 0.21) skips the offsets we do not need.
     encode = getattr(tok.tokenizer, "encode_batch_fast", tok.tokenizer.encode_batch)
@@ -111,7 +154,7 @@ def tokenize(texts: Iterable[str], tok: LoadedTokenizer, bar=None) -> Iterator[n
                 bar.update(sum(a.size for a in arrays))
             yield from arrays
     if bar is not None:
-        bar.set_description_str("tokenized; sorting suffixes")
+        bar.set_description_str(done)
 
 
 def _batches(texts: Iterator[str]) -> Iterator[list[str]]:

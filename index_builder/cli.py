@@ -1,4 +1,4 @@
-"""`specdraft index build` and `specdraft index inspect`.
+"""`specdraft index build` and `specdraft index inspect` (suffix-array and FAISS datastores).
 
 Errors a user can fix (bad inputs, options, corrupt indexes) print "error: ..." to
 stderr and exit 2, without a traceback.
@@ -10,7 +10,7 @@ import argparse
 import sys
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 from retriever.errors import SpecdraftError
 
@@ -41,15 +41,33 @@ def register(subparsers) -> None:
     b.add_argument("--sorted-depth", type=_positive_int, default=256, metavar="N",
                    help="suffixes are sorted on their first N tokens (default 256)")
     b.add_argument("--no-progress", action="store_true", help="no progress bar")
+    _faiss_arguments(b)
     b.set_defaults(run=_guarded(_build))
 
-    i = sub.add_parser("inspect", help="print a datastore's manifest and verify its files",
+    i = sub.add_parser("inspect", help="print a datastore's manifest and verify its files (either kind)",
                        description="Print a datastore's manifest summary and verify its checksums.")
     i.add_argument("dir", type=Path, metavar="DIR")
     i.add_argument("--tokenizer", metavar="DIR_OR_FILE", help="check it matches and decode sample documents")
     i.add_argument("--samples", type=int, default=3, metavar="N", help="sample documents to decode (default 3)")
     i.add_argument("--no-verify", action="store_true", help="skip the sha256 checks")
     i.set_defaults(run=_guarded(_inspect))
+
+
+def _faiss_arguments(b: argparse.ArgumentParser) -> None:
+    """--kind and the options of a FAISS build."""
+    b.add_argument("--kind", choices=("suffix_array", "faiss"), default="suffix_array",
+                   help="suffix_array (default): exact suffix matching; faiss: passage retrieval by embedding "
+                        "(needs the 'faiss' extra)")
+    g = b.add_argument_group("faiss datastores (--kind faiss)")
+    g.add_argument("--index-type", choices=("auto", "flat", "hnsw"), default="auto",
+                   help="auto (default): exact flat below 100k passages, HNSW above")
+    g.add_argument("--dim", type=_positive_int, default=512, metavar="N", help="embedding dimension (default 512)")
+    g.add_argument("--window", type=_positive_int, default=256, metavar="N",
+                   help="tokens embedded per passage (default 256)")
+    g.add_argument("--stride", type=_positive_int, default=192, metavar="N",
+                   help="tokens between passage starts in a document (default 192)")
+    g.add_argument("--continuation", type=int, default=256, metavar="N",
+                   help="tokens kept after each window as drafting material (default 256)")
 
 
 def _positive_int(s: str) -> int:
@@ -80,11 +98,13 @@ def _guarded(fn: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Name
 
 
 def _build(args: argparse.Namespace) -> int:
-    from index_builder.build import build
+    from index_builder.build import FaissOptions, build
+    from retriever.faiss_manifest import WindowParams
 
+    faiss = FaissOptions(args.index_type, args.dim, WindowParams(args.window, args.stride, args.continuation))
     report = build(args.inputs, args.tokenizer, args.out, name=args.name, glob=args.glob, exclude=args.exclude,
                    exclude_ids=args.exclude_ids, overwrite=args.overwrite, max_tokens=args.max_tokens,
-                   progress=not args.no_progress, sorted_depth=args.sorted_depth)
+                   progress=not args.no_progress, sorted_depth=args.sorted_depth, kind=args.kind, faiss=faiss)
     for summary in report.inputs:
         print(f"  {summary.describe()}")
     print(report.describe())
@@ -93,12 +113,18 @@ def _build(args: argparse.Namespace) -> int:
 
 def _inspect(args: argparse.Namespace) -> int:
     from retriever.datastore import check_files, check_tokenizer, open_datastore, read_manifest
+    from retriever.faiss_manifest import FAISS_FORMAT, load_manifest_json
 
     tok = None
     if args.tokenizer:
         from index_builder.tokenizer import load_tokenizer
 
         tok = load_tokenizer(args.tokenizer)
+    raw = load_manifest_json(args.dir)
+    if isinstance(raw, dict) and raw.get("format") == FAISS_FORMAT:
+        from index_builder.inspect_faiss import inspect_faiss
+
+        return inspect_faiss(args, tok)
     m = read_manifest(args.dir)
     for line in manifest_lines(args.dir, m):
         print(line)

@@ -112,39 +112,39 @@ def write_datastore(out_dir: str | Path, documents: Iterable[np.ndarray], tokeni
     tmp.mkdir()
     try:
         start = time.perf_counter()
-        tokens, num_documents = _collect(documents, tokenizer.vocab_size)  # int32[num_positions]
-        files = {TOKENS_FILE: _write_tokens(tmp / TOKENS_FILE, tokens),
+        tokens, num_documents = collect_documents(documents, tokenizer.vocab_size)  # int32[num_positions]
+        files = {TOKENS_FILE: write_tokens(tmp / TOKENS_FILE, tokens),
                  SA_FILE: _write_suffix_array(tmp / SA_FILE, tokens, sorted_depth)}
         del tokens
         manifest = _make_manifest(name, tokenizer, num_documents, sorted_depth, files, sources,
                                   time.perf_counter() - start)
-        _write_synced(tmp / MANIFEST_FILE, manifest.to_json().encode())
-        _move_into_place(tmp, out, overwrite)
+        write_synced(tmp / MANIFEST_FILE, manifest.to_json().encode())
+        move_into_place(tmp, out, overwrite)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return manifest
 
 
-def check_target(out: Path, overwrite: bool) -> None:
+def check_target(out: Path, overwrite: bool, index_files: frozenset[str] = INDEX_FILES) -> None:
     """Raises InvalidArgument unless writing an index at `out` is allowed (see write_datastore).
 
-    Only a directory holding nothing but datastore files counts as an index.
+    Only a directory holding nothing but `index_files` (datastore files) counts as an index.
     """
     if not out.exists() and not out.is_symlink():
         return
     names = {p.name for p in out.iterdir()} if out.is_dir() and not out.is_symlink() else None
     if names == set():
         return
-    if names is None or not names <= INDEX_FILES:
+    if names is None or not names <= index_files:
         raise InvalidArgument(f"output {out} must be a new path, an empty directory or an existing index, "
                               "got another file or directory (refusing to replace it)")
     if not overwrite:
         raise InvalidArgument(f"output {out} already holds an index; pass overwrite (--overwrite) to replace it")
 
 
-def _move_into_place(tmp: Path, out: Path, overwrite: bool) -> None:
+def move_into_place(tmp: Path, out: Path, overwrite: bool, index_files: frozenset[str] = INDEX_FILES) -> None:
     """Renames tmp to out; an existing index there (overwrite) is moved aside first."""
-    check_target(out, overwrite)  # again: the build may have taken a while
+    check_target(out, overwrite, index_files)  # again: the build may have taken a while
     old = None
     if out.exists() and any(out.iterdir()):
         old = out.parent / f".{out.name}.old-{os.getpid()}"
@@ -160,14 +160,14 @@ def _move_into_place(tmp: Path, out: Path, overwrite: bool) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def _write_synced(path: Path, data: bytes | memoryview) -> None:
+def write_synced(path: Path, data: bytes | memoryview) -> None:
     with open(path, "wb") as f:
         f.write(data)
         f.flush()
         os.fsync(f.fileno())
 
 
-def _collect(documents: Iterable[np.ndarray], vocab_size: int) -> tuple[np.ndarray, int]:
+def collect_documents(documents: Iterable[np.ndarray], vocab_size: int) -> tuple[np.ndarray, int]:
     """int32[num_positions]: the non-empty documents, each followed by -1; and their count."""
     sep = np.array([-1], np.int32)
     pieces: list[np.ndarray] = []
@@ -183,7 +183,7 @@ def _collect(documents: Iterable[np.ndarray], vocab_size: int) -> tuple[np.ndarr
     return (np.concatenate(pieces) if pieces else np.zeros(0, np.int32)), len(pieces) // 2
 
 
-def _write_tokens(path: Path, tokens: np.ndarray) -> FileInfo:
+def write_tokens(path: Path, tokens: np.ndarray) -> FileInfo:
     """Writes int32[num_positions] tokens (-1 = separator) as tokens.u24, in blocks."""
     digest = hashlib.sha256()
     with open(path, "wb") as f:
@@ -202,7 +202,7 @@ def _write_suffix_array(path: Path, tokens: np.ndarray, sorted_depth: int) -> Fi
 
     sa = _core.build_suffix_array(np.ascontiguousarray(tokens, np.int32), sorted_depth)  # uint32[num_suffixes]
     data = memoryview(np.ascontiguousarray(sa, dtype="<u4")).cast("B")  # no copy on little-endian hosts
-    _write_synced(path, data)
+    write_synced(path, data)
     return FileInfo(data.nbytes, hashlib.sha256(data).hexdigest())
 
 
