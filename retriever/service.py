@@ -52,10 +52,27 @@ def status_of(error: Exception) -> tuple[grpc.StatusCode, str]:
 
 
 def encode_result(result: DraftResult) -> pb.DraftResponse:
+    """The response of one draft. Scores and sources go in as packed wire bytes (a float32 is
+    its 4 little-endian bytes, a source id < 128 one varint byte): far cheaper than a list each."""
     tree = result.tree  # arrays [n]: int32 ids, int32 parents, float32 scores, uint8 sources
-    return pb.DraftResponse(tree=pb.DraftTree(token_ids=tree.token_ids.tolist(), parents=tree.parents.tolist(),
-                                              scores=tree.scores.tolist(), sources=tree.sources.tolist()),
-                            context_tokens=result.context_tokens)
+    message = pb.DraftTree(token_ids=tree.token_ids.tolist(), parents=tree.parents.tolist())
+    n = len(tree)
+    if n:
+        message.MergeFromString(b"".join((_SCORES_TAG, _varint(4 * n), tree.scores.astype("<f4", copy=False).tobytes(),
+                                          _SOURCES_TAG, _varint(n), tree.sources.tobytes())))
+    return pb.DraftResponse(tree=message, context_tokens=result.context_tokens)
+
+
+_SCORES_TAG, _SOURCES_TAG = b"\x1a", b"\x22"  # DraftTree fields 3 and 4, length-delimited (packed)
+
+
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while value >= 0x80:
+        out.append(value & 0x7F | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
 
 
 def encode_error(error: Exception) -> pb.DraftResponse:

@@ -198,3 +198,16 @@ def test_draft_tree_worked_example():
     assert tokens.tolist() == [1, 2] and parents.tolist() == [-1, 0]
     np.testing.assert_allclose(scores, [1.0, 0.9], rtol=1e-6)
     assert sources.tolist() == [1, 2]
+
+
+@pytest.mark.parametrize("seed", range(10))
+def test_corpus_find_range_of_short_and_absent_patterns(tmp_path, seed):
+    """Searches start in the first token's bucket: single tokens, absent and too large ids."""
+    rng = random.Random(seed)
+    docs = random_docs(rng, rng.choice([3, 40]), rng.randint(1, 6), 40)
+    tokens = [t for d in docs for t in d + [ref.SEP]]
+    corpus = write_corpus(tmp_path, tokens, 8)
+    for pattern in ([rng.randrange(45)], [rng.randrange(45), rng.randrange(45)], [10**6], [10**6, 1], [2, 10**6]):
+        lo, hi = corpus.find_range(np.array(pattern, np.int32))
+        brute = [i for i in range(len(tokens)) if tokens[i:i + len(pattern)] == pattern]
+        assert sorted(corpus.suffix(r) for r in range(lo, hi)) == brute

@@ -561,3 +561,21 @@ def test_cli_exit_codes(args, env, code, message):
     finally:
         proc.kill()
     assert proc.returncode == code and message in err, err
+
+
+@pytest.mark.parametrize("n", [0, 1, 64, 200])
+def test_encode_result_matches_plain_proto_fields(n):
+    """encode_result packs scores and sources as wire bytes: the same message as plain fields."""
+    from retriever.drafter import DraftResult, DraftTree
+    from retriever.service import encode_result
+
+    rng = np.random.default_rng(n)
+    tree = DraftTree(rng.integers(0, 2**24 - 2, n).astype(np.int32),
+                     np.array([-1] + [int(rng.integers(-1, i)) for i in range(1, n)], np.int32)[:n],
+                     rng.random(n).astype(np.float32), rng.integers(1, 4, n).astype(np.uint8))
+    want = pb.DraftResponse(tree=pb.DraftTree(token_ids=tree.token_ids.tolist(), parents=tree.parents.tolist(),
+                                              scores=tree.scores.tolist(), sources=tree.sources.tolist()),
+                            context_tokens=n + 3)
+    got = encode_result(DraftResult(tree, n + 3))
+    assert got == want
+    assert got.SerializeToString() == want.SerializeToString()

@@ -42,6 +42,12 @@ TreeArrays tree_to_numpy(DraftTree&& t) {
           to_numpy(std::move(sources))};
 }
 
+// The calling thread's candidate tries, reused across draft calls.
+__attribute__((noinline)) std::vector<Candidates>& thread_candidates() {
+  thread_local std::vector<Candidates> found;
+  return found;
+}
+
 TreeArrays draft(TokensIn context, const std::vector<const OnlineIndex*>& online,
                  const std::vector<SourceConfig>& online_cfg, const std::vector<const CorpusIndex*>& corpora,
                  const std::vector<SourceConfig>& corpus_cfg, int max_nodes, float min_score) {
@@ -52,14 +58,19 @@ TreeArrays draft(TokensIn context, const std::vector<const OnlineIndex*>& online
     nb::gil_scoped_release release;
     const int32_t* ctx = context.data();
     const size_t n = context.shape(0);
-    std::vector<Candidates> found;
-    found.reserve(online.size() + corpora.size());
+    std::vector<Candidates>& found = thread_candidates();  // reused: the tries keep their capacity
+    found.resize(std::max(found.size(), online.size() + corpora.size()));
     std::vector<SourceInput> inputs;
-    for (size_t i = 0; i < online.size(); ++i) found.push_back(online[i]->query(ctx, n, online_cfg[i].params));
-    for (size_t i = 0; i < corpora.size(); ++i) found.push_back(corpora[i]->query(ctx, n, corpus_cfg[i].params));
-    for (size_t i = 0; i < found.size(); ++i) {
-      const SourceConfig& c = i < online.size() ? online_cfg[i] : corpus_cfg[i - online.size()];
-      inputs.push_back(SourceInput{&found[i], c.reliability, c.half_match, c.source_id});
+    inputs.reserve(online.size() + corpora.size());
+    for (size_t i = 0; i < online.size(); ++i) {
+      online[i]->query(ctx, n, online_cfg[i].params, found[i]);
+      inputs.push_back(SourceInput{&found[i], online_cfg[i].reliability, online_cfg[i].half_match,
+                                   online_cfg[i].source_id});
+    }
+    for (size_t i = 0; i < corpora.size(); ++i) {
+      Candidates& c = found[online.size() + i];
+      corpora[i]->query(ctx, n, corpus_cfg[i].params, c);
+      inputs.push_back(SourceInput{&c, corpus_cfg[i].reliability, corpus_cfg[i].half_match, corpus_cfg[i].source_id});
     }
     tree = build_tree(inputs, max_nodes, min_score);
   }

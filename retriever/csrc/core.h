@@ -40,7 +40,12 @@ struct Candidates {
   // Find-or-add the child and add m to its mass; -1 when it would be node max_nodes + 1.
   int32_t add_child(int32_t parent, int32_t token, float m, int max_nodes = INT32_MAX);
   int32_t find_child(int32_t parent, int32_t token) const;  // -1: none
+  // add_child along path[0:n] from the root, stopping where add_child would return -1.
+  void add_path(const int32_t* path, size_t n, float m, int max_nodes = INT32_MAX);
   size_t size() const { return tokens.size(); }
+  int32_t first_child(int32_t node) const { return node < 0 ? root_first_child_ : first_child_[node]; }  // -1: none
+  int32_t next_sibling(int32_t node) const { return next_sibling_[node]; }  // -1: none
+  void clear();  // empty, keeping the capacity (query buffers are reused across calls)
 
  private:
   std::vector<int32_t> first_child_;   // [num_nodes] -1 = leaf
@@ -60,7 +65,12 @@ class OnlineIndex {
   OnlineIndex& operator=(const OnlineIndex&) = delete;
   void append(const int32_t* tokens, size_t n);  // to the open document
   void end_document();                           // close it; evict over budget
-  Candidates query(const int32_t* context, size_t n, const QueryParams& p) const;
+  void query(const int32_t* context, size_t n, const QueryParams& p, Candidates& out) const;  // clears out
+  Candidates query(const int32_t* context, size_t n, const QueryParams& p) const {
+    Candidates out;
+    query(context, n, p, out);
+    return out;
+  }
 
   int64_t num_tokens() const { return live_tokens_; }        // excluding separators
   int64_t num_documents() const { return static_cast<int64_t>(docs_.size()); }
@@ -106,8 +116,18 @@ class CorpusIndex {
   CorpusIndex(const CorpusIndex&) = delete;
   CorpusIndex& operator=(const CorpusIndex&) = delete;
 
-  Candidates query(const int32_t* context, size_t n, const QueryParams& p) const;
-  int32_t token(int64_t pos) const;    // kSeparator at doc ends and past the end
+  void query(const int32_t* context, size_t n, const QueryParams& p, Candidates& out) const;  // clears out
+  Candidates query(const int32_t* context, size_t n, const QueryParams& p) const {
+    Candidates out;
+    query(context, n, p, out);
+    return out;
+  }
+  int32_t token(int64_t pos) const {  // kSeparator at doc ends and past the end
+    if (pos < 0 || pos >= num_positions_) return kSeparator;
+    const uint8_t* b = tokens_ + pos * 3;
+    const int32_t t = b[0] | (b[1] << 8) | (b[2] << 16);
+    return t == 0xFFFFFF ? kSeparator : t;
+  }
   int64_t suffix(int64_t rank) const;  // position of the rank-th smallest suffix
   int64_t num_positions() const { return num_positions_; }
   int64_t num_suffixes() const { return num_suffixes_; }
@@ -115,11 +135,29 @@ class CorpusIndex {
   std::pair<int64_t, int64_t> find_range(const int32_t* pattern, size_t n) const;
 
  private:
+  static constexpr int kMaxPrefetchSamples = 64;  // sampled continuations prefetched up front
+  void prefetch_rank(int64_t first, int64_t count) const;
+  template <typename Below>
+  void search(int k, int64_t* first, int64_t* count, Below below) const;  // k binary searches at once
+  int64_t range_end(int64_t lo, const int32_t* pattern, size_t n) const;  // lo matches; first rank past
+  int longest_match(const int32_t* context, size_t n, int cap, int64_t* lo) const;  // length, *lo its rank
+  // Tokens from start (>= 0) up to a separator, at most max_len, into out; returns how many.
+  size_t read_until_separator(int64_t start, size_t max_len, int32_t* out) const;
+
   const uint8_t* tokens_ = nullptr;
   const uint32_t* sa_ = nullptr;
   size_t tokens_bytes_ = 0, sa_bytes_ = 0;
   int64_t num_positions_, num_suffixes_;
   int sorted_depth_;
+  // [max token id + 2] first rank of the suffixes starting with each token id (the suffix
+  // array sorts by first token): a search starts inside its first token's bucket.
+  std::vector<uint32_t> bucket_;
+  void build_buckets();
+  std::pair<int64_t, int64_t> bucket(int32_t token) const {
+    if (token < 0) return {0, 0};
+    if (static_cast<size_t>(token) + 1 >= bucket_.size()) return {num_suffixes_, num_suffixes_};
+    return {bucket_[token], bucket_[token + 1]};
+  }
 };
 
 // Suffix array of the non-separator positions of tokens[0:n], sorted by their first

@@ -52,6 +52,18 @@ int32_t Candidates::find_child(int32_t parent, int32_t token) const {
   return -1;
 }
 
+void Candidates::clear() {
+  tokens.clear();
+  parents.clear();
+  mass.clear();
+  first_child_.clear();
+  next_sibling_.clear();
+  root_first_child_ = -1;
+  root_mass = 0.0f;
+  match_length = 0;
+  occurrences = 0;
+}
+
 int32_t Candidates::add_child(int32_t parent, int32_t token, float m, int max_nodes) {
   const int32_t found = find_child(parent, token);
   if (found >= 0) {
@@ -68,6 +80,34 @@ int32_t Candidates::add_child(int32_t parent, int32_t token, float m, int max_no
   mass.push_back(m);
   first_child_.push_back(-1);
   return id;
+}
+
+void Candidates::add_path(const int32_t* path, size_t n, float m, int max_nodes) {
+  int32_t node = -1;
+  size_t i = 0;
+  for (; i < n; ++i) {  // the part already in the trie
+    const int32_t c = find_child(node, path[i]);
+    if (c < 0) break;
+    mass[c] += m;
+    node = c;
+  }
+  const size_t base = tokens.size();
+  const size_t room = static_cast<int64_t>(base) < max_nodes ? static_cast<size_t>(max_nodes) - base : 0;
+  const size_t fresh = std::min(n - i, room);  // the rest: a new chain, one node per token
+  if (fresh == 0) return;
+  tokens.insert(tokens.end(), path + i, path + i + fresh);
+  mass.resize(base + fresh, m);
+  parents.resize(base + fresh);
+  first_child_.resize(base + fresh);
+  next_sibling_.resize(base + fresh, -1);
+  for (size_t j = 0; j < fresh; ++j) {
+    const int32_t id = static_cast<int32_t>(base + j);
+    parents[id] = j == 0 ? node : id - 1;
+    first_child_[id] = j + 1 < fresh ? id + 1 : -1;
+  }
+  int32_t& head = node < 0 ? root_first_child_ : first_child_[node];
+  next_sibling_[base] = head;  // prepended to its siblings, as add_child does
+  head = static_cast<int32_t>(base);
 }
 
 OnlineIndex::OnlineIndex(int64_t token_budget) : budget_(token_budget) {
@@ -185,6 +225,10 @@ void OnlineIndex::push(int32_t token) {
     return;
   }
   ++live_tokens_;
+  for (int l = 0; l < kNumLevels; ++l) {  // the levels' table slots are random: overlap their misses
+    const Level& lv = levels_[l];
+    if (p - lv.length + 1 >= base_) __builtin_prefetch(&lv.slots[ngram_hash(p, lv) & (lv.slots.size() - 1)]);
+  }
   for (int l = 0; l < kNumLevels; ++l) {
     Level& lv = levels_[l];
     if ((lv.used + 1) * 2 > lv.slots.size()) {
@@ -238,9 +282,9 @@ int OnlineIndex::match_length(int64_t end_pos, const int32_t* context, size_t n,
   return m;
 }
 
-Candidates OnlineIndex::query(const int32_t* context, size_t n, const QueryParams& p) const {
-  Candidates out;
-  if (n == 0 || live_tokens_ == 0) return out;
+void OnlineIndex::query(const int32_t* context, size_t n, const QueryParams& p, Candidates& out) const {
+  out.clear();
+  if (n == 0 || live_tokens_ == 0) return;
   std::vector<int64_t> found;
   found.reserve(p.max_occurrences);
   uint64_t ctx_hash = 0;  // hash of the last L context tokens, built incrementally
@@ -270,20 +314,17 @@ Candidates OnlineIndex::query(const int32_t* context, size_t n, const QueryParam
   // Longest matches first (stable: most recent first among equals), so the node cap
   // keeps the most predictive paths; later occurrences still add mass to kept nodes.
   std::stable_sort(weighted.begin(), weighted.end(), [](auto a, auto b) { return a.first > b.first; });
+  std::vector<int32_t> path;  // [<= max_depth] the continuation after one occurrence
+  path.reserve(std::max(p.max_depth, 0));
   for (auto [m, pos] : weighted) {
     const float w = std::pow(static_cast<float>(m), p.match_exponent);
     out.match_length = std::max(out.match_length, m);
     out.root_mass += w;
     ++out.occurrences;
-    int32_t node = -1;
-    for (int64_t q = pos + 1; q < end_ && q <= pos + p.max_depth; ++q) {
-      const int32_t t = at(q);
-      if (t == kSeparator) break;
-      node = out.add_child(node, t, w, p.max_nodes);
-      if (node < 0) break;
-    }
+    path.clear();
+    for (int64_t q = pos + 1; q < end_ && q <= pos + p.max_depth && at(q) != kSeparator; ++q) path.push_back(at(q));
+    out.add_path(path.data(), path.size(), w, p.max_nodes);
   }
-  return out;
 }
 
 }  // namespace specdraft

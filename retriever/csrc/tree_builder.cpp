@@ -5,8 +5,13 @@
 // Example: source A (conf 0.8) saw "x y" twice and "x z" twice (root mass 4); source B
 // (conf 0.5) saw "x y" once (root mass 1). Merged scores: x = 0.8*4/4 + 0.5 = 1 (clipped),
 // x>y = 0.8*2/4 + 0.5 = 0.9, x>z = 0.4. With max_nodes 2 the draft is [x, y].
+//
+// The merged trie lives in flat arrays with an open-addressing (parent, token) -> node
+// table; all buffers belong to a per-thread workspace reused across calls, so a draft
+// allocates nothing but its output once warm.
 #include <algorithm>
-#include <numeric>
+#include <cstring>
+#include <functional>
 
 #include "core.h"
 
@@ -14,70 +19,132 @@ namespace specdraft {
 
 namespace {
 
-// The k nodes of largest mass (ties: lower index), a subtree: mass never grows along a path.
-// Merging only these keeps build_tree cheap; a node outside every source's top 2 * max_nodes
-// rarely reaches the merged top max_nodes.
-std::vector<bool> top_nodes(const Candidates& c, size_t k) {
-  std::vector<bool> keep(c.size(), true);
-  if (c.size() <= k) return keep;
-  std::vector<int32_t> order(c.size());
-  std::iota(order.begin(), order.end(), 0);
-  std::nth_element(order.begin(), order.begin() + k, order.end(), [&](int32_t a, int32_t b) {
-    return c.mass[a] != c.mass[b] ? c.mass[a] > c.mass[b] : a < b;
-  });
-  for (size_t j = k; j < order.size(); ++j) keep[order[j]] = false;
-  return keep;
+constexpr uint64_t kEmpty = ~0ull;  // no key: parent + 1 < 2^32 and token < 2^24
+
+// Best-first order as one integer: ascending = score descending, then node ascending
+// (scores are >= 0, so their float bits order like them).
+uint64_t order_key(float value, int32_t node) {
+  uint32_t bits;
+  std::memcpy(&bits, &value, sizeof bits);
+  return static_cast<uint64_t>(~bits) << 32 | static_cast<uint32_t>(node);
+}
+
+// The merged trie of one build_tree call: parents precede children.
+struct MergedTrie {
+  std::vector<int32_t> tokens, parents, best_source;  // [num_nodes]
+  std::vector<float> score, best_contrib;             // [num_nodes]
+  std::vector<uint64_t> keys;                         // [capacity] (parent + 1) << 32 | token
+  std::vector<int32_t> slots;                         // [capacity] node of keys[i]
+  uint64_t mask = 0;
+  int shift = 58;  // 64 - log2(capacity): the slot is the product's top bits
+
+  void reset(size_t max_nodes) {
+    tokens.clear(), parents.clear(), best_source.clear(), score.clear(), best_contrib.clear();
+    size_t cap = 64;
+    for (shift = 58; cap < 2 * max_nodes; --shift) cap *= 2;
+    keys.assign(cap, kEmpty);
+    slots.resize(cap);
+    mask = cap - 1;
+  }
+
+  // Find-or-add the child; adds contrib to its score and tracks the largest contributor.
+  int32_t add(int32_t parent, int32_t token, float contrib, int32_t source_id) {
+    const uint64_t key = (static_cast<uint64_t>(parent + 1) << 32) | static_cast<uint32_t>(token);
+    for (uint64_t i = (key * 0x9E3779B97F4A7C15ull) >> shift;; i = (i + 1) & mask) {
+      if (keys[i] == key) {
+        const int32_t v = slots[i];
+        score[v] += contrib;
+        if (contrib > best_contrib[v]) best_contrib[v] = contrib, best_source[v] = source_id;
+        return v;
+      }
+      if (keys[i] != kEmpty) continue;
+      const int32_t v = static_cast<int32_t>(tokens.size());
+      keys[i] = key, slots[i] = v;
+      tokens.push_back(token), parents.push_back(parent), best_source.push_back(source_id);
+      score.push_back(contrib), best_contrib.push_back(contrib);
+      return v;
+    }
+  }
+};
+
+struct Workspace {
+  MergedTrie merged;
+  std::vector<int32_t> local;    // [source nodes] source node -> merged node, -1: not merged
+  std::vector<uint8_t> keep;     // [source nodes] among the k heaviest
+  std::vector<float> masses;     // [source nodes] scratch for the mass threshold
+  std::vector<uint64_t> order;   // [merged nodes] order_key: ascending = best-first
+  std::vector<int32_t> position; // [merged nodes] merged node -> output index, -1: not output
+};
+
+// The calling thread's workspace (one lookup per call: thread_local access is not free).
+__attribute__((noinline)) Workspace& workspace() {
+  thread_local Workspace ws;
+  return ws;
+}
+
+// ws.keep[i] = node i is among the k of largest mass (ties: lower index); a subtree, as mass
+// never grows along a path. Merging only these keeps build_tree cheap; a node outside
+// every source's top 2 * max_nodes rarely reaches the merged top max_nodes.
+void top_nodes(const Candidates& c, size_t k, Workspace& ws) {
+  ws.keep.assign(c.size(), 1);
+  if (c.size() <= k) return;
+  if (k == 0) return std::fill(ws.keep.begin(), ws.keep.end(), 0);
+  ws.masses.assign(c.mass.begin(), c.mass.end());
+  std::nth_element(ws.masses.begin(), ws.masses.begin() + (k - 1), ws.masses.end(), std::greater<float>());
+  const float threshold = ws.masses[k - 1];  // the k-th largest mass
+  size_t quota = k;  // of the nodes at the threshold, the lowest indices are kept
+  for (const float m : c.mass) quota -= m > threshold;
+  for (size_t i = 0; i < c.size(); ++i) {
+    const float m = c.mass[i];
+    ws.keep[i] = m > threshold || (m == threshold && quota > 0 && quota--);
+  }
+}
+
+void merge_source(const SourceInput& s, size_t k, Workspace& ws) {
+  const Candidates& c = *s.candidates;
+  if (c.size() == 0 || c.root_mass <= 0.0f || c.match_length <= 0) return;
+  const float conf = s.reliability * c.match_length / (c.match_length + s.half_match);
+  const float scale = conf / c.root_mass;
+  top_nodes(c, k, ws);
+  ws.local.assign(c.size(), -1);
+  for (size_t i = 0; i < c.size(); ++i) {
+    const int32_t parent = c.parents[i];
+    if (!ws.keep[i] || (parent >= 0 && ws.local[parent] < 0)) continue;
+    ws.local[i] = ws.merged.add(parent < 0 ? -1 : ws.local[parent], c.tokens[i], scale * c.mass[i], s.source_id);
+  }
 }
 
 }  // namespace
 
 DraftTree build_tree(const std::vector<SourceInput>& sources, int max_nodes, float min_score) {
-  Candidates merged;  // mass = score; parents precede children
-  std::vector<int32_t> best_source;
-  std::vector<float> best_contrib;
-  std::vector<int32_t> local;
-  for (const SourceInput& s : sources) {
-    const Candidates& c = *s.candidates;
-    if (c.size() == 0 || c.root_mass <= 0.0f || c.match_length <= 0) continue;
-    const float conf = s.reliability * c.match_length / (c.match_length + s.half_match);
-    const float scale = conf / c.root_mass;
-    const std::vector<bool> keep = top_nodes(c, 2 * static_cast<size_t>(std::max(max_nodes, 0)));
-    local.assign(c.size(), -1);
-    for (size_t i = 0; i < c.size(); ++i) {
-      if (!keep[i] || (c.parents[i] >= 0 && local[c.parents[i]] < 0)) continue;
-      const float contrib = scale * c.mass[i];
-      const int32_t v = merged.add_child(c.parents[i] < 0 ? -1 : local[c.parents[i]], c.tokens[i], contrib);
-      local[i] = v;
-      if (static_cast<size_t>(v) == best_source.size()) {
-        best_source.push_back(s.source_id);
-        best_contrib.push_back(contrib);
-      } else if (contrib > best_contrib[v]) {
-        best_contrib[v] = contrib;
-        best_source[v] = s.source_id;
-      }
-    }
-  }
-  const std::vector<int32_t>& tokens = merged.tokens;
-  const std::vector<int32_t>& parents = merged.parents;
-  std::vector<float>& score = merged.mass;
+  Workspace& ws = workspace();
+  const size_t keep = static_cast<size_t>(std::max(max_nodes, 0));
+  size_t bound = 0;  // merged nodes at most
+  for (const SourceInput& s : sources) bound += std::min(s.candidates->size(), 2 * keep);
+  MergedTrie& m = ws.merged;
+  m.reset(bound);
+  for (const SourceInput& s : sources) merge_source(s, 2 * keep, ws);
+  std::vector<float>& score = m.score;
   // Parents precede children in the merged trie: clip so scores never rise along a path.
   for (size_t v = 0; v < score.size(); ++v)
-    score[v] = std::min(score[v], parents[v] < 0 ? 1.0f : score[parents[v]]);
-  std::vector<int32_t> order(score.size());
-  std::iota(order.begin(), order.end(), 0);
-  const size_t keep = std::min<size_t>(order.size(), static_cast<size_t>(std::max(max_nodes, 0)));
-  std::partial_sort(order.begin(), order.begin() + keep, order.end(), [&](int32_t a, int32_t b) {
-    return score[a] != score[b] ? score[a] > score[b] : a < b;
-  });
+    score[v] = std::min(score[v], m.parents[v] < 0 ? 1.0f : score[m.parents[v]]);
+  ws.order.resize(score.size());
+  for (size_t v = 0; v < score.size(); ++v) ws.order[v] = order_key(score[v], static_cast<int32_t>(v));
+  const size_t n_best = std::min(keep, score.size());
+  if (n_best < score.size()) std::nth_element(ws.order.begin(), ws.order.begin() + n_best, ws.order.end());
+  std::sort(ws.order.begin(), ws.order.begin() + n_best);
   DraftTree out;
-  std::vector<int32_t> position(score.size(), -1);  // merged node -> output index
-  for (size_t j = 0; j < keep && score[order[j]] >= min_score; ++j) {
-    const int32_t v = order[j];
-    position[v] = static_cast<int32_t>(j);
-    out.tokens.push_back(tokens[v]);
-    out.parents.push_back(parents[v] < 0 ? -1 : position[parents[v]]);
-    out.scores.push_back(score[v]);
-    out.sources.push_back(best_source[v]);
+  size_t n = 0;  // output nodes: the best n_best with score >= min_score
+  while (n < n_best && score[static_cast<uint32_t>(ws.order[n])] >= min_score) ++n;
+  out.tokens.resize(n), out.parents.resize(n), out.scores.resize(n), out.sources.resize(n);
+  ws.position.assign(score.size(), -1);
+  for (size_t j = 0; j < n; ++j) {  // a parent sorts before its children (score ties: lower index)
+    const int32_t v = static_cast<int32_t>(static_cast<uint32_t>(ws.order[j]));
+    ws.position[v] = static_cast<int32_t>(j);
+    out.tokens[j] = m.tokens[v];
+    out.parents[j] = m.parents[v] < 0 ? -1 : ws.position[m.parents[v]];
+    out.scores[j] = score[v];
+    out.sources[j] = m.best_source[v];
   }
   return out;
 }
