@@ -65,7 +65,7 @@ def retriever_target():
 def verifier(engine, retriever: str):
     from verifier.server import create_server
 
-    server, port = create_server(VerifierSettings(host="127.0.0.1", port=0, retriever=retriever,
+    server, port = create_server(VerifierSettings(host="127.0.0.1", port=0, http_port=-1, retriever=retriever,
                                                   max_new_tokens_cap=512), engine=engine)
     try:
         with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:

@@ -1,6 +1,7 @@
 """`specdraft verifier serve`, `specdraft generate` and `specdraft demo` (verifier.demo).
 
-- `verifier serve`: the gRPC verifier (settings: flags > SPECDRAFT_VERIFIER_* > defaults).
+- `verifier serve`: the gRPC verifier and its OpenAI-compatible HTTP API (`--http-port`, -1: off)
+  (settings: flags > SPECDRAFT_VERIFIER_* > defaults; the API key only from SPECDRAFT_VERIFIER_API_KEY).
 - `generate`: prompts from the arguments or a JSONL file (`{"prompt": str}`, `{"messages": [...]}`
   or `{"prompt_ids": [...]}`, optional `"id"`, `"max_new_tokens"`) through a verifier: the one at
   `--verifier`, else one started in-process, drafting through `--retriever host:port`, or a
@@ -41,10 +42,12 @@ def _settings(args: argparse.Namespace, **overrides: object) -> VerifierSettings
 def register(subparsers: argparse._SubParsersAction) -> None:
     verifier = subparsers.add_parser("verifier", help="the verifier service (target model + tree verification)")
     vsub = verifier.add_subparsers(dest="verifier_command", required=True)
-    serve = vsub.add_parser("serve", help="serve specdraft.v1.Verifier over gRPC")
+    serve = vsub.add_parser("serve", help="serve specdraft.v1.Verifier over gRPC and the OpenAI API over HTTP")
     _model_args(serve)
     serve.add_argument("--host")
-    serve.add_argument("--port", type=int)
+    serve.add_argument("--port", type=int, help="gRPC port (default 50052; 0: a free port)")
+    serve.add_argument("--http-port", type=int, help="OpenAI-compatible HTTP API port (default 8000; 0: free; -1: off)")
+    serve.add_argument("--served-model-name", help="the model's name in the HTTP API (default: --model)")
     serve.add_argument("--retriever", help="host:port of a retriever (none: no drafting)")
     serve.set_defaults(run=_serve)
 
@@ -78,7 +81,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def _demo(args: argparse.Namespace) -> int:
     from verifier.demo import run_demo
 
-    return run_demo(args, _settings(args, host="127.0.0.1", port=0))
+    return run_demo(args, _settings(args, host="127.0.0.1", port=0, http_port=-1))
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -87,7 +90,8 @@ def _serve(args: argparse.Namespace) -> int:
     from verifier.server import serve
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    return serve(_settings(args, host=args.host, port=args.port, retriever=args.retriever))
+    return serve(_settings(args, host=args.host, port=args.port, http_port=args.http_port,
+                           served_model_name=args.served_model_name, retriever=args.retriever))
 
 
 # ---------------------------------------------------------------- generate
@@ -156,6 +160,6 @@ def _verifier_target(args: argparse.Namespace) -> Iterator[object]:
             retriever = args.retriever
             if not retriever and args.index and not args.no_draft:
                 retriever = stack.enter_context(in_process_retriever([Path(p) for p in args.index]))
-            settings = _settings(args, host="127.0.0.1", port=0, retriever=retriever or "")
+            settings = _settings(args, host="127.0.0.1", port=0, http_port=-1, retriever=retriever or "")
             target = stack.enter_context(in_process_verifier(settings))
         yield stack.enter_context(verifier_stub(target))

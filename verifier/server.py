@@ -1,11 +1,14 @@
-"""The verifier's gRPC server: `create_server(settings) -> (server, port)`, already started.
+"""The verifier's servers: `create_server(settings) -> (server, port)`, already started.
 
 The server holds one model and one `Engine`; with `settings.retriever` set it drafts through
-a `RetrieverClient` (a retriever down or slow only costs speed). It serves
+a `RetrieverClient` (a retriever down or slow only costs speed). Over gRPC (`port`) it serves
 `specdraft.v1.Verifier`, the standard health service (`grpc.health.v1`, SERVING for "" and
-"specdraft.v1.Verifier" once the model is loaded) and reflection. `server.stop(grace)`
-flips health to NOT_SERVING, lets in-flight generations finish for `grace` seconds, then
-closes the retriever channel. `serve(settings)` runs until SIGINT/SIGTERM.
+"specdraft.v1.Verifier" once the model is loaded) and reflection; over HTTP (`http_port`, -1:
+off) the OpenAI-compatible API (`verifier.http_api`). Both share one `Generator` (one
+generation at a time). `server.ports` holds both ports (`server.http_port`: None when off).
+`server.stop(grace)` flips health to NOT_SERVING (HTTP: 503), lets in-flight generations
+finish for `grace` seconds, then closes the retriever channel. `serve(settings)` runs until
+SIGINT/SIGTERM.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ import logging
 import signal
 import threading
 from concurrent import futures
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import grpc
@@ -25,6 +29,7 @@ from verifier.settings import VerifierSettings
 
 if TYPE_CHECKING:
     from retriever.client import RetrieverClient
+    from verifier.http_api import HttpApi
     from verifier.engine import Engine
     from verifier.model import LoadedModel
 
@@ -32,20 +37,39 @@ log = logging.getLogger(__name__)
 SERVICE_NAME = verifier_pb2.DESCRIPTOR.services_by_name["Verifier"].full_name
 
 
+@dataclass(frozen=True)
+class ServerPorts:
+    grpc: int
+    http: int | None  # None: the HTTP API is off
+
+
 class VerifierServer:
-    """A started gRPC server; `stop` and `wait_for_termination` as on `grpc.Server`."""
+    """Started gRPC (+ HTTP) servers; `stop` and `wait_for_termination` as on `grpc.Server`."""
 
     def __init__(self, server: grpc.Server, health_servicer: health.HealthServicer,
-                 retriever: "RetrieverClient | None") -> None:
-        self._server, self._health, self._retriever = server, health_servicer, retriever
+                 retriever: "RetrieverClient | None", ports: ServerPorts, http: "HttpApi | None" = None) -> None:
+        self._server, self._health, self._retriever, self._http = server, health_servicer, retriever, http
+        self.ports = ports
+
+    @property
+    def http_port(self) -> int | None:
+        return self.ports.http
 
     def stop(self, grace: float | None) -> threading.Event:
+        """Both servers stop taking requests; the Event is set once both have stopped."""
         for name in ("", SERVICE_NAME):
             self._health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
-        done = self._server.stop(grace)
-        if self._retriever is not None:
-            retriever = self._retriever
-            threading.Thread(target=lambda: (done.wait(), retriever.close()), daemon=True).start()
+        waits = [self._server.stop(grace)] + ([self._http.stop(grace)] if self._http is not None else [])
+        done = threading.Event()
+
+        def finish() -> None:
+            for event in waits:
+                event.wait()
+            if self._retriever is not None:
+                self._retriever.close()
+            done.set()
+
+        threading.Thread(target=finish, daemon=True).start()
         return done
 
     def wait_for_termination(self, timeout: float | None = None) -> bool:
@@ -79,35 +103,63 @@ def _retriever(settings: VerifierSettings, model: "LoadedModel") -> "RetrieverCl
 
 def create_server(settings: VerifierSettings, *, model: "LoadedModel | None" = None,
                   engine: "Engine | None" = None) -> tuple[VerifierServer, int]:
-    """Loads the model and builds its `Engine` (which measures the forward cost by tree size,
-    about a second on an idle CPU) unless given, binds host:port (0: a free port), serves."""
+    """Binds host:http_port first (0: a free port; -1: no HTTP), answering 503 while the model
+    loads; loads the model and builds its `Engine` (which measures the forward cost by tree size,
+    about a second on an idle CPU) unless given; binds host:port (0: a free port) and serves.
+    Raises OSError when a port cannot be bound."""
+    http = _start_http(settings)
+    try:
+        return _create(settings, model, engine, http)
+    except BaseException:
+        if http is not None:
+            http.stop(0)
+        raise
+
+
+def _create(settings: VerifierSettings, model: "LoadedModel | None", engine: "Engine | None",
+            http: "HttpApi | None") -> tuple[VerifierServer, int]:
     from verifier.engine import Engine
-    from verifier.service import VerifierServicer
+    from verifier.service import Generator, VerifierServicer
 
     if engine is None:
         engine = Engine(model if model is not None else load(settings), max_nodes=settings.max_nodes)
     model = engine.loaded
     retriever = _retriever(settings, model)
+    generator = Generator(model, engine, retriever)
     server = grpc.server(futures.ThreadPoolExecutor(settings.max_workers, thread_name_prefix="verifier"))
-    verifier_pb2_grpc.add_VerifierServicer_to_server(VerifierServicer(settings, model, engine, retriever), server)
+    verifier_pb2_grpc.add_VerifierServicer_to_server(VerifierServicer(settings, generator), server)
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
     port = server.add_insecure_port(f"{settings.host}:{settings.port}")
     if port == 0:
+        if retriever is not None:
+            retriever.close()
         raise OSError(f"verifier address must be bindable, got {settings.host}:{settings.port} in use")
     server.start()
     for name in ("", SERVICE_NAME):
         health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
-    log.info("verifier serving %s on %s:%d (retriever: %s)", settings.model, settings.host, port,
-             settings.retriever or "none")
-    return VerifierServer(server, health_servicer, retriever), port
+    if http is not None:
+        http.serve(generator)
+    ports = ServerPorts(port, http.port if http is not None else None)
+    log.info("verifier serving %s on %s: gRPC %d, HTTP %s (retriever: %s)", settings.model, settings.host, port,
+             ports.http if ports.http is not None else "off", settings.retriever or "none")
+    return VerifierServer(server, health_servicer, retriever, ports, http), port
+
+
+def _start_http(settings: VerifierSettings) -> "HttpApi | None":
+    if settings.http_port < 0:
+        return None
+    from verifier.http_api import start_http
+
+    return start_http(settings)
 
 
 def serve(settings: VerifierSettings) -> int:
     """Serves until SIGINT/SIGTERM, then stops gracefully; returns an exit code."""
     server, port = create_server(settings)
-    print(f"verifier listening on {settings.host}:{port}", flush=True)
+    http = f", OpenAI HTTP API on http://{settings.host}:{server.http_port}/v1" if server.http_port is not None else ""
+    print(f"verifier listening on {settings.host}:{port}{http}", flush=True)
     stopping = threading.Event()
 
     def on_signal(signum, frame) -> None:

