@@ -1,0 +1,1 @@
+"""Attachments of the specdraft retriever to other serving stacks (HF transformers, vLLM)."""
