@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import logging
 import sys
 
 
@@ -26,6 +25,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                                                          "SPECDRAFT_DATA_DIR)")
     serve.add_argument("--output-log", choices=("auto", "redis", "file", "off"),
                        help="where finished outputs are shared (default auto: Redis if a URL is set, else the file)")
+    serve.add_argument("--metrics-port", type=int, metavar="P",
+                       help="Prometheus /metrics port (SPECDRAFT_METRICS_PORT; 0: a free one; default -1: off)")
+    serve.add_argument("--log-format", choices=("text", "json"),
+                       help="log lines as text or one JSON object each (SPECDRAFT_LOG_FORMAT; default text)")
     serve.set_defaults(run=run_serve)
 
 
@@ -36,18 +39,21 @@ def settings_from_args(args: argparse.Namespace):
     return RetrieverSettings.from_env(
         host=args.host, port=args.port, indexes=tuple(args.index) if args.index else None,
         default_max_nodes=args.max_nodes, max_nodes_cap=args.max_nodes, tokenizer=args.tokenizer,
-        reflection=args.reflection, redis_url=args.redis_url, data_dir=args.data_dir, output_log=args.output_log)
+        reflection=args.reflection, redis_url=args.redis_url, data_dir=args.data_dir, output_log=args.output_log,
+        metrics_port=args.metrics_port)
 
 
 def run_serve(args: argparse.Namespace) -> int:
     """Serves until SIGINT/SIGTERM; 2 on bad settings, 1 when binding or loading the indexes fails."""
+    from specdraft.logs import configure_logging, log_format
+
     try:
         settings = settings_from_args(args)
+        fmt = log_format(args.log_format)
     except ValueError as e:
         print(f"specdraft retriever serve: error: {e}", file=sys.stderr)
         return 2
-    if not logging.getLogger().handlers:
-        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_logging(fmt)
     from retriever.server import serve
 
     try:

@@ -9,7 +9,8 @@
   docs/OUTPUT_LOG.md) is replayed into the drafter from the start; with
   `log_warmup_gate=not_serving` health stays NOT_SERVING until the replay is done (or
   `log_warmup_timeout_s` passed); "specdraft.v1.OutputLog" reports the log's own health
-  (SERVING: replayed and reachable).
+  (SERVING: replayed and reachable). With `settings.metrics_port` >= 0, Prometheus metrics
+  (`retriever.metrics`) are served at http://host:metrics_port/metrics from the same loop.
 - `create_server(settings) -> (RetrieverServer, port)`: the same on its own event-loop
   thread, driven like a `grpc.Server` from synchronous code (`stop(grace)` returns an Event).
 - `serve(settings)`: runs until SIGINT/SIGTERM, then stops gracefully; exit code 1 when the
@@ -35,6 +36,7 @@ from protos.specdraft.v1 import retriever_pb2, retriever_pb2_grpc
 from retriever import errors
 from retriever.drafter import Drafter
 from retriever.log_sync import LogSync, open_log
+from retriever.metrics import RetrieverMetrics, bound_port, serve_metrics
 from retriever.outputlog import LogUnavailable
 from retriever.service import RetrieverServicer
 from retriever.settings import RetrieverSettings
@@ -189,10 +191,13 @@ class AioRetrieverServer:
 
     def __init__(self, server: grpc.aio.Server, port: int, health_servicer: health.aio.HealthServicer,
                  servicer: RetrieverServicer, loaded: "asyncio.Task[bool]", expiry: "asyncio.Task[None]",
-                 sync: LogSync | None = None, log_health: "asyncio.Task[None] | None" = None) -> None:
+                 sync: LogSync | None = None, log_health: "asyncio.Task[None] | None" = None,
+                 metrics_server: asyncio.Server | None = None) -> None:
         self.server, self.port, self.servicer = server, port, servicer
         self.loaded, self._health, self._expiry = loaded, health_servicer, expiry
         self.sync, self._log_health = sync, log_health
+        self._metrics_server = metrics_server
+        self.metrics_port = bound_port(metrics_server) if metrics_server is not None else None  # None: off
 
     async def stop(self, grace: float | None) -> None:
         """Health NOT_SERVING, then in-flight calls get `grace` seconds (None: forever)."""
@@ -204,6 +209,8 @@ class AioRetrieverServer:
             self._log_health.cancel()
         if self.sync is not None:  # after the calls: outputs of sessions ended in the grace go out too
             await self.sync.stop(flush_s=2.0)
+        if self._metrics_server is not None:
+            self._metrics_server.close()
 
     async def wait_for_termination(self) -> None:
         await self.server.wait_for_termination()
@@ -241,13 +248,20 @@ async def start(settings: RetrieverSettings, loader: Loader = load_indexes,
     sync = _log_sync(settings) if drafter is None else None
     if drafter is None:
         drafter = Drafter(settings.drafter_config(), on_output=sync.publish if sync is not None else None)
-    servicer = RetrieverServicer(settings, drafter)
+    metrics = RetrieverMetrics.create()
+    servicer = RetrieverServicer(settings, drafter, metrics)
+    metrics.watch(drafter.stats, lambda: servicer.ready, sync.health if sync is not None else None)
     health_servicer = health.aio.HealthServicer()
     for name in (*HEALTH_NAMES, *((LOG_HEALTH_NAME,) if sync is not None else ())):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+    metrics_server = None
     try:
+        if settings.metrics_port >= 0:
+            metrics_server = await serve_metrics(metrics.registry, settings.host, settings.metrics_port)
         server, port = _grpc_server(settings, servicer, health_servicer)
     except BaseException:
+        if metrics_server is not None:
+            metrics_server.close()
         if sync is not None:
             await sync.log.close()
         raise
@@ -260,9 +274,12 @@ async def start(settings: RetrieverSettings, loader: Loader = load_indexes,
                  settings.log_warmup_gate)
     log.info("retriever listening on %s (%d index dirs to load)", _address(settings.host, port),
              len(settings.indexes))
+    if metrics_server is not None:
+        log.info("retriever metrics on http://%s/metrics", _address(settings.host, bound_port(metrics_server)))
     loaded = asyncio.create_task(_load(settings, loader, servicer, health_servicer, sync))
     expiry = asyncio.create_task(_expire_periodically(servicer, settings.expire_interval_s))
-    return AioRetrieverServer(server, port, health_servicer, servicer, loaded, expiry, sync, log_health)
+    return AioRetrieverServer(server, port, health_servicer, servicer, loaded, expiry, sync, log_health,
+                              metrics_server)
 
 
 # ---------------------------------------------------------------- the server on its own thread
@@ -279,6 +296,11 @@ class RetrieverServer:
     @property
     def port(self) -> int:
         return self._inner.port
+
+    @property
+    def metrics_port(self) -> int | None:
+        """The bound /metrics port; None when off."""
+        return self._inner.metrics_port
 
     def stop(self, grace: float | None) -> threading.Event:
         """Stops gracefully (see AioRetrieverServer.stop); the Event is set once it has stopped."""

@@ -5,12 +5,14 @@ Every handler runs inline on the event loop (a draft is microseconds of C++), so
 become status codes in one place, `STATUS_BY_ERROR` (via `status_of`); anything else is
 logged and answered INTERNAL. Until `set_corpora` is called (the server loads the indexes
 after it starts) every call but Describe answers UNAVAILABLE. Request contents (prompts,
-drafts) are never logged.
+drafts) are never logged. Drafts, rejections and ended sessions are counted in
+`RetrieverMetrics` (`retriever.metrics`).
 """
 
 from __future__ import annotations
 
 import logging
+import time
 from typing import TYPE_CHECKING, AsyncIterator, Callable, Sequence, TypeVar
 
 import grpc
@@ -20,6 +22,7 @@ from protos.specdraft.v1 import retriever_pb2 as pb
 from protos.specdraft.v1 import retriever_pb2_grpc as pb_grpc
 from retriever import errors
 from retriever.drafter import Drafter, DraftResult
+from retriever.metrics import RetrieverMetrics
 from retriever.settings import Limits, RetrieverSettings
 from retriever.validation import check_name, validate_draft
 
@@ -49,6 +52,15 @@ def status_of(error: Exception) -> tuple[grpc.StatusCode, str]:
             return code, str(error)
     log.error("retriever call failed with an unexpected %s", type(error).__name__, exc_info=error)
     return grpc.StatusCode.INTERNAL, f"internal error ({type(error).__name__}), see the retriever's log"
+
+
+def code_of(error: Exception) -> grpc.StatusCode:
+    """`status_of`'s code, without logging (for metrics)."""
+    for cls in type(error).__mro__:
+        code = STATUS_BY_ERROR.get(cls)  # type: ignore[call-overload]
+        if code is not None:
+            return code
+    return grpc.StatusCode.INTERNAL
 
 
 def encode_result(result: DraftResult) -> pb.DraftResponse:
@@ -92,10 +104,13 @@ async def _answer(context: grpc.aio.ServicerContext, handle: Callable[[_Req], _R
 
 
 class RetrieverServicer(pb_grpc.RetrieverServicer):
-    """The service over one `Drafter`; `set_corpora` makes it ready."""
+    """The service over one `Drafter`; `set_corpora` makes it ready. `metrics`: where calls are
+    counted (default: instruments in a registry of their own)."""
 
-    def __init__(self, settings: RetrieverSettings, drafter: Drafter | None = None) -> None:
+    def __init__(self, settings: RetrieverSettings, drafter: Drafter | None = None,
+                 metrics: RetrieverMetrics | None = None) -> None:
         self._settings = settings
+        self.metrics = metrics if metrics is not None else RetrieverMetrics.create()
         self._drafter = drafter if drafter is not None else Drafter(settings.drafter_config())
         self._corpora: tuple["CorpusDatastore", ...] = ()
         self._vocab_size = settings.vocab_size  # 0: none fixed (yet)
@@ -113,6 +128,7 @@ class RetrieverServicer(pb_grpc.RetrieverServicer):
         index_vocab = corpora[0].manifest.tokenizer.vocab_size if corpora else 0
         self._vocab_size = self._settings.vocab_size or index_vocab
         self._limits = self._settings.limits(self._vocab_size)
+        self.metrics.set_indexes(corpora)
 
     def set_failed(self, reason: str) -> None:
         """Loading failed: calls answer UNAVAILABLE with `reason` instead of "still loading"."""
@@ -121,6 +137,7 @@ class RetrieverServicer(pb_grpc.RetrieverServicer):
     def expire_idle(self) -> int:
         """Ends the idle sessions (their output goes to their tenants); returns how many."""
         ended = self._drafter.expire_idle()
+        self.metrics.ended("idle", ended)
         if ended:
             log.info("ended %d idle sessions", ended)
         return ended
@@ -128,14 +145,14 @@ class RetrieverServicer(pb_grpc.RetrieverServicer):
     # ------------------------------------------------------------ RPCs
 
     async def Draft(self, request: pb.DraftRequest, context: grpc.aio.ServicerContext) -> pb.DraftResponse:
-        return await _answer(context, self._draft, request)
+        return await _answer(context, self._draft_measured, request)
 
     async def DraftStream(self, request_iterator: AsyncIterator[pb.DraftRequest],
                           context: grpc.aio.ServicerContext) -> AsyncIterator[pb.DraftResponse]:
         """One response per request, in order; the first failure ends the stream with its status."""
         async for request in request_iterator:
             try:
-                response = self._draft(request)
+                response = self._draft_measured(request, "stream")
             except Exception as e:  # noqa: BLE001
                 code, message = status_of(e)
                 break
@@ -146,11 +163,13 @@ class RetrieverServicer(pb_grpc.RetrieverServicer):
 
     async def DraftBatch(self, request: pb.DraftBatchRequest,
                          context: grpc.aio.ServicerContext) -> pb.DraftBatchResponse:
-        return await _answer(context, self._draft_batch, request)
+        return await _answer(context, self._rejections(self._draft_batch, "batch"), request)
 
     async def EndSession(self, request: pb.EndSessionRequest,
                          context: grpc.aio.ServicerContext) -> pb.EndSessionResponse:
-        return await _answer(context, self._end_session, request)
+        response = await _answer(context, self._rejections(self._end_session, "end_session"), request)
+        self.metrics.ended("end_session")
+        return response
 
     async def Describe(self, request: pb.DescribeRequest, context: grpc.aio.ServicerContext) -> pb.DescribeResponse:
         return await _answer(context, self._describe, request)
@@ -167,9 +186,31 @@ class RetrieverServicer(pb_grpc.RetrieverServicer):
                            request.max_nodes, self._require_limits())
         return encode_result(self._drafter.draft(v.tenant, v.session_id, v.prompt, v.new_tokens, v.max_nodes))
 
+    def _draft_measured(self, request: pb.DraftRequest, rpc: str = "draft") -> pb.DraftResponse:
+        """`_draft`, counted in the metrics (its time, nodes and reported tokens, or its failure)."""
+        t0 = time.perf_counter()
+        try:
+            response = self._draft(request)
+        except Exception as e:
+            self.metrics.draft_failed(rpc, code_of(e).name, str(e))
+            raise
+        self.metrics.drafted(rpc, time.perf_counter() - t0, len(response.tree.token_ids), len(request.new_tokens),
+                             len(request.prompt) > 0)
+        return response
+
+    def _rejections(self, handle: Callable[[_Req], _Resp], rpc: str) -> Callable[[_Req], _Resp]:
+        """`handle`, its failures counted as rejections of `rpc`."""
+        def counted(request: _Req) -> _Resp:
+            try:
+                return handle(request)
+            except Exception as e:
+                self.metrics.rejected(rpc, code_of(e).name, str(e))
+                raise
+        return counted
+
     def _draft_or_error(self, request: pb.DraftRequest) -> pb.DraftResponse:
         try:
-            return self._draft(request)
+            return self._draft_measured(request, "batch")
         except Exception as e:  # noqa: BLE001 - one item's failure is that item's error
             return encode_error(e)
 

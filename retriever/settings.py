@@ -41,6 +41,7 @@ class Limits:
 class RetrieverSettings:
     host: str = "0.0.0.0"  # every interface (the container's port mapping needs it)
     port: int = 50051  # 0: a free port
+    metrics_port: int = -1  # Prometheus GET /metrics on host:metrics_port (e.g. 9464); 0: a free port, -1: off
     indexes: tuple[str, ...] = field(default=(), metadata={"env": "INDEX_DIRS"})  # corpus datastore dirs
     default_max_nodes: int = 64  # a request's max_nodes 0 gets this
     max_nodes_cap: int = 64
@@ -142,6 +143,7 @@ def _seconds(lo: float, inclusive: bool) -> Callable[[object], bool]:
 _RULES: dict[str, tuple[Callable[[object], bool], str]] = {
     "host": (lambda v: isinstance(v, str) and bool(v), "a non-empty host name or address"),
     "port": (_int(0, 65535), "an integer in [0, 65535]"),
+    "metrics_port": (_int(-1, 65535), "an integer in [-1, 65535] (0: a free port, -1: off)"),
     "indexes": (lambda v: isinstance(v, tuple) and all(isinstance(p, str) and p for p in v),
                 "a tuple of non-empty directory paths"),
     "default_max_nodes": (_int(1), "an integer >= 1"),

@@ -49,6 +49,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     serve.add_argument("--http-port", type=int, help="OpenAI-compatible HTTP API port (default 8000; 0: free; -1: off)")
     serve.add_argument("--served-model-name", help="the model's name in the HTTP API (default: --model)")
     serve.add_argument("--retriever", help="host:port of a retriever (none: no drafting)")
+    serve.add_argument("--metrics-port", type=int,
+                       help="Prometheus /metrics on a port of its own (default -1: off; always at the HTTP API's "
+                            "/metrics)")
+    serve.add_argument("--log-format", choices=("text", "json"),
+                       help="log lines as text or one JSON object each (SPECDRAFT_LOG_FORMAT; default text)")
     serve.set_defaults(run=_serve)
 
     gen = subparsers.add_parser("generate", help="generate text for prompts (drafting through a retriever)")
@@ -85,13 +90,18 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    import logging
-
+    from specdraft.logs import configure_logging, log_format
     from verifier.server import serve
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        fmt = log_format(args.log_format)
+    except ValueError as e:
+        print(f"specdraft verifier serve: error: {e}", file=sys.stderr)
+        return 2
+    configure_logging(fmt)
     return serve(_settings(args, host=args.host, port=args.port, http_port=args.http_port,
-                           served_model_name=args.served_model_name, retriever=args.retriever))
+                           served_model_name=args.served_model_name, retriever=args.retriever,
+                           metrics_port=args.metrics_port))
 
 
 # ---------------------------------------------------------------- generate

@@ -2,12 +2,13 @@
 
 Routes: `POST /v1/completions`, `POST /v1/chat/completions` (JSON or, with `"stream": true`,
 server-sent events `data: {...}` ending with `data: [DONE]`), `GET /v1/models`,
-`GET /v1/models/{name}`, `GET /health` (200, or 503 while stopping). A thin shell:
+`GET /v1/models/{name}`, `GET /health` (200, or 503 while stopping), `GET /metrics` (Prometheus,
+`verifier.metrics`; refused requests are counted there). A thin shell:
 `verifier.openai_wire.parse` -> `verifier.validation.check` -> `Generator.stream` (the lock the
 gRPC servicer shares: one generation at a time) -> `openai_wire.Formatter`. Errors are OpenAI's
 JSON (`{"error": {message, type, param, code}}`); after a stream has begun, an error is sent as
 one `data: {"error": ...}` event. Tenant: the `X-Specdraft-Tenant` header, else `user`.
-With `settings.api_key`, every route but /health needs `Authorization: Bearer KEY`.
+With `settings.api_key`, every route but /health and /metrics needs `Authorization: Bearer KEY`.
 
 Starlette rather than FastAPI: requests are validated by our own rules (`check`), so pydantic
 models would only duplicate them and answer in another error shape. Prompt text is never logged.
@@ -29,6 +30,7 @@ from typing import TYPE_CHECKING, AsyncIterator, Iterator
 
 import anyio
 import uvicorn
+from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
@@ -36,6 +38,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from retriever import errors
+from verifier.metrics import VerifierMetrics, reason_label
 from verifier.openai_wire import NAMES, ApiError, Formatter, OpenAIRequest, parse
 from verifier.validation import GenerationRequest, InvalidField, check
 
@@ -51,8 +54,8 @@ class _Api:
     """The routes' state: settings, the shared generator, and the state: "loading" (no generator
     yet), "ok", "stopping"; generations are taken in state "ok" only."""
 
-    def __init__(self, settings: "VerifierSettings") -> None:
-        self.settings, self.generator = settings, None
+    def __init__(self, settings: "VerifierSettings", metrics: VerifierMetrics) -> None:
+        self.settings, self.generator, self.metrics = settings, None, metrics
         self.name, self.created, self.state = settings.model_name, int(time.time()), "loading"
         self.running = _Running()
 
@@ -87,14 +90,14 @@ class _Api:
     async def collect(self, generator: "Generator", fmt: Formatter, request: GenerationRequest) -> dict:
         """Runs one generation to its end."""
         parts = []
-        async with _Pump(generator.stream(request), self.running) as chunks:
+        async with _Pump(generator.stream(request, "http"), self.running) as chunks:
             async for chunk in chunks:
                 parts.append(chunk.text)
         return fmt.response("".join(parts), chunk)
 
     async def sse(self, generator: "Generator", fmt: Formatter, request: GenerationRequest) -> AsyncIterator[str]:
         """The stream's events; the generation stops (and the lock is freed) when the client leaves."""
-        async with _Pump(generator.stream(request), self.running) as chunks:
+        async with _Pump(generator.stream(request, "http"), self.running) as chunks:
             try:
                 for obj in fmt.opening():
                     yield _event(obj)
@@ -254,6 +257,9 @@ class _Routes:
         self.api.check_model(request.path_params["name"])
         return JSONResponse(self.api.model_card())
 
+    async def metrics(self, request: Request) -> Response:
+        return Response(generate_latest(self.api.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
     async def health(self, request: Request) -> Response:
         state = self.api.state
         return JSONResponse({"status": state, "model": self.api.name}, status_code=200 if state == "ok" else 503)
@@ -263,12 +269,17 @@ class _Routes:
                 Route("/v1/chat/completions", self.chat, methods=["POST"]),
                 Route("/v1/models", self.models, methods=["GET"]),
                 Route("/v1/models/{name:path}", self.model, methods=["GET"]),
-                Route("/health", self.health, methods=["GET"])]
+                Route("/health", self.health, methods=["GET"]),
+                Route("/metrics", self.metrics, methods=["GET"])]
 
 
-async def _api_error(request: Request, exc: Exception) -> Response:
-    assert isinstance(exc, ApiError)
-    return JSONResponse(exc.body(), status_code=exc.status)
+def _api_error(metrics: VerifierMetrics):
+    """The handler of ApiError: counted as a rejection (reason: the field, else the error code or type)."""
+    async def handle(request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, ApiError)
+        metrics.rejected("http", str(exc.status), reason_label(exc.param, exc.code or exc.type))
+        return JSONResponse(exc.body(), status_code=exc.status)
+    return handle
 
 
 async def _http_error(request: Request, exc: Exception) -> Response:
@@ -284,10 +295,10 @@ async def _internal_error(request: Request, exc: Exception) -> Response:
     return JSONResponse(err.body(), status_code=500)
 
 
-def create_app(settings: "VerifierSettings") -> tuple[Starlette, _Api]:
-    api = _Api(settings)
+def create_app(settings: "VerifierSettings", metrics: VerifierMetrics | None = None) -> tuple[Starlette, _Api]:
+    api = _Api(settings, metrics if metrics is not None else VerifierMetrics.create())
     app = Starlette(routes=_Routes(api).routes(), exception_handlers={
-        ApiError: _api_error, HTTPException: _http_error, Exception: _internal_error})
+        ApiError: _api_error(api.metrics), HTTPException: _http_error, Exception: _internal_error})
     return app, api
 
 
@@ -331,12 +342,14 @@ def _bind(host: str, port: int) -> socket.socket:
     return sock
 
 
-def start_http(settings: "VerifierSettings", startup_timeout_s: float = 10.0) -> HttpApi:
+def start_http(settings: "VerifierSettings", startup_timeout_s: float = 10.0,
+               metrics: VerifierMetrics | None = None) -> HttpApi:
     """Binds settings.host:settings.http_port (0: a free port) and serves in a daemon thread
-    (503 for generations until `serve(generator)`)."""
-    app, api = create_app(settings)
+    (503 for generations until `serve(generator)`). uvicorn's loggers go to the root logger's
+    handlers (log_config None), so they follow the process's log format."""
+    app, api = create_app(settings, metrics)
     sock = _bind(settings.host, settings.http_port)
-    config = uvicorn.Config(app, lifespan="off", access_log=False, log_level="warning")
+    config = uvicorn.Config(app, lifespan="off", access_log=False, log_level="warning", log_config=None)
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, name="verifier-http", daemon=True)
     thread.start()

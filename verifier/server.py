@@ -6,6 +6,8 @@ a `RetrieverClient` (a retriever down or slow only costs speed). Over gRPC (`por
 "specdraft.v1.Verifier" once the model is loaded) and reflection; over HTTP (`http_port`, -1:
 off) the OpenAI-compatible API (`verifier.http_api`). Both share one `Generator` (one
 generation at a time). `server.ports` holds both ports (`server.http_port`: None when off).
+Prometheus metrics (`verifier.metrics`) are served at the HTTP API's `/metrics` and, with
+`metrics_port` >= 0, on a port of their own (`server.ports.metrics`).
 `server.stop(grace)` flips health to NOT_SERVING (HTTP: 503), lets in-flight generations
 finish for `grace` seconds, then closes the retriever channel. `serve(settings)` runs until
 SIGINT/SIGTERM.
@@ -25,6 +27,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from protos.specdraft.v1 import verifier_pb2, verifier_pb2_grpc
+from verifier.metrics import MetricsServer, VerifierMetrics, serve_metrics
 from verifier.settings import VerifierSettings
 
 if TYPE_CHECKING:
@@ -41,14 +44,17 @@ SERVICE_NAME = verifier_pb2.DESCRIPTOR.services_by_name["Verifier"].full_name
 class ServerPorts:
     grpc: int
     http: int | None  # None: the HTTP API is off
+    metrics: int | None = None  # the /metrics port of its own; None: off
 
 
 class VerifierServer:
     """Started gRPC (+ HTTP) servers; `stop` and `wait_for_termination` as on `grpc.Server`."""
 
     def __init__(self, server: grpc.Server, health_servicer: health.HealthServicer,
-                 retriever: "RetrieverClient | None", ports: ServerPorts, http: "HttpApi | None" = None) -> None:
+                 retriever: "RetrieverClient | None", ports: ServerPorts, http: "HttpApi | None" = None,
+                 metrics_server: MetricsServer | None = None) -> None:
         self._server, self._health, self._retriever, self._http = server, health_servicer, retriever, http
+        self._metrics_server = metrics_server
         self.ports = ports
 
     @property
@@ -67,6 +73,8 @@ class VerifierServer:
                 event.wait()
             if self._retriever is not None:
                 self._retriever.close()
+            if self._metrics_server is not None:
+                self._metrics_server.stop()
             done.set()
 
         threading.Thread(target=finish, daemon=True).start()
@@ -107,17 +115,24 @@ def create_server(settings: VerifierSettings, *, model: "LoadedModel | None" = N
     loads; loads the model and builds its `Engine` (which measures the forward cost by tree size,
     about a second on an idle CPU) unless given; binds host:port (0: a free port) and serves.
     Raises OSError when a port cannot be bound."""
-    http = _start_http(settings)
+    metrics = VerifierMetrics.create()
+    http = _start_http(settings, metrics)
+    metrics_server = None
     try:
-        return _create(settings, model, engine, http)
+        if settings.metrics_port >= 0:
+            metrics_server = serve_metrics(metrics.registry, settings.host, settings.metrics_port)
+        return _create(settings, model, engine, http, metrics, metrics_server)
     except BaseException:
         if http is not None:
             http.stop(0)
+        if metrics_server is not None:
+            metrics_server.stop()
         raise
 
 
 def _create(settings: VerifierSettings, model: "LoadedModel | None", engine: "Engine | None",
-            http: "HttpApi | None") -> tuple[VerifierServer, int]:
+            http: "HttpApi | None", metrics: VerifierMetrics,
+            metrics_server: MetricsServer | None) -> tuple[VerifierServer, int]:
     from verifier.engine import Engine
     from verifier.service import Generator, VerifierServicer
 
@@ -125,7 +140,7 @@ def _create(settings: VerifierSettings, model: "LoadedModel | None", engine: "En
         engine = Engine(model if model is not None else load(settings), max_nodes=settings.max_nodes)
     model = engine.loaded
     retriever = _retriever(settings, model)
-    generator = Generator(model, engine, retriever)
+    generator = Generator(model, engine, retriever, metrics)
     server = grpc.server(futures.ThreadPoolExecutor(settings.max_workers, thread_name_prefix="verifier"))
     verifier_pb2_grpc.add_VerifierServicer_to_server(VerifierServicer(settings, generator), server)
     health_servicer = health.HealthServicer()
@@ -141,18 +156,20 @@ def _create(settings: VerifierSettings, model: "LoadedModel | None", engine: "En
         health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     if http is not None:
         http.serve(generator)
-    ports = ServerPorts(port, http.port if http is not None else None)
-    log.info("verifier serving %s on %s: gRPC %d, HTTP %s (retriever: %s)", settings.model, settings.host, port,
-             ports.http if ports.http is not None else "off", settings.retriever or "none")
-    return VerifierServer(server, health_servicer, retriever, ports, http), port
+    ports = ServerPorts(port, http.port if http is not None else None,
+                        metrics_server.port if metrics_server is not None else None)
+    log.info("verifier serving %s on %s: gRPC %d, HTTP %s, metrics %s (retriever: %s)", settings.model,
+             settings.host, port, ports.http if ports.http is not None else "off",
+             ports.metrics if ports.metrics is not None else "off", settings.retriever or "none")
+    return VerifierServer(server, health_servicer, retriever, ports, http, metrics_server), port
 
 
-def _start_http(settings: VerifierSettings) -> "HttpApi | None":
+def _start_http(settings: VerifierSettings, metrics: VerifierMetrics | None = None) -> "HttpApi | None":
     if settings.http_port < 0:
         return None
     from verifier.http_api import start_http
 
-    return start_http(settings)
+    return start_http(settings, metrics=metrics)
 
 
 def serve(settings: VerifierSettings) -> int:

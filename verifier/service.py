@@ -3,10 +3,11 @@
 - `validate(request, model, settings) -> GenerationRequest`: the proto as `RequestValues`, checked
   by `verifier.validation.check` (the rules shared with the HTTP API); raises `InvalidArgument`
   (bad fields, prompt too long for the model) or `FailedPrecondition` (chat without a template).
-- `run(engine, request, drafter, model) -> Iterator[Chunk]`: drives `Engine.generate`, streams
+- `run(engine, request, drafter, model, metrics=None) -> Iterator[Chunk]`: drives `Engine.generate`, streams
   text through `verifier.stops.TextStream` (stop strings, EOS, no split characters) and ends
   with a chunk carrying the finish reason and `GenerationStats`.
-- `Generator`: the model's one lock; `stream(request)` runs one generation at a time.
+- `Generator`: the model's one lock; `stream(request, api)` runs one generation at a time and
+  reports it to the `VerifierMetrics` it holds (`generator.metrics`).
 - `VerifierServicer`: the gRPC shell over a `Generator`; domain
   errors become status codes through `retriever.service.status_of` (the one mapping of
   `retriever.errors`), before any message is streamed.
@@ -26,6 +27,7 @@ from protos.specdraft.v1 import verifier_pb2_grpc as pb_grpc
 from retriever import errors
 from retriever.service import status_of
 from verifier.engine import Engine, StepResult
+from verifier.metrics import VerifierMetrics, reason_label
 from verifier.settings import VerifierSettings
 from verifier.stops import TextStream
 from verifier.validation import GRPC_NAMES, ChatMessage, GenerationRequest, RequestValues, check
@@ -114,17 +116,28 @@ class _Tally:
 
 
 class _DeferredEnd:
-    """A DraftSource whose `end()` waits for `finish`, which hands over the tokens not yet reported."""
+    """A DraftSource whose `end()` waits for `finish`, which hands over the tokens not yet reported;
+    steps without a draft are counted in `metrics` (timeouts seen through the session's `timeouts`)."""
 
-    def __init__(self, session) -> None:
-        self._session, self.reported = session, 0
+    def __init__(self, session, metrics: VerifierMetrics | None = None) -> None:
+        self._session, self.reported, self._metrics = session, 0, metrics
 
     def start(self, prompt_ids: list[int]) -> None:
         self._session.start(prompt_ids)
 
     def draft(self, new_tokens: list[int], max_nodes: int):
         self.reported += len(new_tokens)
-        return self._session.draft(new_tokens, max_nodes)
+        if self._metrics is None:
+            return self._session.draft(new_tokens, max_nodes)
+        timeouts = getattr(self._session, "timeouts", 0)
+        try:
+            draft = self._session.draft(new_tokens, max_nodes)
+        except Exception:
+            self._metrics.draft_fallback("error")
+            raise
+        if draft is None:
+            self._metrics.draft_fallback("timeout" if getattr(self._session, "timeouts", 0) > timeouts else "none")
+        return draft
 
     def end(self) -> None:
         pass
@@ -134,17 +147,20 @@ class _DeferredEnd:
 
 
 def run(engine: Engine, request: GenerationRequest, drafter: "DraftSource | None",
-        model: "LoadedModel") -> Iterator[Chunk]:
-    """Streams the generation's chunks; the last one carries finish_reason and stats."""
+        model: "LoadedModel", metrics: VerifierMetrics | None = None) -> Iterator[Chunk]:
+    """Streams the generation's chunks; the last one carries finish_reason and stats. `metrics`:
+    told of every step and of draft fallbacks."""
     t0 = time.perf_counter()
     stops = frozenset(model.eos_token_ids)
     stream = TextStream(_decoder(model.tokenizer), request.stops, stops)
-    source = _DeferredEnd(drafter) if drafter is not None else None
+    source = _DeferredEnd(drafter, metrics) if drafter is not None else None
     tally = _Tally()
     steps = engine.generate(list(request.prompt_ids), request.max_new_tokens, request.sampling, source, list(stops))
     try:
         for step in steps:
             tally.add(step)
+            if metrics is not None:
+                metrics.step(step)
             delta = stream.push(step.tokens)
             tally.generated += delta.generated
             if delta.text or delta.token_ids:
@@ -189,21 +205,34 @@ class Generator:
     """The model's generations, one at a time: `stream` holds the one lock of the process (shared by
     the gRPC servicer and the HTTP API) from its first chunk until it is exhausted or closed."""
 
-    def __init__(self, model: "LoadedModel", engine: Engine, retriever: "RetrieverClient | None") -> None:
+    def __init__(self, model: "LoadedModel", engine: Engine, retriever: "RetrieverClient | None",
+                 metrics: VerifierMetrics | None = None) -> None:
         self.model, self._engine, self._retriever = model, engine, retriever
+        self.metrics = metrics if metrics is not None else VerifierMetrics.create()
         self._lock = threading.Lock()
 
-    def stream(self, request: GenerationRequest) -> Iterator[Chunk]:
-        """`run`'s chunks; close the iterator to stop early (the lock is released then)."""
+    def stream(self, request: GenerationRequest, api: str = "grpc") -> Iterator[Chunk]:
+        """`run`'s chunks; close the iterator to stop early (the lock is released then). `api`
+        ("grpc" or "http") labels the generation in the metrics."""
         with self._lock:
             drafter = None
             if self._retriever is not None and not request.no_draft:
                 drafter = self._retriever.session(request.tenant, request.request_id)
-            chunks = run(self._engine, request, drafter, self.model)
+            chunks = run(self._engine, request, drafter, self.model, self.metrics)
+            outcome = "cancelled"  # until the last chunk: the consumer closed the stream early
             try:
-                yield from chunks
+                for chunk in chunks:
+                    if chunk.stats is not None and chunk.finish_reason is not None:
+                        outcome = ""
+                        self.metrics.generated(api, chunk.finish_reason, chunk.stats)
+                    yield chunk
+            except Exception:
+                outcome = "error"
+                raise
             finally:
                 chunks.close()
+                if outcome:
+                    self.metrics.ended_early(api, outcome)
 
 
 class VerifierServicer(pb_grpc.VerifierServicer):
@@ -216,7 +245,9 @@ class VerifierServicer(pb_grpc.VerifierServicer):
         try:
             checked = validate(request, self._generator.model, self._settings)
         except errors.SpecdraftError as e:
-            context.abort(*status_of(e))
+            code, message = status_of(e)
+            self._generator.metrics.rejected("grpc", code.name, reason_label(getattr(e, "param", None), code.name))
+            context.abort(code, message)
         chunks = self._generator.stream(checked)
         try:
             for chunk in chunks:

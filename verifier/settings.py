@@ -22,6 +22,7 @@ class VerifierSettings:
     host: str = "127.0.0.1"
     port: int = 50052  # 0: a free port
     http_port: int = 8000  # the OpenAI-compatible HTTP API; 0: a free port, -1: off
+    metrics_port: int = -1  # Prometheus /metrics on a port of its own (also at the HTTP API's /metrics); -1: off
     served_model_name: str = ""  # the model's name in the HTTP API; "": `model`
     api_key: str = ""  # HTTP API: required as `Authorization: Bearer KEY`; "": no key
     http_max_body_bytes: int = 8 << 20  # larger HTTP request bodies get 413
@@ -44,6 +45,8 @@ class VerifierSettings:
         _check(0 <= self.port <= 65535, "port must be in [0, 65535]", self.port)
         _check(-1 <= self.http_port <= 65535, "http_port must be in [-1, 65535] (0: a free port, -1: off)",
                self.http_port)
+        _check(-1 <= self.metrics_port <= 65535, "metrics_port must be in [-1, 65535] (0: a free port, -1: off)",
+               self.metrics_port)
         _check(self.http_max_body_bytes > 0, "http_max_body_bytes must be > 0", self.http_max_body_bytes)
         _check(self.dtype in ("float32", "float64", "bfloat16", "float16"),
                "dtype must be one of float32, float64, bfloat16, float16", self.dtype)

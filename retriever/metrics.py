@@ -1,0 +1,225 @@
+"""Prometheus metrics of the retriever (`specdraft_retriever_*`) and their `/metrics` endpoint.
+
+- `RetrieverMetrics.create(registry=None)`: the instruments, in a registry of their own (not the
+  process-global default, so one process can hold several servers). The service calls
+  `drafted` / `draft_failed` / `rejected` / `sessions_ended`; per-draft children are bound
+  once, so a draft costs a few prometheus_client calls (~1 us each), no label lookups.
+- `watch(stats, ready, log_health)`: gauges read at scrape time (sessions, tenants, output
+  log lag and errors). Not thread-safe like the Drafter: scrape on the server's event loop,
+  which `serve_metrics` does.
+- `serve_metrics(registry, host, port)`: a minimal HTTP/1.0 `GET /metrics` server on the
+  running loop (port 0: a free one). Nothing of a request's contents is ever recorded.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Callable, Iterator, Mapping, Sequence
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+if TYPE_CHECKING:
+    from retriever.datastore import CorpusDatastore
+    from retriever.drafter import DrafterStats
+    from retriever.log_sync import SyncHealth
+
+log = logging.getLogger(__name__)
+PREFIX = "specdraft_retriever_"
+RPCS = ("draft", "stream", "batch")  # Draft, DraftStream, DraftBatch items
+DRAFT_SECONDS_BUCKETS = (1e-5, 2.5e-5, 5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 1e-2)
+_INDEX = re.compile(r"\[\d*\]")
+_REASON = re.compile(r"[a-z_][a-z0-9_.]{0,47}")
+
+
+def rejection_reason(code: str, message: str) -> str:
+    """The label of a rejection: for INVALID_ARGUMENT the field its "X must be Y" message names
+    (indexes dropped: `prompt[3]` -> `prompt`), else the status code in lower case."""
+    if code == "INVALID_ARGUMENT" and " must " in message:
+        field = _INDEX.sub("", message.split(" must ", 1)[0]).replace(" ", "_").lower()
+        return field if _REASON.fullmatch(field) else "other"
+    return code.lower()
+
+
+@dataclass(frozen=True)
+class _RpcChildren:
+    """One RPC's per-draft instruments, bound once."""
+
+    ok: Counter
+    seconds: Histogram
+    nodes: Counter
+    new_tokens: Counter
+    starts: Counter
+
+
+@dataclass(frozen=True)
+class RetrieverMetrics:
+    """The retriever's instruments (see the README's metrics table)."""
+
+    registry: CollectorRegistry
+    drafts: Counter  # rpc, code
+    draft_seconds: Histogram  # rpc
+    draft_nodes: Counter  # rpc
+    new_tokens: Counter  # rpc
+    session_starts: Counter  # rpc
+    rejections: Counter  # rpc, code, reason
+    sessions_ended: Counter  # reason
+    index_tokens: Gauge  # index
+    by_rpc: Mapping[str, _RpcChildren]
+
+    @classmethod
+    def create(cls, registry: CollectorRegistry | None = None) -> "RetrieverMetrics":
+        r = registry if registry is not None else CollectorRegistry()
+        drafts = Counter(PREFIX + "drafts", "Drafts answered, by RPC and gRPC status code (batch: per item).",
+                         ["rpc", "code"], registry=r)
+        seconds = Histogram(PREFIX + "draft_duration_seconds", "Time to validate, draft and encode one "
+                            "successful draft in the service (no network).", ["rpc"], registry=r,
+                            buckets=DRAFT_SECONDS_BUCKETS)
+        nodes = Counter(PREFIX + "draft_nodes", "Draft tree nodes (draft tokens) returned.", ["rpc"], registry=r)
+        new_tokens = Counter(PREFIX + "new_tokens", "Tokens clients reported as accepted since their previous "
+                             "draft (new_tokens: accepted draft tokens plus bonus tokens).", ["rpc"], registry=r)
+        starts = Counter(PREFIX + "session_starts", "Drafts that (re)started a session with a prompt.", ["rpc"],
+                         registry=r)
+        by_rpc = {rpc: _RpcChildren(drafts.labels(rpc, "OK"), seconds.labels(rpc), nodes.labels(rpc),
+                                    new_tokens.labels(rpc), starts.labels(rpc)) for rpc in RPCS}
+        return cls(
+            r, drafts, seconds, nodes, new_tokens, starts,
+            Counter(PREFIX + "rejections", "Calls or batch items refused, by RPC, status code and reason (the "
+                    "invalid field, or the code).", ["rpc", "code", "reason"], registry=r),
+            Counter(PREFIX + "sessions_ended", "Sessions ended: end_session (EndSession) or idle (expiry).",
+                    ["reason"], registry=r),
+            Gauge(PREFIX + "index_tokens", "Tokens of each loaded corpus datastore.", ["index"], registry=r),
+            by_rpc)
+
+    def drafted(self, rpc: str, seconds: float, nodes: int, new_tokens: int, started: bool) -> None:
+        """One successful draft of `rpc` (one of RPCS)."""
+        c = self.by_rpc[rpc]
+        c.ok.inc()
+        c.seconds.observe(seconds)
+        if nodes:
+            c.nodes.inc(nodes)
+        if new_tokens:
+            c.new_tokens.inc(new_tokens)
+        if started:
+            c.starts.inc()
+
+    def draft_failed(self, rpc: str, code: str, message: str) -> None:
+        """One failed draft of `rpc`: counted in drafts{code} and in rejections."""
+        self.drafts.labels(rpc, code).inc()
+        self.rejected(rpc, code, message)
+
+    def rejected(self, rpc: str, code: str, message: str) -> None:
+        self.rejections.labels(rpc, code, rejection_reason(code, message)).inc()
+
+    def ended(self, reason: str, sessions: int = 1) -> None:
+        if sessions:
+            self.sessions_ended.labels(reason).inc(sessions)
+
+    def set_indexes(self, corpora: Sequence["CorpusDatastore"]) -> None:
+        for corpus in corpora:
+            self.index_tokens.labels(corpus.manifest.name).set(corpus.manifest.num_tokens)
+
+    def watch(self, stats: Callable[[], "DrafterStats"], ready: Callable[[], bool],
+              log_health: Callable[[], "SyncHealth"] | None = None) -> None:
+        """Registers the gauges read at scrape time (call once per registry)."""
+        self.registry.register(_StateCollector(stats, ready, log_health))
+
+
+class _StateCollector(Collector):
+    """Drafter and output-log state, read when scraped (on the server's loop)."""
+
+    def __init__(self, stats: Callable[[], "DrafterStats"], ready: Callable[[], bool],
+                 log_health: Callable[[], "SyncHealth"] | None) -> None:
+        self._stats, self._ready, self._log_health = stats, ready, log_health
+
+    def collect(self) -> Iterator[Metric]:
+        s = self._stats()
+        yield GaugeMetricFamily(PREFIX + "ready", "1 once the indexes are loaded (health SERVING).",
+                                value=float(self._ready()))
+        yield GaugeMetricFamily(PREFIX + "sessions", "Sessions held (active generations).", value=s.sessions)
+        yield GaugeMetricFamily(PREFIX + "tenants", "Tenants with prior outputs indexed.", value=s.tenants)
+        yield GaugeMetricFamily(PREFIX + "tenant_tokens", "Prior-output tokens in the tenant indexes.",
+                                value=s.tenant_tokens)
+        yield GaugeMetricFamily(PREFIX + "online_index_bytes", "Memory of the online indexes (sessions and "
+                                "tenants).", value=s.memory_bytes)
+        if self._log_health is not None:
+            yield from _log_families(self._log_health())
+
+
+def _log_families(h: "SyncHealth") -> Iterator[Metric]:
+    """The output log's families, labelled by backend (redis or file)."""
+    p = PREFIX + "output_log_"
+
+    def gauge(name: str, doc: str, value: float) -> GaugeMetricFamily:
+        family = GaugeMetricFamily(p + name, doc, labels=["backend"])
+        family.add_metric([h.backend], value)
+        return family
+
+    def counter(name: str, doc: str, value: float) -> CounterMetricFamily:
+        family = CounterMetricFamily(p + name, doc, labels=["backend"])
+        family.add_metric([h.backend], value)
+        return family
+
+    yield gauge("warm", "1 once the log's replay is done (tailing).", float(h.warm))
+    yield gauge("reading", "1 while the last read of the log succeeded.", float(h.reading))
+    yield gauge("since_read_seconds", "Seconds since the last successful read (bounds the tailing lag).",
+                h.since_read_s)
+    yield gauge("queued_outputs", "Outputs waiting to be published.", h.publish.queued)
+    yield gauge("oldest_queued_seconds", "Age of the oldest output waiting to be published.",
+                h.publish.oldest_queued_s)
+    yield counter("read_errors", "Failed reads of the log (Redis or file store errors).", h.read_errors)
+    yield counter("publish_errors", "Failed append round trips (Redis or file store errors).", h.publish.errors)
+    yield counter("published_outputs", "Outputs of this replica appended to the log.", h.publish.published)
+    yield counter("dropped_outputs", "Outputs dropped because the publish queue was full.", h.publish.dropped)
+    yield counter("applied_outputs", "Outputs of other replicas inserted into the tenant indexes.",
+                  h.applied_entries)
+    yield counter("applied_tokens", "Tokens of other replicas' outputs inserted.", h.applied_tokens)
+    yield counter("rejected_entries", "Log entries the index refused (corrupt or foreign).", h.rejected)
+
+
+# ---------------------------------------------------------------- the endpoint
+
+
+async def serve_metrics(registry: CollectorRegistry, host: str, port: int) -> asyncio.Server:
+    """Serves `GET /metrics` on the running loop; OSError (with the address) when it cannot bind."""
+    try:
+        return await asyncio.start_server(lambda r, w: _handle(registry, r, w), host, port)
+    except OSError as e:
+        raise OSError(f"retriever metrics address must be bindable, got {host}:{port} ({e.strerror or e})") from None
+
+
+def bound_port(server: asyncio.Server) -> int:
+    return server.sockets[0].getsockname()[1]
+
+
+def _response(registry: CollectorRegistry, method: bytes, target: bytes) -> tuple[bytes, bytes, bytes]:
+    """(status, content type, body) of one request."""
+    if method not in (b"GET", b"HEAD"):
+        return b"405 Method Not Allowed", b"text/plain", b"method must be GET, got another\n"
+    if target.split(b"?", 1)[0] != b"/metrics":
+        return b"404 Not Found", b"text/plain", b"path must be /metrics\n"
+    try:
+        return b"200 OK", CONTENT_TYPE_LATEST.encode(), generate_latest(registry)
+    except Exception:  # noqa: BLE001 - a failed scrape never reaches the loop
+        log.exception("metrics scrape failed")
+        return b"500 Internal Server Error", b"text/plain", b"scrape failed, see the retriever's log\n"
+
+
+async def _handle(registry: CollectorRegistry, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    try:
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5.0)
+        method, target = (head.split(b"\r\n", 1)[0].split(b" ") + [b"", b""])[:2]
+        status, kind, body = _response(registry, method, target)
+        writer.write(b"HTTP/1.0 " + status + b"\r\nContent-Type: " + kind + b"\r\nContent-Length: "
+                     + str(len(body)).encode() + b"\r\nConnection: close\r\n\r\n"
+                     + (body if method != b"HEAD" else b""))
+        await writer.drain()
+    except (asyncio.TimeoutError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, ConnectionError):
+        pass
+    finally:
+        writer.close()

@@ -1,0 +1,373 @@
+"""Prometheus metrics and JSON logs of both services, against real servers: a retriever (gRPC on
+a free port, /metrics on another) and a verifier over the SmolLM2 model (/metrics of its HTTP
+API and of its own port). Counters move by exactly what the calls did; names and types follow
+the Prometheus conventions; JSON log lines parse and never hold prompt text."""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import re
+import signal
+import time
+import urllib.error
+import urllib.request
+
+import grpc
+import numpy as np
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from protos.specdraft.v1 import retriever_pb2 as pb
+from protos.specdraft.v1 import retriever_pb2_grpc as pb_grpc
+from retriever.datastore import write_datastore
+from retriever.server import create_server, tokenizer_info
+from retriever.settings import RetrieverSettings
+from specdraft.logs import JsonFormatter, log_format
+from verifier.metrics import source_name
+from tests.test_service import make_tokenizer, start_cli
+
+PROMPT = [5, 6, 7, 8, 9, 5, 6, 7, 8, 9, 5, 6]
+SECRET = "zebra_quokka_7731"  # prompt text that must never reach a log line
+_NAME = re.compile(r"specdraft_(retriever|verifier)_[a-z0-9_]+")
+
+
+def scrape(url: str) -> dict[str, dict[tuple, float]]:
+    """{family name: {sorted label items + (sample name,): value}} of one scrape."""
+    with urllib.request.urlopen(url, timeout=10) as r:
+        assert r.headers["Content-Type"].startswith("text/plain")
+        text = r.read().decode()
+    out: dict[str, dict[tuple, float]] = {}
+    for family in text_string_to_metric_families(text):
+        out.setdefault(family.name, {})
+        for s in family.samples:
+            out[family.name][(s.name, *sorted(s.labels.items()))] = s.value
+    return out
+
+
+def value(metrics: dict, sample: str, **labels: str) -> float:
+    family = re.sub(r"_(total|bucket|count|sum)$", "", sample)
+    return metrics.get(family, {}).get((sample, *sorted(labels.items())), 0.0)
+
+
+def check_conventions(url: str, prefix: str) -> None:
+    """Every family: the service prefix, snake case, help text; counters end in _total; the
+    duration histograms in _seconds; no family both a unit-less and a _seconds name."""
+    with urllib.request.urlopen(url, timeout=10) as r:
+        families = list(text_string_to_metric_families(r.read().decode()))
+    assert families
+    for f in families:
+        if f.name.endswith("_created"):
+            continue
+        assert f.name.startswith(prefix) and _NAME.fullmatch(f.name) and f.documentation, f.name
+        if f.type == "counter":
+            assert all(s.name.endswith(("_total", "_created")) for s in f.samples), f.name
+        if "duration" in f.name:
+            assert f.name.endswith("_seconds") and f.type == "histogram", f.name
+
+
+# ---------------------------------------------------------------- retriever
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    root = tmp_path_factory.mktemp("metrics")
+    toy = make_tokenizer(root / "toy", 1000)
+    docs = [np.array([300, 301, 302, 303] * 3, np.int32)]
+    write_datastore(root / "corpus", docs, tokenizer_info(str(toy)), "toy-corpus", ["tests"])
+    return root
+
+
+@pytest.fixture(scope="module")
+def retriever(corpus):
+    s = RetrieverSettings(host="127.0.0.1", port=0, metrics_port=0, output_log="file", data_dir=str(corpus / "data"),
+                          indexes=(str(corpus / "corpus"),), max_batch=2, default_max_nodes=8, max_nodes_cap=8)
+    server, port = create_server(s)
+    assert server.wait_ready(10)
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+        yield server, pb_grpc.RetrieverStub(channel)
+    server.stop(0).wait()
+
+
+def _rejects(call, code: grpc.StatusCode) -> None:
+    with pytest.raises(grpc.RpcError) as e:
+        call()
+    assert e.value.code() == code
+
+
+def test_retriever_metrics_count_the_calls(retriever):
+    server, stub = retriever
+    url = f"http://127.0.0.1:{server.metrics_port}/metrics"
+    before = scrape(url)
+    nodes = len(stub.Draft(pb.DraftRequest(tenant="t", session_id="a", prompt=PROMPT)).tree.token_ids)
+    nodes += len(stub.Draft(pb.DraftRequest(tenant="t", session_id="a", new_tokens=[7, 8, 9])).tree.token_ids)
+    _rejects(lambda: stub.Draft(pb.DraftRequest(tenant="t", session_id="a", new_tokens=[5000])),
+             grpc.StatusCode.INVALID_ARGUMENT)
+    _rejects(lambda: stub.Draft(pb.DraftRequest(tenant="t", session_id="zz", new_tokens=[1])), grpc.StatusCode.NOT_FOUND)
+    stream = list(stub.DraftStream(iter([pb.DraftRequest(tenant="t", session_id="b", prompt=PROMPT),
+                                         pb.DraftRequest(tenant="t", session_id="b", new_tokens=[7, 8])])))
+    batch = stub.DraftBatch(pb.DraftBatchRequest(requests=[pb.DraftRequest(tenant="t", session_id="c", prompt=PROMPT),
+                                                           pb.DraftRequest(tenant="t", session_id="d", new_tokens=[1])]))
+    _rejects(lambda: stub.DraftBatch(pb.DraftBatchRequest(requests=[pb.DraftRequest()] * 3)),
+             grpc.StatusCode.INVALID_ARGUMENT)
+    stub.EndSession(pb.EndSessionRequest(tenant="t", session_id="a"))
+    after = scrape(url)
+
+    def delta(sample: str, **labels: str) -> float:
+        return value(after, sample, **labels) - value(before, sample, **labels)
+
+    assert {(rpc, code): delta("specdraft_retriever_drafts_total", rpc=rpc, code=code) for rpc, code in
+            [("draft", "OK"), ("draft", "INVALID_ARGUMENT"), ("draft", "NOT_FOUND"), ("stream", "OK"),
+             ("batch", "OK"), ("batch", "NOT_FOUND")]} == {
+        ("draft", "OK"): 2, ("draft", "INVALID_ARGUMENT"): 1, ("draft", "NOT_FOUND"): 1, ("stream", "OK"): 2,
+        ("batch", "OK"): 1, ("batch", "NOT_FOUND"): 1}
+    assert delta("specdraft_retriever_draft_nodes_total", rpc="draft") == nodes > 0
+    assert delta("specdraft_retriever_draft_nodes_total", rpc="stream") == sum(len(r.tree.token_ids) for r in stream)
+    assert delta("specdraft_retriever_draft_nodes_total", rpc="batch") == len(batch.responses[0].tree.token_ids)
+    assert delta("specdraft_retriever_new_tokens_total", rpc="draft") == 3
+    assert delta("specdraft_retriever_new_tokens_total", rpc="stream") == 2
+    assert delta("specdraft_retriever_session_starts_total", rpc="stream") == 1
+    assert delta("specdraft_retriever_draft_duration_seconds_count", rpc="draft") == 2
+    assert delta("specdraft_retriever_draft_duration_seconds_bucket", rpc="draft", le="+Inf") == 2
+    assert 0 < delta("specdraft_retriever_draft_duration_seconds_sum", rpc="draft") < 1
+    rejections = {k: v - before.get("specdraft_retriever_rejections", {}).get(k, 0)
+                  for k, v in after["specdraft_retriever_rejections"].items()}
+    assert {tuple(dict(k[1:]).values()): v for k, v in rejections.items() if v} == {
+        ("INVALID_ARGUMENT", "new_tokens", "draft"): 1, ("NOT_FOUND", "not_found", "draft"): 1,
+        ("NOT_FOUND", "not_found", "batch"): 1, ("INVALID_ARGUMENT", "requests", "batch"): 1}
+    assert delta("specdraft_retriever_sessions_ended_total", reason="end_session") == 1
+    assert value(after, "specdraft_retriever_sessions") == 2  # b and c; a ended, d never started
+    assert value(after, "specdraft_retriever_tenants") == 1
+    assert value(after, "specdraft_retriever_ready") == 1
+    assert value(after, "specdraft_retriever_index_tokens", index="toy-corpus") == 12
+    assert value(after, "specdraft_retriever_output_log_warm", backend="file") == 1
+    assert value(after, "specdraft_retriever_output_log_read_errors_total", backend="file") == 0
+    assert 0 <= value(after, "specdraft_retriever_output_log_since_read_seconds", backend="file") < 10
+    check_conventions(url, "specdraft_retriever_")
+
+
+def test_retriever_metrics_endpoint_answers_only_get_metrics(retriever):
+    server, _ = retriever
+    base = f"http://127.0.0.1:{server.metrics_port}"
+    for path, method, status in [("/", "GET", 404), ("/metrics", "POST", 405)]:
+        with pytest.raises(urllib.error.HTTPError) as e:
+            urllib.request.urlopen(urllib.request.Request(base + path, method=method, data=b"" if method == "POST"
+                                                          else None), timeout=10)
+        assert e.value.code == status
+
+
+def test_retriever_metrics_port_setting():
+    assert RetrieverSettings().metrics_port == -1
+    assert RetrieverSettings.from_env({"SPECDRAFT_METRICS_PORT": "9464"}).metrics_port == 9464
+    with pytest.raises(ValueError, match=r"SPECDRAFT_METRICS_PORT must be an integer in \[-1, 65535\]"):
+        RetrieverSettings(metrics_port=-2)
+    server, _ = create_server(RetrieverSettings(host="127.0.0.1", port=0, output_log="off"))
+    try:
+        assert server.metrics_port is None
+    finally:
+        server.stop(0).wait()
+
+
+def test_retriever_cli_logs_json_lines_and_serves_metrics(corpus):
+    proc = start_cli("--port", "0", "--metrics-port", "0", "--output-log", "off", "--log-format", "json",
+                     SPECDRAFT_HOST="127.0.0.1", SPECDRAFT_INDEX_DIRS=str(corpus / "corpus"))
+    try:
+        target = proc.stdout.readline().split()[-1]
+        lines = [json.loads(proc.stderr.readline()) for _ in range(2)]  # listening, metrics
+        url = next(re.search(r"http://\S+/metrics", x["msg"]).group(0) for x in lines if "metrics" in x["msg"])
+        assert all({"ts", "level", "logger", "msg"} <= set(x) for x in lines)
+        with grpc.insecure_channel(target) as channel:
+            deadline = time.monotonic() + 30
+            while True:
+                try:
+                    pb_grpc.RetrieverStub(channel).Draft(pb.DraftRequest(tenant="t", session_id="s", prompt=PROMPT),
+                                                         timeout=5)
+                    break
+                except grpc.RpcError as e:
+                    assert e.code() == grpc.StatusCode.UNAVAILABLE and time.monotonic() < deadline
+                    time.sleep(0.05)
+        assert value(scrape(url), "specdraft_retriever_drafts_total", rpc="draft", code="OK") == 1
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 0
+        rest = proc.stderr.read().splitlines()
+        assert rest and all(json.loads(line)["logger"] for line in rest)
+    finally:
+        proc.kill()
+        proc.wait()
+        proc.stdout.close()
+        proc.stderr.close()
+
+
+# ---------------------------------------------------------------- JSON logs
+
+
+def test_json_formatter_lines_parse_with_extra_fields_and_tracebacks():
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(JsonFormatter())
+    logger = logging.getLogger("tests.json")
+    logger.addHandler(handler)
+    logger.propagate = False
+    try:
+        logger.warning("drafted %d nodes", 3, extra={"rpc": "draft", "nodes": 3})
+        try:
+            raise ValueError("boom")
+        except ValueError:
+            logger.exception("failed")
+    finally:
+        logger.removeHandler(handler)
+        logger.propagate = True
+    first, second = (json.loads(line) for line in stream.getvalue().splitlines())
+    assert first["msg"] == "drafted 3 nodes" and first["level"] == "WARNING" and first["logger"] == "tests.json"
+    assert (first["rpc"], first["nodes"]) == ("draft", 3) and first["ts"].endswith("+00:00")
+    assert second["msg"] == "failed" and "ValueError: boom" in second["exc"]
+
+
+def test_log_format_from_flag_and_environment():
+    assert log_format(None, {}) == "text"
+    assert log_format(None, {"SPECDRAFT_LOG_FORMAT": "JSON"}) == "json"
+    assert log_format("text", {"SPECDRAFT_LOG_FORMAT": "json"}) == "text"
+    with pytest.raises(ValueError, match="SPECDRAFT_LOG_FORMAT .* must be text or json, got 'xml'"):
+        log_format(None, {"SPECDRAFT_LOG_FORMAT": "xml"})
+
+
+# ---------------------------------------------------------------- verifier
+
+
+@pytest.fixture(scope="module")
+def engine(request):
+    from verifier.engine import CostModel, Engine
+
+    try:
+        model = request.getfixturevalue("smollm2")
+    except pytest.FixtureLookupError:
+        from verifier.server import load
+        from verifier.settings import VerifierSettings
+
+        model = load(VerifierSettings())
+    return Engine(model, CostModel.flat())
+
+
+@pytest.fixture(scope="module")
+def json_log():
+    """Root-logger records at INFO as JSON lines, for the module's verifier tests."""
+    stream, root = io.StringIO(), logging.getLogger()
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(JsonFormatter())
+    level = root.level
+    root.addHandler(handler)
+    root.setLevel(logging.INFO)
+    yield stream
+    root.removeHandler(handler)
+    root.setLevel(level)
+
+
+@pytest.fixture(scope="module")
+def verifier(engine, json_log):
+    """A verifier drafting through a retriever without indexes (any vocabulary)."""
+    from verifier.server import create_server as create_verifier
+    from verifier.settings import VerifierSettings
+
+    retriever, retriever_port = create_server(RetrieverSettings(host="127.0.0.1", port=0, output_log="off"))
+    server, port = create_verifier(VerifierSettings(host="127.0.0.1", port=0, http_port=0, metrics_port=0,
+                                                  retriever=f"127.0.0.1:{retriever_port}"), engine=engine)
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+        yield server, channel
+    server.stop(0).wait()
+    retriever.stop(0).wait()
+
+
+def _generate(channel, text: str, max_new_tokens: int = 24, **sampling):
+    from protos.specdraft.v1 import verifier_pb2 as vpb
+    from protos.specdraft.v1 import verifier_pb2_grpc as vpb_grpc
+
+    req = vpb.GenerateRequest(text=text, tenant="tests",
+                              sampling=vpb.SamplingParams(max_new_tokens=max_new_tokens, **sampling))
+    return list(vpb_grpc.VerifierStub(channel).Generate(req, timeout=120))
+
+
+def test_verifier_metrics_count_steps_tokens_and_sources(verifier, json_log):
+    server, channel = verifier
+    url = f"http://127.0.0.1:{server.http_port}/metrics"
+    before = scrape(url)
+    prompt = f"# {SECRET}\ndef inc(x):\n    return x + 1\n\n\ndef inc(x):\n    return x + 1\n\n\ndef inc(x):\n"
+    last = _generate(channel, prompt)[-1]
+    after = scrape(url)
+    s = last.stats
+
+    def delta(sample: str, **labels: str) -> float:
+        return value(after, sample, **labels) - value(before, sample, **labels)
+
+    reason = {1: "eos", 2: "length", 3: "stop"}[last.finish_reason]
+    assert delta("specdraft_verifier_generations_total", api="grpc", finish_reason=reason) == 1
+    assert delta("specdraft_verifier_new_tokens_total", api="grpc") == s.new_tokens
+    assert delta("specdraft_verifier_prompt_tokens_total", api="grpc") == s.prompt_tokens
+    assert delta("specdraft_verifier_steps_total") == s.steps
+    assert delta("specdraft_verifier_draft_nodes_total") == s.draft_nodes
+    by_source = {x.source: x.tokens for x in s.accepted_by_source}
+    assert {n: delta("specdraft_verifier_accepted_draft_tokens_total", source=source_name(n))
+            for n in by_source} == by_source and source_name(1) == "context"
+    assert s.accepted_draft_tokens > 0
+    assert delta("specdraft_verifier_accepted_draft_tokens_per_step_count") == s.steps
+    assert delta("specdraft_verifier_accepted_draft_tokens_per_step_sum") == s.accepted_draft_tokens
+    assert delta("specdraft_verifier_draft_duration_seconds_sum") == pytest.approx(s.draft_s, rel=1e-3, abs=1e-6)
+    assert delta("specdraft_verifier_verify_duration_seconds_sum") == pytest.approx(s.verify_s, rel=1e-3, abs=1e-6)
+    assert delta("specdraft_verifier_generation_tokens_per_second_count") == 1
+    assert delta("specdraft_verifier_generation_tokens_per_second_sum") == pytest.approx(s.tokens_per_s, rel=1e-3)
+    assert scrape(f"http://127.0.0.1:{server.ports.metrics}/metrics").keys() == after.keys()
+    check_conventions(url, "specdraft_verifier_")
+    lines = [json.loads(line) for line in json_log.getvalue().splitlines()]
+    assert any(x["logger"] == "verifier.server" for x in lines)
+    assert SECRET not in json_log.getvalue()
+
+
+def test_verifier_counts_http_generations_and_rejections(verifier, json_log):
+    server, channel = verifier
+    base = f"http://127.0.0.1:{server.http_port}"
+    before = scrape(base + "/metrics")
+    body = json.dumps({"prompt": f"{SECRET} says", "max_tokens": 3, "temperature": 0}).encode()
+    with urllib.request.urlopen(urllib.request.Request(base + "/v1/completions", data=body, headers={
+            "Content-Type": "application/json"}), timeout=120) as r:
+        usage = json.loads(r.read())["usage"]
+    bad = json.dumps({"prompt": "x", "temperature": -1}).encode()
+    with pytest.raises(urllib.error.HTTPError) as e:
+        urllib.request.urlopen(urllib.request.Request(base + "/v1/completions", data=bad, headers={
+            "Content-Type": "application/json"}), timeout=60)
+    assert e.value.code == 400
+    with pytest.raises(grpc.RpcError):
+        _generate(channel, "x", temperature=-1)
+    after = scrape(base + "/metrics")
+
+    def delta(sample: str, **labels: str) -> float:
+        return value(after, sample, **labels) - value(before, sample, **labels)
+
+    assert delta("specdraft_verifier_generations_total", api="http", finish_reason="length") == 1
+    assert delta("specdraft_verifier_new_tokens_total", api="http") == usage["completion_tokens"] == 3
+    assert delta("specdraft_verifier_rejections_total", api="http", code="400", reason="temperature") == 1
+    assert delta("specdraft_verifier_rejections_total", api="grpc", code="INVALID_ARGUMENT",
+                 reason="sampling.temperature") == 1
+    assert any(json.loads(line)["logger"] == "verifier.http_api" for line in json_log.getvalue().splitlines())
+    assert SECRET not in json_log.getvalue()
+
+
+def test_verifier_counts_steps_without_a_draft_when_the_retriever_is_down(engine):
+    import socket
+
+    from verifier.server import create_server as create_verifier
+    from verifier.settings import VerifierSettings
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        dead = f"127.0.0.1:{s.getsockname()[1]}"
+    server, port = create_verifier(VerifierSettings(host="127.0.0.1", port=0, http_port=0, retriever=dead,
+                                                  draft_deadline_s=0.02), engine=engine)
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            last = _generate(channel, "def f(x):", max_new_tokens=6)[-1]
+        after = scrape(f"http://127.0.0.1:{server.http_port}/metrics")
+        fallbacks = sum(v for k, v in after.get("specdraft_verifier_draft_fallbacks", {}).items()
+                        if k[0].endswith("_total"))
+        assert 1 <= fallbacks <= last.stats.steps and last.stats.draft_nodes == 0
+    finally:
+        server.stop(0).wait()
