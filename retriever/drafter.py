@@ -1,8 +1,15 @@
 """Drafting sessions over the C++ core: the pure heart of the retriever (no grpc, no redis).
 
 A session holds its context (prompt + accepted output) in an `OnlineIndex`; each draft
-queries that index, the tenant's index of prior outputs and every corpus datastore with
-the context tail, and `_core.draft` merges their tries into one `DraftTree`.
+queries that index, the tenant's index of prior outputs, the session's reference set (the
+tenant's prior outputs most similar to it, `reference_set.py`) and every corpus datastore
+with the context tail, and the core merges their tries into one `DraftTree`.
+
+Scoring (`DrafterConfig.calibrate`): each call's `new_tokens` tell which nodes of the
+session's previous draft were accepted (`_core.tested_outcomes`); the tenant's
+`Calibration` learns from them P(node | parent accepted) per source and cell, and the
+calibrated builder ranks nodes by their estimated path acceptance probability, so the
+node budget goes where the expected accepted tokens are highest (depth or breadth).
 
 Lifecycle: `draft(prompt=...)` (re)starts a session; `draft(new_tokens=...)` extends it;
 `end_session` (or idle expiry, or LRU eviction past `max_sessions`) hands the session's
@@ -20,126 +27,43 @@ from __future__ import annotations
 
 import time
 from collections import OrderedDict
-from dataclasses import dataclass, field
-from enum import IntEnum
 from typing import TYPE_CHECKING, Callable, Sequence
 
 import numpy as np
 
 from retriever import _core
+from retriever.calibration import Calibration, prior_row
+from retriever.draft_types import (ALL_SOURCES, DEFAULT_SOURCES, DraftingParams, DrafterConfig, DrafterStats, DraftResult,
+                                   DraftTree, ReferenceParams, Source, SourceWeights)
 from retriever.errors import NotFound, ResourceExhausted
+from retriever.reference_set import PriorOutputs
 
 if TYPE_CHECKING:
     from retriever.datastore import CorpusDatastore
 
+__all__ = ["ALL_SOURCES", "DEFAULT_SOURCES", "DraftingParams", "DrafterConfig", "DrafterStats", "DraftResult", "DraftTree", "Drafter",
+           "ReferenceParams", "Source", "SourceWeights"]
+
 _TAIL_TOKENS = 64  # context tokens passed to the core: the longest match it considers
-
-
-class Source(IntEnum):
-    """Where a draft node came from; the same numbers as `specdraft.v1.Source`."""
-
-    CONTEXT = 1
-    TENANT = 2
-    CORPUS = 3
-
-
-@dataclass(frozen=True)
-class SourceWeights:
-    """How one kind of source is queried and trusted.
-
-    A source's confidence for a match of length m is `reliability * m / (m + half_match)`;
-    a node's score is the sum over sources of confidence * (share of the source's
-    occurrences that continue through the node), capped at 1.
-    """
-
-    reliability: float
-    half_match: float
-    max_occurrences: int = 32
-    max_depth: int = 64
-    max_match: int = 64
-    match_exponent: float = 1.0
-    max_candidates: int = 512  # nodes of the source's trie, longest matches first
-
-    def config(self, source: Source) -> _core.SourceConfig:
-        params = _core.QueryParams()
-        params.max_match = self.max_match
-        params.max_depth = self.max_depth
-        params.max_occurrences = self.max_occurrences
-        params.match_exponent = self.match_exponent
-        params.max_nodes = self.max_candidates
-        cfg = _core.SourceConfig()
-        cfg.params = params
-        cfg.reliability = self.reliability
-        cfg.half_match = self.half_match
-        cfg.source_id = int(source)
-        return cfg
-
-
-@dataclass(frozen=True)
-class DraftingParams:
-    """The scoring model of all sources (tuned on the dev traces, see README)."""
-
-    context: SourceWeights = SourceWeights(reliability=1.0, half_match=2.0)
-    tenant: SourceWeights = SourceWeights(reliability=1.0, half_match=0.5)
-    corpus: SourceWeights = SourceWeights(reliability=0.5, half_match=8.0, max_occurrences=16, max_candidates=256)
-    min_score: float = 1e-3
-
-
-@dataclass(frozen=True)
-class DrafterConfig:
-    """Capacity limits of one drafter (one per process)."""
-
-    max_sessions: int = 100_000
-    session_idle_s: float = 900.0
-    tenant_token_budget: int = 1_000_000
-    max_context_tokens: int = 131_072
-    params: DraftingParams = field(default_factory=DraftingParams)
-
-
-@dataclass(frozen=True)
-class DraftTree:
-    """A draft: node i proposes token_ids[i] after parents[i] (-1: after the context).
-
-    Nodes are best-first: parents[i] < i and scores never increase.
-    """
-
-    token_ids: np.ndarray  # [num_nodes] int32
-    parents: np.ndarray  # [num_nodes] int32
-    scores: np.ndarray  # [num_nodes] float32, estimated P(path to node accepted)
-    sources: np.ndarray  # [num_nodes] uint8, Source of the largest score share
-
-    @staticmethod
-    def empty() -> "DraftTree":
-        return DraftTree(np.empty(0, np.int32), np.empty(0, np.int32), np.empty(0, np.float32), np.empty(0, np.uint8))
-
-    def __len__(self) -> int:
-        return int(self.token_ids.shape[0])
-
-
-@dataclass(frozen=True)
-class DraftResult:
-    tree: DraftTree
-    context_tokens: int  # session context length after the call
-
-
-@dataclass(frozen=True)
-class DrafterStats:
-    sessions: int
-    tenants: int
-    tenant_tokens: int
-    memory_bytes: int  # online indexes (sessions + tenants)
+# Calibration rows: one per source slot; corpus i is row _CORPUS_ROW + i.
+_ROW = {Source.CONTEXT: 0, Source.TENANT: 1, Source.REFERENCE: 2}
+_CORPUS_ROW = 3
 
 
 class _Session:
-    """One generation: its context index, context tail and output since the prompt."""
+    """One generation: its context index, context tail, output, reference set and last draft."""
 
     def __init__(self, prompt: np.ndarray, max_context_tokens: int, now_s: float) -> None:
         self.index = _core.OnlineIndex(max_context_tokens)
         self.index.append(prompt)
         self.tail = prompt[-_TAIL_TOKENS:].copy()  # [<= 64] int32
+        self.prompt = prompt
         self.output: list[np.ndarray] = []
         self.length = int(prompt.shape[0])
         self.last_used_s = now_s
+        self.reference: _core.OnlineIndex | None = None
+        self.reference_at = -1  # context length when the reference set was selected (-1: never)
+        self.last: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None  # tokens, parents, flat cells
 
     def extend(self, tokens: np.ndarray) -> None:
         self.index.append(tokens)
@@ -147,8 +71,34 @@ class _Session:
         self.tail = np.concatenate([self.tail, tokens])[-_TAIL_TOKENS:]
         self.length += int(tokens.shape[0])
 
+    def recent(self, n: int) -> np.ndarray:  # [<= n] int32: the last n context tokens
+        parts, have = [], 0
+        for part in reversed([self.prompt, *self.output]):
+            parts.append(part[-(n - have):])
+            have += parts[-1].shape[0]
+            if have >= n:
+                break
+        return np.concatenate(parts[::-1])
+
     def output_tokens(self) -> np.ndarray:  # [output_len] int32
         return np.concatenate(self.output) if self.output else np.empty(0, np.int32)
+
+
+class _Tenant:
+    """A tenant's prior outputs (index + embeddings for reference sets) and its calibration."""
+
+    def __init__(self, config: DrafterConfig, prior: np.ndarray) -> None:
+        self.index: _core.OnlineIndex | None = None
+        self.prior_outputs = PriorOutputs(config.reference)
+        self.calibration = Calibration(prior, config.calibration)
+        self._budget = config.tenant_token_budget
+
+    def add(self, tokens: np.ndarray) -> None:
+        if self.index is None:
+            self.index = _core.OnlineIndex(self._budget)
+        self.index.append(tokens)
+        self.index.end_document()
+        self.prior_outputs.add(tokens)
 
 
 class Drafter:
@@ -160,16 +110,24 @@ class Drafter:
         self._config = config
         self._on_output = on_output
         self._sessions: OrderedDict[tuple[str, str], _Session] = OrderedDict()
-        self._tenants: dict[str, _core.OnlineIndex] = {}
+        self._tenants: dict[str, _Tenant] = {}
         p = config.params
-        self._context_cfg = p.context.config(Source.CONTEXT)
-        self._tenant_cfg = p.tenant.config(Source.TENANT)
+        self._cfg = {Source.CONTEXT: p.context.config(Source.CONTEXT), Source.TENANT: p.tenant.config(Source.TENANT),
+                     Source.REFERENCE: p.reference.config(Source.REFERENCE)}
         self._corpus_cfg = p.corpus.config(Source.CORPUS)
         self.set_corpora(corpora)
 
     def set_corpora(self, corpora: Sequence["CorpusDatastore"]) -> None:
-        self._corpora = [ds.index for ds in corpora]
+        """Replaces the corpora; the tenants' calibrations restart from the prior."""
+        self._corpora = [ds.index for ds in corpora] if Source.CORPUS in self._config.sources else []
         self._corpus_cfgs = [self._corpus_cfg] * len(self._corpora)
+        p = self._config.params
+        rows = [prior_row(w.reliability, w.half_match) for w in (p.context, p.tenant, p.reference)]
+        rows += [prior_row(p.corpus.reliability, p.corpus.half_match)] * len(self._corpora)
+        self._prior = np.stack(rows)  # [3 + corpora, CALIB_CELLS] float32
+        self._row_cache: dict[tuple[Source, ...], np.ndarray] = {}
+        for t in self._tenants.values():
+            t.calibration = Calibration(self._prior, self._config.calibration)
 
     def draft(self, tenant: str, session_id: str, prompt: np.ndarray | None, new_tokens: np.ndarray,
               max_nodes: int) -> DraftResult:
@@ -183,21 +141,50 @@ class Drafter:
         session = self._start(key, prompt, new_tokens, now_s) if prompt is not None else self._sessions.get(key)
         if session is None:
             raise NotFound(f"session must be started with a prompt first, got new_tokens for unknown session {session_id!r}")
+        state = self._tenant(tenant)
         if prompt is None:
             self._check_length(session.length + int(new_tokens.shape[0]))
             self._sessions.move_to_end(key)
+            if session.last is not None and new_tokens.shape[0]:
+                state.calibration.observe(*session.last, new_tokens)
         if new_tokens.shape[0]:
             session.extend(new_tokens)
         session.last_used_s = now_s
-        online = [session.index]
-        configs = [self._context_cfg]
-        tenant_index = self._tenants.get(tenant)
-        if tenant_index is not None:
-            online.append(tenant_index)
-            configs.append(self._tenant_cfg)
-        arrays = _core.draft(session.tail, online, configs, self._corpora, self._corpus_cfgs,
-                             max_nodes, self._config.params.min_score)
-        return DraftResult(DraftTree(*arrays), session.length)
+        return DraftResult(self._draft(session, state, max_nodes), session.length)
+
+    def _draft(self, session: _Session, state: _Tenant, max_nodes: int) -> DraftTree:
+        self._refresh_reference(session, state)
+        enabled = self._config.sources
+        candidates = ((Source.CONTEXT, session.index), (Source.TENANT, state.index),
+                      (Source.REFERENCE, session.reference))
+        used = [(src, ix) for src, ix in candidates if ix is not None and src in enabled]
+        online, configs = [ix for _, ix in used], [self._cfg[src] for src, _ in used]
+        min_score = self._config.params.min_score
+        if not self._config.calibrate:
+            arrays = _core.draft(session.tail, online, configs, self._corpora, self._corpus_cfgs, max_nodes, min_score)
+            return DraftTree(*arrays)
+        rows = self._rows(tuple(src for src, _ in used))  # [inputs] int32: calibration row of each
+        *arrays, cells = _core.draft_calibrated(session.tail, online, configs, self._corpora, self._corpus_cfgs,
+                                                state.calibration.table(), rows, max_nodes, min_score)
+        session.last = (arrays[0], arrays[1], cells)  # tokens, parents, flat cells: int32 [n] each
+        return DraftTree(*arrays)
+
+    def _rows(self, online: tuple[Source, ...]) -> np.ndarray:
+        rows = self._row_cache.get(online)
+        if rows is None:
+            corpus_rows = range(_CORPUS_ROW, _CORPUS_ROW + len(self._corpora))
+            rows = self._row_cache[online] = np.array([_ROW[s] for s in online] + list(corpus_rows), np.int32)
+        return rows
+
+    def _refresh_reference(self, session: _Session, state: _Tenant) -> None:
+        """(Re)selects the session's reference set at its start and every refresh_tokens."""
+        params = self._config.reference
+        if Source.REFERENCE not in self._config.sources or not len(state.prior_outputs):
+            return
+        if session.reference_at >= 0 and session.length - session.reference_at < params.refresh_tokens:
+            return
+        session.reference = state.prior_outputs.select(session.recent(params.window))
+        session.reference_at = session.length
 
     def end_session(self, tenant: str, session_id: str) -> int:
         """Hand the session's output to its tenant's index; returns its token count."""
@@ -209,11 +196,7 @@ class Drafter:
     def add_prior_output(self, tenant: str, tokens: np.ndarray) -> None:
         """Add one finished output (int32 [k]) to the tenant's index, e.g. from the shared log."""
         if tokens.shape[0]:
-            index = self._tenants.get(tenant)
-            if index is None:
-                index = self._tenants[tenant] = _core.OnlineIndex(self._config.tenant_token_budget)
-            index.append(tokens)
-            index.end_document()
+            self._tenant(tenant).add(tokens)
 
     def expire_idle(self, now_s: float | None = None) -> int:
         """End every session idle longer than `session_idle_s`; returns how many."""
@@ -225,9 +208,15 @@ class Drafter:
 
     def stats(self) -> DrafterStats:
         sessions = sum(s.index.memory_bytes for s in self._sessions.values())
-        tenants = sum(ix.memory_bytes for ix in self._tenants.values())
-        return DrafterStats(len(self._sessions), len(self._tenants),
-                            sum(ix.num_tokens for ix in self._tenants.values()), sessions + tenants)
+        indexes = [t.index for t in self._tenants.values() if t.index is not None]
+        return DrafterStats(len(self._sessions), len(indexes), sum(ix.num_tokens for ix in indexes),
+                            sessions + sum(ix.memory_bytes for ix in indexes))
+
+    def _tenant(self, tenant: str) -> _Tenant:
+        state = self._tenants.get(tenant)
+        if state is None:
+            state = self._tenants[tenant] = _Tenant(self._config, self._prior)
+        return state
 
     def _start(self, key: tuple[str, str], prompt: np.ndarray, new_tokens: np.ndarray, now_s: float) -> _Session:
         self._check_length(int(prompt.shape[0]) + int(new_tokens.shape[0]))

@@ -26,16 +26,19 @@ class Trie:
     root_mass: float = 0.0
     match_length: int = 0
     occurrences: int = 0
+    count: list[int] = field(default_factory=list)  # occurrences through each node
 
     def add_child(self, parent: int, token: int, m: float, max_nodes: int = 1 << 31) -> int:
         for i, (t, p) in enumerate(zip(self.tokens, self.parents)):
             if p == parent and t == token:
                 self.mass[i] += m
+                self.count[i] += 1
                 return i
         if len(self.tokens) >= max_nodes:
             return -1
         self.tokens.append(token)
         self.parents.append(parent)
+        self.count.append(1)
         self.mass.append(m)  # += keeps the type of m: float32 in build_tree
         return len(self.tokens) - 1
 
@@ -186,3 +189,92 @@ def build_tree(sources: list[tuple[Trie, float, float, int]], max_nodes: int, mi
         out_s.append(score[v])
         out_src.append(best[v][1])
     return out_t, out_p, out_s, out_src
+
+
+# ---------------------------------------------------------------- calibrated scoring
+
+E_LOW = (1, 2, 3, 4, 5, 7, 9, 13, 17, 25, 33, 49)
+MAX_SOURCE_PROB = f32(0.999)
+
+
+def calib_cell(e: int, share, support: int) -> int:
+    """The calibration cell of core.h: (e bucket, share bin, support bin)."""
+    eb = max(i for i, lo in enumerate(E_LOW) if e >= lo) if e >= 1 else 0
+    sb = 4 if share >= f32(0.999) else min(3, max(0, int(f32(share) * f32(4.0))))
+    nb = 0 if support <= 1 else 1 if support == 2 else 2 if support <= 4 else 3 if support <= 8 else 4
+    return (eb * 5 + sb) * 5 + nb
+
+
+def build_tree_calibrated(sources: list[tuple[Trie, int, int]], calib, max_nodes: int, min_score: float):
+    """Calibrated build_tree: sources are (trie, calib row, source id); calib float32 [R, C].
+    Returns (tokens, parents, scores, sources, flat cells)."""
+    merged = Trie()
+    rest: list[float] = []  # merged: prod over sources of (1 - P_s)
+    best: list[tuple[float, int, int]] = []  # (largest P_s, source id, flat cell)
+    for trie, row, source_id in sources:
+        if not trie.tokens or trie.root_mass <= 0 or trie.match_length <= 0:
+            continue
+        prob, depth, cells = [], [], []
+        for i, (p, mass) in enumerate(zip(trie.parents, trie.mass)):
+            parent_mass = f32(trie.root_mass) if p < 0 else f32(trie.mass[p])
+            depth.append(1 if p < 0 else depth[p] + 1)
+            share = f32(f32(mass) / parent_mass) if parent_mass > 0 else f32(0)
+            cells.append(calib_cell(trie.match_length + depth[i] - 1, share, trie.occurrences if p < 0 else trie.count[p]))
+            prob.append(f32((f32(1) if p < 0 else prob[p]) * f32(calib[row][cells[i]])))
+        kept = set(sorted(range(len(prob)), key=lambda i: (-prob[i], i))[:2 * max(max_nodes, 0)])
+        local: list[int] = []
+        for i, (t, p) in enumerate(zip(trie.tokens, trie.parents)):
+            if i not in kept or (p >= 0 and local[p] < 0):
+                local.append(-1)
+                continue
+            c = min(prob[i], MAX_SOURCE_PROB)
+            v = merged.add_child(-1 if p < 0 else local[p], t, f32(0))
+            local.append(v)
+            flat = row * len(calib[row]) + cells[i]
+            if v == len(best):
+                rest.append(f32(f32(1) - c))
+                best.append((c, source_id, flat))
+            else:
+                rest[v] = f32(rest[v] * f32(f32(1) - c))
+                if c > best[v][0]:
+                    best[v] = (c, source_id, flat)
+    score = [f32(f32(1) - r) for r in rest]
+    for v, p in enumerate(merged.parents):
+        score[v] = min(score[v], f32(1.0) if p < 0 else score[p])
+    order = sorted(range(len(score)), key=lambda v: (-score[v], v))[:max_nodes]
+    out: tuple[list, ...] = ([], [], [], [], [])
+    position = {}
+    for v in order:
+        if score[v] < min_score:
+            break
+        position[v] = len(out[0])
+        parent = -1 if merged.parents[v] < 0 else position[merged.parents[v]]
+        for column, x in zip(out, (merged.tokens[v], parent, score[v], best[v][1], best[v][2])):
+            column.append(x)
+    return out
+
+
+def tested_outcomes(tokens: list[int], parents: list[int], new_tokens: list[int]) -> list[int]:
+    """1 accepted, 0 rejected, -1 untested: node i is tested iff its parent is the root or an
+    accepted node, at a depth within new_tokens; accepted iff its token is new_tokens[depth - 1]."""
+    out, depth = [], []
+    for t, p in zip(tokens, parents):
+        d = 1 if p < 0 else (depth[p] + 1 if out[p] == 1 else 0)
+        if d == 0 or d > len(new_tokens):
+            out.append(-1)
+            depth.append(0)
+        else:
+            out.append(1 if t == new_tokens[d - 1] else 0)
+            depth.append(d)
+    return out
+
+
+def calib_observe(tokens, parents, cells, new_tokens, hits, trials, table, prior, strength, decay) -> None:
+    """In place: each tested node's cell: hits, trials decayed then counted; table = posterior mean."""
+    for i, o in enumerate(tested_outcomes(tokens, parents, new_tokens)):
+        c = cells[i]
+        if o < 0 or c < 0:
+            continue
+        hits[c] = hits[c] * decay + o
+        trials[c] = trials[c] * decay + 1.0
+        table[c] = f32(min(max((hits[c] + strength * float(prior[c])) / (trials[c] + strength), 1e-4), float(f32(0.999))))

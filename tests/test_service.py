@@ -133,7 +133,8 @@ def test_draft_continues_the_context_and_the_corpus(stub):
     assert step.context_tokens == len(PROMPT) + 2 and best_path(step.tree)[:2] == [9, 5]
     assert len(step.tree.token_ids) <= 8  # max_nodes 0: the default
     corpus = stub.Draft(req(session_id="corpus", prompt=[1, 2, 300, 301, 302]), timeout=5)
-    assert best_path(corpus.tree)[:4] == [303, 304, 305, 306]
+    # a fresh tenant scores by the calibration prior: corpus chains fade after a few nodes
+    assert best_path(corpus.tree)[:3] == [303, 304, 305]
     assert corpus.tree.sources[0] == pb.SOURCE_CORPUS
 
 

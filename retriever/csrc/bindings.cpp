@@ -16,6 +16,7 @@ using namespace specdraft;
 namespace {
 
 using TokensIn = nb::ndarray<const int32_t, nb::ndim<1>, nb::c_contig, nb::device::cpu>;
+using CalibIn = nb::ndarray<const float, nb::ndim<2>, nb::c_contig, nb::device::cpu>;  // [sources, kCalibCells]
 template <typename T>
 using ArrayOut = nb::ndarray<nb::numpy, T, nb::ndim<1>>;
 
@@ -35,11 +36,38 @@ struct SourceConfig {
 };
 
 using TreeArrays = std::tuple<ArrayOut<int32_t>, ArrayOut<int32_t>, ArrayOut<float>, ArrayOut<uint8_t>>;
+using CalibratedArrays =
+    std::tuple<ArrayOut<int32_t>, ArrayOut<int32_t>, ArrayOut<float>, ArrayOut<uint8_t>, ArrayOut<int32_t>>;
 
 TreeArrays tree_to_numpy(DraftTree&& t) {
   std::vector<uint8_t> sources(t.sources.begin(), t.sources.end());
   return {to_numpy(std::move(t.tokens)), to_numpy(std::move(t.parents)), to_numpy(std::move(t.scores)),
           to_numpy(std::move(sources))};
+}
+
+CalibratedArrays calibrated_to_numpy(DraftTree&& t) {
+  auto cells = to_numpy(std::move(t.cells));
+  auto [tokens, parents, scores, sources] = tree_to_numpy(std::move(t));
+  return {tokens, parents, scores, sources, cells};
+}
+
+void check_rows(const CalibIn& calib, const TokensIn& rows, size_t num_sources) {
+  if (calib.shape(1) != static_cast<size_t>(kCalibCells))
+    throw std::invalid_argument("calib must have " + std::to_string(kCalibCells) + " columns, got " +
+                                std::to_string(calib.shape(1)));
+  if (rows.shape(0) != num_sources)
+    throw std::invalid_argument("rows must have one entry per source (" + std::to_string(num_sources) + "), got " +
+                                std::to_string(rows.shape(0)));
+  for (size_t i = 0; i < num_sources; ++i)
+    if (rows.data()[i] < 0 || static_cast<size_t>(rows.data()[i]) >= calib.shape(0))
+      throw std::invalid_argument("rows must index calib's rows, got " + std::to_string(rows.data()[i]));
+}
+
+void set_calib(std::vector<SourceInput>& inputs, const CalibIn& calib, const TokensIn& rows) {
+  for (size_t i = 0; i < inputs.size(); ++i) {
+    inputs[i].calib_row = rows.data()[i];
+    inputs[i].calib = calib.data() + static_cast<size_t>(rows.data()[i]) * kCalibCells;
+  }
 }
 
 // The calling thread's candidate tries, reused across draft calls.
@@ -48,11 +76,13 @@ __attribute__((noinline)) std::vector<Candidates>& thread_candidates() {
   return found;
 }
 
-TreeArrays draft(TokensIn context, const std::vector<const OnlineIndex*>& online,
-                 const std::vector<SourceConfig>& online_cfg, const std::vector<const CorpusIndex*>& corpora,
-                 const std::vector<SourceConfig>& corpus_cfg, int max_nodes, float min_score) {
+DraftTree draft_tree(TokensIn context, const std::vector<const OnlineIndex*>& online,
+                     const std::vector<SourceConfig>& online_cfg, const std::vector<const CorpusIndex*>& corpora,
+                     const std::vector<SourceConfig>& corpus_cfg, int max_nodes, float min_score,
+                     const CalibIn* calib, const TokensIn* rows) {
   if (online.size() != online_cfg.size() || corpora.size() != corpus_cfg.size())
     throw std::invalid_argument("each index needs exactly one SourceConfig");
+  if (calib) check_rows(*calib, *rows, online.size() + corpora.size());
   DraftTree tree;
   {
     nb::gil_scoped_release release;
@@ -72,9 +102,26 @@ TreeArrays draft(TokensIn context, const std::vector<const OnlineIndex*>& online
       corpora[i]->query(ctx, n, corpus_cfg[i].params, c);
       inputs.push_back(SourceInput{&c, corpus_cfg[i].reliability, corpus_cfg[i].half_match, corpus_cfg[i].source_id});
     }
+    if (calib) set_calib(inputs, *calib, *rows);
     tree = build_tree(inputs, max_nodes, min_score);
   }
-  return tree_to_numpy(std::move(tree));
+  return tree;
+}
+
+TreeArrays draft(TokensIn context, const std::vector<const OnlineIndex*>& online,
+                 const std::vector<SourceConfig>& online_cfg, const std::vector<const CorpusIndex*>& corpora,
+                 const std::vector<SourceConfig>& corpus_cfg, int max_nodes, float min_score) {
+  return tree_to_numpy(
+      draft_tree(context, online, online_cfg, corpora, corpus_cfg, max_nodes, min_score, nullptr, nullptr));
+}
+
+CalibratedArrays draft_calibrated(TokensIn context, const std::vector<const OnlineIndex*>& online,
+                                  const std::vector<SourceConfig>& online_cfg,
+                                  const std::vector<const CorpusIndex*>& corpora,
+                                  const std::vector<SourceConfig>& corpus_cfg, CalibIn calib, TokensIn rows,
+                                  int max_nodes, float min_score) {
+  return calibrated_to_numpy(
+      draft_tree(context, online, online_cfg, corpora, corpus_cfg, max_nodes, min_score, &calib, &rows));
 }
 
 }  // namespace
@@ -103,6 +150,7 @@ NB_MODULE(_core, m) {
       .def_prop_ro("tokens", [](const Candidates& c) { return to_numpy(std::vector<int32_t>(c.tokens)); }, nb::rv_policy::automatic)
       .def_prop_ro("parents", [](const Candidates& c) { return to_numpy(std::vector<int32_t>(c.parents)); }, nb::rv_policy::automatic)
       .def_prop_ro("mass", [](const Candidates& c) { return to_numpy(std::vector<float>(c.mass)); }, nb::rv_policy::automatic)
+      .def_prop_ro("count", [](const Candidates& c) { return to_numpy(std::vector<int32_t>(c.count)); }, nb::rv_policy::automatic)
       .def_ro("root_mass", &Candidates::root_mass)
       .def_ro("match_length", &Candidates::match_length)
       .def_ro("occurrences", &Candidates::occurrences);
@@ -148,6 +196,65 @@ NB_MODULE(_core, m) {
           for (const auto& [c, cfg] : sources) inputs.push_back(SourceInput{c, cfg.reliability, cfg.half_match, cfg.source_id});
           return tree_to_numpy(build_tree(inputs, max_nodes, min_score));
         }, "sources"_a, "max_nodes"_a, "min_score"_a);
+
+  m.def("build_tree_calibrated", [](const std::vector<std::pair<const Candidates*, SourceConfig>>& sources,
+                                    CalibIn calib, TokensIn rows, int max_nodes, float min_score) {
+          check_rows(calib, rows, sources.size());
+          std::vector<SourceInput> inputs;
+          for (const auto& [c, cfg] : sources) inputs.push_back(SourceInput{c, cfg.reliability, cfg.half_match, cfg.source_id});
+          set_calib(inputs, calib, rows);
+          return calibrated_to_numpy(build_tree(inputs, max_nodes, min_score));
+        }, "sources"_a, "calib"_a, "rows"_a, "max_nodes"_a, "min_score"_a,
+        "build_tree with calibrated scoring: source i reads row rows[i] of calib float32 [R, CALIB_CELLS]; "
+        "also returns each node's flat cell (row * CALIB_CELLS + cell of its best source), int32.");
+
+  m.def("draft_calibrated", &draft_calibrated, "context"_a, "online"_a, "online_configs"_a, "corpora"_a,
+        "corpus_configs"_a, "calib"_a, "rows"_a, "max_nodes"_a, "min_score"_a,
+        "draft with calibrated scoring: index i (online, then corpora) reads row rows[i] (int32) of calib "
+        "float32 [R, CALIB_CELLS]; returns draft's arrays and the flat cells (int32). Releases the GIL.");
+
+  m.def("calib_observe", [](TokensIn tokens, TokensIn parents, TokensIn cells, TokensIn new_tokens,
+                            nb::ndarray<double, nb::ndim<1>, nb::c_contig, nb::device::cpu> hits,
+                            nb::ndarray<double, nb::ndim<1>, nb::c_contig, nb::device::cpu> trials,
+                            nb::ndarray<float, nb::ndim<1>, nb::c_contig, nb::device::cpu> table,
+                            nb::ndarray<const float, nb::ndim<1>, nb::c_contig, nb::device::cpu> prior,
+                            double prior_strength, double decay) {
+          const size_t n = tokens.shape(0), size = table.shape(0);
+          if (parents.shape(0) != n || cells.shape(0) != n)
+            throw std::invalid_argument("tokens, parents and cells must have one length");
+          if (hits.shape(0) != size || trials.shape(0) != size || prior.shape(0) != size)
+            throw std::invalid_argument("hits, trials, table and prior must have one length");
+          for (size_t i = 0; i < n; ++i)
+            if (parents.data()[i] < -1 || parents.data()[i] >= static_cast<int32_t>(i))
+              throw std::invalid_argument("parents[i] must be -1 or in [0, i)");
+          calib_observe(tokens.data(), parents.data(), cells.data(), n, new_tokens.data(), new_tokens.shape(0),
+                        CalibState{hits.data(), trials.data(), table.data(), prior.data(), static_cast<int64_t>(size),
+                                   prior_strength, decay});
+        }, "tokens"_a, "parents"_a, "cells"_a, "new_tokens"_a, "hits"_a, "trials"_a, "table"_a, "prior"_a,
+        "prior_strength"_a, "decay"_a,
+        "One acceptance report: updates hits, trials (float64 [R*C]) and table (float32 [R*C]) in place.");
+
+  m.def("tested_outcomes", [](TokensIn tokens, TokensIn parents, TokensIn new_tokens) {
+          if (tokens.shape(0) != parents.shape(0)) throw std::invalid_argument("tokens and parents must have one length");
+          for (size_t i = 0; i < parents.shape(0); ++i)
+            if (parents.data()[i] < -1 || parents.data()[i] >= static_cast<int32_t>(i))
+              throw std::invalid_argument("parents[i] must be -1 or in [0, i)");
+          std::vector<int8_t> out(tokens.shape(0));
+          tested_outcomes(tokens.data(), parents.data(), tokens.shape(0), new_tokens.data(), new_tokens.shape(0),
+                          out.data());
+          return to_numpy(std::move(out));
+        }, "tokens"_a, "parents"_a, "new_tokens"_a,
+        "int8 [n]: 1 accepted, 0 rejected, -1 untested, for a draft followed by new_tokens.");
+
+  m.attr("CALIB_CELLS") = kCalibCells;
+  m.def("calib_cell", &calib_cell, "e"_a, "share"_a, "support"_a);
+  m.def("calib_cell_edges", [](int cell) {
+          if (cell < 0 || cell >= kCalibCells) throw std::invalid_argument("cell out of range");
+          int e, support;
+          float share;
+          calib_cell_edges(cell, &e, &share, &support);
+          return std::make_tuple(e, share, support);
+        }, "cell"_a, "lower edges (e, share, support) of a calibration cell");
 
   m.def("draft", &draft, "context"_a, "online"_a, "online_configs"_a, "corpora"_a, "corpus_configs"_a,
         "max_nodes"_a, "min_score"_a,

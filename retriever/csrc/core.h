@@ -33,6 +33,7 @@ struct Candidates {
   std::vector<int32_t> tokens;   // [num_nodes]
   std::vector<int32_t> parents;  // [num_nodes]
   std::vector<float> mass;       // [num_nodes]
+  std::vector<int32_t> count;    // [num_nodes] occurrences through the node (unweighted)
   float root_mass = 0.0f;        // mass of all occurrences that have a continuation
   int32_t match_length = 0;      // longest suffix match found (0: none)
   int32_t occurrences = 0;       // occurrences contributing
@@ -165,12 +166,26 @@ class CorpusIndex {
 // broken by position). O(n log max_depth) expected.
 std::vector<uint32_t> build_suffix_array(const int32_t* tokens, size_t n, int max_depth);
 
+// Calibrated scoring: a node's acceptance probability given its parent's is looked up in
+// a per-source table of kCalibCells cells, indexed by (e, share, support): e = match length
+// + depth - 1 (context tokens the occurrence agrees with before the node), share = the
+// node's mass over its parent's (root: root_mass), support = occurrences through the parent.
+constexpr int kEBuckets = 12;       // e: 1, 2, 3, 4, 5-6, 7-8, 9-12, 13-16, 17-24, 25-32, 33-48, 49+
+constexpr int kShareBins = 5;       // share: [0, .25), [.25, .5), [.5, .75), [.75, 1), 1
+constexpr int kSupportBins = 5;     // support: 1, 2, 3-4, 5-8, 9+
+constexpr int kCalibCells = kEBuckets * kShareBins * kSupportBins;
+int calib_cell(int e, float share, int support);  // in [0, kCalibCells)
+// Lower edges of each cell's buckets (e, share, support), for priors built elsewhere.
+void calib_cell_edges(int cell, int* e_lo, float* share_lo, int* support_lo);
+
 // One source's contribution to a draft.
 struct SourceInput {
   const Candidates* candidates;
   float reliability;  // r_s: scales the source's confidence
   float half_match;   // k_s: confidence = r_s * m / (m + k_s), m = match length
   int32_t source_id;
+  const float* calib = nullptr;  // [kCalibCells] P(node | parent) per cell; null: heuristic score
+  int32_t calib_row = 0;         // reported cells are calib_row * kCalibCells + cell
 };
 
 // The draft: node i proposes tokens[i] after parents[i] (-1 = after the context).
@@ -180,10 +195,38 @@ struct DraftTree {
   std::vector<int32_t> parents;  // [num_nodes]
   std::vector<float> scores;     // [num_nodes] estimated P(path accepted)
   std::vector<int32_t> sources;  // [num_nodes] id of the source adding most score
+  std::vector<int32_t> cells;    // [num_nodes] calib_row * kCalibCells + cell of that source (-1: heuristic)
 };
 
 // Merge the sources' tries into one and keep the max_nodes best nodes with score
 // >= min_score. score(v) = min(1, sum_s conf_s * mass_s(v) / root_mass_s).
+// With calib set on every source instead: a source's path probability P_s(v) = P_s(parent)
+// * calib[cell(v)], and score(v) = 1 - prod_s (1 - min(P_s(v), kMaxSourceProb)) (noisy-OR).
 DraftTree build_tree(const std::vector<SourceInput>& sources, int max_nodes, float min_score);
+constexpr float kMaxSourceProb = 0.999f;
+
+// Which nodes of a draft the verifier tested and accepted, given the tokens it emitted next
+// (accepted draft tokens, then a bonus token): out[i] = 1 accepted, 0 rejected, -1 not
+// tested (its parent was not accepted, or lies at the end of new_tokens).
+void tested_outcomes(const int32_t* tokens, const int32_t* parents, size_t n, const int32_t* new_tokens,
+                     size_t k, int8_t* out);
+
+// A calibration table and its Beta evidence, flat [size] = [rows * kCalibCells].
+struct CalibState {
+  double* hits;        // decayed accepted counts
+  double* trials;      // decayed tested counts
+  float* table;        // posterior means, clipped to [kMinCalibProb, kMaxSourceProb]
+  const float* prior;  // prior means
+  int64_t size;
+  double prior_strength, decay;
+};
+constexpr double kMinCalibProb = 1e-4;
+
+// Each tested node of a draft (cells[i]: its flat cell, -1 none) is one observation of its
+// cell: hits = hits * decay + accepted, trials = trials * decay + 1 (each cell forgets per
+// observation of its own), and the cell's table entry becomes
+// (hits + prior_strength * prior) / (trials + prior_strength).
+void calib_observe(const int32_t* tokens, const int32_t* parents, const int32_t* cells, size_t n,
+                   const int32_t* new_tokens, size_t k, const CalibState& st);
 
 }  // namespace specdraft

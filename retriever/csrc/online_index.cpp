@@ -56,6 +56,7 @@ void Candidates::clear() {
   tokens.clear();
   parents.clear();
   mass.clear();
+  count.clear();
   first_child_.clear();
   next_sibling_.clear();
   root_first_child_ = -1;
@@ -68,6 +69,7 @@ int32_t Candidates::add_child(int32_t parent, int32_t token, float m, int max_no
   const int32_t found = find_child(parent, token);
   if (found >= 0) {
     mass[found] += m;
+    ++count[found];
     return found;
   }
   if (static_cast<int64_t>(tokens.size()) >= max_nodes) return -1;
@@ -78,6 +80,7 @@ int32_t Candidates::add_child(int32_t parent, int32_t token, float m, int max_no
   tokens.push_back(token);
   parents.push_back(parent);
   mass.push_back(m);
+  count.push_back(1);
   first_child_.push_back(-1);
   return id;
 }
@@ -89,6 +92,7 @@ void Candidates::add_path(const int32_t* path, size_t n, float m, int max_nodes)
     const int32_t c = find_child(node, path[i]);
     if (c < 0) break;
     mass[c] += m;
+    ++count[c];
     node = c;
   }
   const size_t base = tokens.size();
@@ -97,6 +101,7 @@ void Candidates::add_path(const int32_t* path, size_t n, float m, int max_nodes)
   if (fresh == 0) return;
   tokens.insert(tokens.end(), path + i, path + i + fresh);
   mass.resize(base + fresh, m);
+  count.resize(base + fresh, 1);
   parents.resize(base + fresh);
   first_child_.resize(base + fresh);
   next_sibling_.resize(base + fresh, -1);

@@ -1,4 +1,4 @@
-"""`specdraft bench replay|latency|index`: the benchmarks behind the README's figures.
+"""`specdraft bench replay|latency|ablation|index`: the benchmarks behind the README's figures.
 
 Each command prints a table and returns 0; `--json PATH` also writes the typed result.
 """
@@ -33,6 +33,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     _traces_args(p)
     p.add_argument("--target", help="host:port of a running server (default: start one here on loopback)")
     p.set_defaults(run=run_latency)
+
+    p = sub.add_parser("ablation", help="MAT by workload and in-process latency with each source on/off")
+    _traces_args(p)
+    p.set_defaults(run=run_ablation)
 
     p = sub.add_parser("index", help="corpus build rate and bytes/token; online index memory/token")
     p.add_argument("inputs", nargs="*", metavar="INPUT", help="corpus inputs to build (none: skip the build)")
@@ -139,6 +143,13 @@ def run_latency(args: argparse.Namespace) -> int:
     from specdraft.bench.latency import run_latency as measure_all
 
     _emit(measure_all(_load(args), args.index, args.max_nodes, args.target), args.json)
+    return 0
+
+
+def run_ablation(args: argparse.Namespace) -> int:
+    from specdraft.bench.ablation import run_ablation as ablate
+
+    _emit(ablate(_load(args), args.index, args.max_nodes), args.json)
     return 0
 
 

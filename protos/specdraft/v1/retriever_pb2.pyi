@@ -13,10 +13,12 @@ class Source(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     SOURCE_CONTEXT: _ClassVar[Source]
     SOURCE_TENANT: _ClassVar[Source]
     SOURCE_CORPUS: _ClassVar[Source]
+    SOURCE_REFERENCE: _ClassVar[Source]
 SOURCE_UNSPECIFIED: Source
 SOURCE_CONTEXT: Source
 SOURCE_TENANT: Source
 SOURCE_CORPUS: Source
+SOURCE_REFERENCE: Source
 
 class DraftRequest(_message.Message):
     __slots__ = ("tenant", "session_id", "prompt", "new_tokens", "max_nodes")

@@ -1,0 +1,80 @@
+"""Per-session reference sets: a tenant's prior outputs most similar to the session (pure).
+
+`PriorOutputs` keeps a tenant's last `max_docs` outputs with their hashed n-gram term
+frequencies (`retriever.embedding.ngram_buckets`, orders 1..3, 512 buckets). `select`
+weighs them by an IDF over those outputs (TF-IDF, cosine similarity, the lexical embedding
+of `retriever.embedding`), and returns an `OnlineIndex` over the `k` outputs most similar to
+the query (the session's last `window` context tokens), the drafter's REFERENCE source.
+
+Example:
+    >>> from retriever.draft_types import ReferenceParams
+    >>> prior = PriorOutputs(ReferenceParams(k=1))
+    >>> prior.add(np.array([1, 2, 3, 4], np.int32)); prior.add(np.array([7, 8, 9], np.int32))
+    >>> prior.select(np.array([7, 8], np.int32)).num_tokens
+    3
+"""
+
+from __future__ import annotations
+
+from collections import deque
+
+import numpy as np
+
+from retriever import _core
+from retriever.draft_types import ReferenceParams
+from retriever.embedding import ngram_buckets
+
+DIM, MAX_ORDER = 512, 3
+
+
+def term_frequencies(tokens: np.ndarray) -> np.ndarray:
+    """int32[k] -> float32[DIM]: 1 + log(count) of each n-gram bucket present (0 elsewhere)."""
+    t = tokens.astype(np.uint64)
+    buckets = np.concatenate([ngram_buckets(t, order, DIM) for order in range(1, MAX_ORDER + 1)])
+    counts = np.bincount(buckets, minlength=DIM).astype(np.float32)
+    return np.where(counts > 0, 1.0 + np.log(np.maximum(counts, 1.0)), 0.0).astype(np.float32)
+
+
+class PriorOutputs:
+    """A tenant's recent outputs (int32 arrays) and their term frequencies; not thread-safe."""
+
+    def __init__(self, params: ReferenceParams) -> None:
+        self._params = params
+        self._docs: deque[np.ndarray] = deque(maxlen=params.max_docs)
+        self._tf: deque[np.ndarray] = deque(maxlen=params.max_docs)  # each float32[DIM]
+        self._matrix: np.ndarray | None = None  # [docs, DIM] float32 TF-IDF rows, unit norm
+
+    def __len__(self) -> int:
+        return len(self._docs)
+
+    def add(self, tokens: np.ndarray) -> None:
+        if tokens.shape[0]:
+            self._docs.append(tokens)
+            self._tf.append(term_frequencies(tokens))
+            self._matrix = None
+
+    def top(self, query: np.ndarray, k: int) -> np.ndarray:
+        """int64[<= k]: indexes of the k outputs most similar to query (int32[q]), best first."""
+        if not self._docs or k <= 0:
+            return np.empty(0, np.int64)
+        if self._matrix is None:
+            tf = np.stack(self._tf)  # [docs, DIM]
+            self._idf = (np.log((1.0 + len(tf)) / (1.0 + np.count_nonzero(tf, axis=0))) + 1.0).astype(np.float32)
+            rows = tf * self._idf
+            self._matrix = rows / np.maximum(np.linalg.norm(rows, axis=1, keepdims=True), 1e-12)
+        sims = self._matrix @ (term_frequencies(query) * self._idf)  # [docs]
+        k = min(k, sims.shape[0])
+        best = np.argpartition(-sims, k - 1)[:k]
+        return best[np.argsort(-sims[best], kind="stable")]
+
+    def select(self, query: np.ndarray) -> "_core.OnlineIndex | None":
+        """An OnlineIndex over the `k` outputs most similar to query; None if there are none."""
+        best = self.top(query[-self._params.window:], self._params.k)
+        if best.shape[0] == 0:
+            return None
+        docs = [self._docs[i] for i in best[::-1]]  # most similar last: the most recent to the index
+        index = _core.OnlineIndex(sum(d.shape[0] for d in docs) + 1)
+        for d in docs:
+            index.append(d)
+            index.end_document()
+        return index
