@@ -14,10 +14,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     serve.add_argument("--port", type=int, help="port (0: a free one; default 50051, SPECDRAFT_PORT)")
     serve.add_argument("--host", help="address to bind (default 0.0.0.0, SPECDRAFT_HOST)")
     serve.add_argument("--index", action="append", metavar="DIR",
-                       help="corpus datastore directory, repeatable (replaces SPECDRAFT_INDEX_DIRS)")
+                       help="corpus datastore or FAISS store directory, repeatable (replaces SPECDRAFT_INDEX_DIRS)")
     serve.add_argument("--max-nodes", type=int, metavar="N", help="default and cap of a draft's max_nodes")
     serve.add_argument("--tokenizer", metavar="PATH", help="tokenizer dir or tokenizer.json the indexes must match")
     serve.add_argument("--reflection", action="store_true", default=None, help="enable gRPC server reflection")
+    serve.add_argument("--reference-set", action="store_true", default=None,
+                       help="draft from a per-session reference set: similar prior outputs and the passages of "
+                            "FAISS stores (SPECDRAFT_REFERENCE_SET)")
     serve.add_argument("--redis-url", metavar="URL",
                        help="shared output log in Redis: redis://, rediss:// or unix:// (SPECDRAFT_REDIS_URL; "
                             "default: the file log under --data-dir)")
@@ -39,8 +42,8 @@ def settings_from_args(args: argparse.Namespace):
     return RetrieverSettings.from_env(
         host=args.host, port=args.port, indexes=tuple(args.index) if args.index else None,
         default_max_nodes=args.max_nodes, max_nodes_cap=args.max_nodes, tokenizer=args.tokenizer,
-        reflection=args.reflection, redis_url=args.redis_url, data_dir=args.data_dir, output_log=args.output_log,
-        metrics_port=args.metrics_port)
+        reflection=args.reflection, reference_set=args.reference_set, redis_url=args.redis_url,
+        data_dir=args.data_dir, output_log=args.output_log, metrics_port=args.metrics_port)
 
 
 def run_serve(args: argparse.Namespace) -> int:

@@ -17,7 +17,7 @@ class Source(IntEnum):
     CONTEXT = 1
     TENANT = 2
     CORPUS = 3
-    REFERENCE = 4  # the session's reference set: the tenant's prior outputs most like it
+    REFERENCE = 4  # the session's reference set: the tenant's prior outputs and FAISS passages most like it
 
 
 ALL_SOURCES = frozenset(Source)
@@ -72,10 +72,12 @@ class DraftingParams:
 @dataclass(frozen=True)
 class ReferenceParams:
     """The per-session reference set: the `k` prior outputs of the tenant most similar
-    (lexical embedding) to the last `window` context tokens, re-selected every
-    `refresh_tokens` tokens; the tenant keeps the embeddings of its last `max_docs` outputs."""
+    (lexical embedding) to the last `window` context tokens, plus the top `store_k` passages
+    of each FAISS store for them, re-selected every `refresh_tokens` tokens; the tenant keeps
+    the embeddings of its last `max_docs` outputs."""
 
     k: int = 8
+    store_k: int = 4
     window: int = 256
     refresh_tokens: int = 64
     max_docs: int = 4096

@@ -2,8 +2,8 @@
 
 A session holds its context (prompt + accepted output) in an `OnlineIndex`; each draft
 queries that index, the tenant's index of prior outputs, the session's reference set (the
-tenant's prior outputs most similar to it, `reference_set.py`) and every corpus datastore
-with the context tail, and the core merges their tries into one `DraftTree`.
+tenant's prior outputs and the FAISS stores' passages most similar to it, `reference_set.py`)
+and every corpus datastore with the context tail, and the core merges their tries into one `DraftTree`.
 
 Scoring (`DrafterConfig.calibrate`): each call's `new_tokens` tell which nodes of the
 session's previous draft were accepted (`_core.tested_outcomes`); the tenant's
@@ -36,10 +36,11 @@ from retriever.calibration import Calibration, prior_row
 from retriever.draft_types import (ALL_SOURCES, DEFAULT_SOURCES, DraftingParams, DrafterConfig, DrafterStats, DraftResult,
                                    DraftTree, ReferenceParams, Source, SourceWeights)
 from retriever.errors import NotFound, ResourceExhausted
-from retriever.reference_set import PriorOutputs
+from retriever.reference_set import PriorOutputs, store_passages
 
 if TYPE_CHECKING:
     from retriever.datastore import CorpusDatastore
+    from retriever.faiss_store import FaissStore
 
 __all__ = ["ALL_SOURCES", "DEFAULT_SOURCES", "DraftingParams", "DrafterConfig", "DrafterStats", "DraftResult", "DraftTree", "Drafter",
            "ReferenceParams", "Source", "SourceWeights"]
@@ -105,8 +106,10 @@ class Drafter:
     """Sessions, tenant indexes and corpora; see the module docstring for the lifecycle."""
 
     def __init__(self, config: DrafterConfig, corpora: Sequence["CorpusDatastore"] = (),
-                 on_output: Callable[[str, np.ndarray], None] | None = None) -> None:
-        """`on_output(tenant, tokens)` is told of every retired output (e.g. to publish it)."""
+                 on_output: Callable[[str, np.ndarray], None] | None = None,
+                 references: Sequence["FaissStore"] = ()) -> None:
+        """`on_output(tenant, tokens)` is told of every retired output (e.g. to publish it);
+        `references`: FAISS stores feeding the reference sets (see `set_corpora`)."""
         self._config = config
         self._on_output = on_output
         self._sessions: OrderedDict[tuple[str, str], _Session] = OrderedDict()
@@ -115,11 +118,13 @@ class Drafter:
         self._cfg = {Source.CONTEXT: p.context.config(Source.CONTEXT), Source.TENANT: p.tenant.config(Source.TENANT),
                      Source.REFERENCE: p.reference.config(Source.REFERENCE)}
         self._corpus_cfg = p.corpus.config(Source.CORPUS)
-        self.set_corpora(corpora)
+        self.set_corpora(corpora, references)
 
-    def set_corpora(self, corpora: Sequence["CorpusDatastore"]) -> None:
-        """Replaces the corpora; the tenants' calibrations restart from the prior."""
+    def set_corpora(self, corpora: Sequence["CorpusDatastore"], references: Sequence["FaissStore"] = ()) -> None:
+        """Replaces the corpora and the FAISS stores (searched for reference sets selected from
+        now on, only with Source.REFERENCE); the tenants' calibrations restart from the prior."""
         self._corpora = [ds.index for ds in corpora] if Source.CORPUS in self._config.sources else []
+        self._references = list(references) if Source.REFERENCE in self._config.sources else []
         self._corpus_cfgs = [self._corpus_cfg] * len(self._corpora)
         p = self._config.params
         rows = [prior_row(w.reliability, w.half_match) for w in (p.context, p.tenant, p.reference)]
@@ -177,13 +182,15 @@ class Drafter:
         return rows
 
     def _refresh_reference(self, session: _Session, state: _Tenant) -> None:
-        """(Re)selects the session's reference set at its start and every refresh_tokens."""
+        """(Re)selects the session's reference set (prior outputs + FAISS passages) at its
+        start and every refresh_tokens."""
         params = self._config.reference
-        if Source.REFERENCE not in self._config.sources or not len(state.prior_outputs):
+        if Source.REFERENCE not in self._config.sources or not (len(state.prior_outputs) or self._references):
             return
         if session.reference_at >= 0 and session.length - session.reference_at < params.refresh_tokens:
             return
-        session.reference = state.prior_outputs.select(session.recent(params.window))
+        query = session.recent(params.window)
+        session.reference = state.prior_outputs.select(query, store_passages(self._references, query, params.store_k))
         session.reference_at = session.length
 
     def end_session(self, tenant: str, session_id: str) -> int:

@@ -19,12 +19,14 @@ A datastore is a directory of:
 - `manifest.json`, written last (`retriever.faiss_manifest`).
 
 Writes are atomic (temp dir + rename); `open_faiss_store` checks the manifest, sizes and
-checksums before mapping anything. Pure module (numpy + faiss, imported lazily).
+checksums before mapping anything; `open_index` opens a directory of either kind by its format.
+Pure module (numpy + faiss, imported lazily).
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import shutil
 import time
@@ -35,8 +37,8 @@ from typing import Any, Iterable, Sequence
 
 import numpy as np
 
-from retriever.datastore import (check_files, check_target, collect_documents, file_sha256, move_into_place,
-                                 unpack_u24, write_synced, write_tokens)
+from retriever.datastore import (CorpusDatastore, check_files, check_target, collect_documents, file_sha256,
+                                 move_into_place, open_datastore, unpack_u24, write_synced, write_tokens)
 from retriever.embedding import Embedder, LexicalEmbedder, load_embedder
 from retriever.errors import FailedPrecondition, IndexFormatError, InvalidArgument
 from retriever.faiss_manifest import (EMBEDDER_FILE, FAISS_FILES, FAISS_FORMAT, FAISS_FORMAT_VERSION, FAISS_KIND,
@@ -269,6 +271,26 @@ def open_faiss_store(path: str | Path, expect_tokenizer: TokenizerInfo | None = 
     passages = _map(root / PASSAGES_FILE, "<i8").reshape(-1, PASSAGE_FIELDS)  # [num_passages, 3] int64
     _check_passages(root, passages, m.num_positions)
     return FaissStore(root, m, index, embedder, _map(root / TOKENS_FILE, np.uint8), passages)
+
+
+def open_index(path: str | Path, expect_tokenizer: TokenizerInfo | None = None) -> "CorpusDatastore | FaissStore":
+    """Opens the index at `path` by its manifest's `format`: `open_faiss_store` for
+    "specdraft-faiss", else `open_datastore` (which reports a missing or bad manifest).
+
+    Raises what those raise (IndexFormatError, FailedPrecondition).
+    """
+    if _format_of(Path(path)) == FAISS_FORMAT:
+        return open_faiss_store(path, expect_tokenizer)
+    return open_datastore(path, expect_tokenizer)
+
+
+def _format_of(root: Path) -> object:
+    """The manifest's `format` value; None when it cannot be read (the opener then says why)."""
+    try:
+        raw = json.loads((root / MANIFEST_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return raw.get("format") if isinstance(raw, dict) else None
 
 
 def _embedder(root: Path, m: FaissManifest, given: Embedder | None) -> Embedder:

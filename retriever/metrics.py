@@ -27,6 +27,7 @@ from prometheus_client.registry import Collector
 if TYPE_CHECKING:
     from retriever.datastore import CorpusDatastore
     from retriever.drafter import DrafterStats
+    from retriever.faiss_store import FaissStore
     from retriever.log_sync import SyncHealth
 
 log = logging.getLogger(__name__)
@@ -120,7 +121,7 @@ class RetrieverMetrics:
         if sessions:
             self.sessions_ended.labels(reason).inc(sessions)
 
-    def set_indexes(self, corpora: Sequence["CorpusDatastore"]) -> None:
+    def set_indexes(self, corpora: Sequence["CorpusDatastore | FaissStore"]) -> None:
         for corpus in corpora:
             self.index_tokens.labels(corpus.manifest.name).set(corpus.manifest.num_tokens)
 

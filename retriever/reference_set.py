@@ -4,7 +4,9 @@
 frequencies (`retriever.embedding.ngram_buckets`, orders 1..3, 512 buckets). `select`
 weighs them by an IDF over those outputs (TF-IDF, cosine similarity, the lexical embedding
 of `retriever.embedding`), and returns an `OnlineIndex` over the `k` outputs most similar to
-the query (the session's last `window` context tokens), the drafter's REFERENCE source.
+the query (the session's last `window` context tokens), the drafter's REFERENCE source;
+`store_passages` adds the top `store_k` passages of each FAISS store (`retriever.faiss_store`)
+for the same query to it.
 
 Example:
     >>> from retriever.draft_types import ReferenceParams
@@ -17,12 +19,16 @@ Example:
 from __future__ import annotations
 
 from collections import deque
+from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
 
 from retriever import _core
 from retriever.draft_types import ReferenceParams
 from retriever.embedding import ngram_buckets
+
+if TYPE_CHECKING:
+    from retriever.faiss_store import FaissStore
 
 DIM, MAX_ORDER = 512, 3
 
@@ -67,14 +73,24 @@ class PriorOutputs:
         best = np.argpartition(-sims, k - 1)[:k]
         return best[np.argsort(-sims[best], kind="stable")]
 
-    def select(self, query: np.ndarray) -> "_core.OnlineIndex | None":
-        """An OnlineIndex over the `k` outputs most similar to query; None if there are none."""
+    def select(self, query: np.ndarray, passages: Sequence[np.ndarray] = ()) -> "_core.OnlineIndex | None":
+        """An OnlineIndex over `passages` (int32 arrays, e.g. FAISS hits), then the `k` outputs
+        most similar to query (most similar last); None if there are neither."""
         best = self.top(query[-self._params.window:], self._params.k)
-        if best.shape[0] == 0:
+        docs = [p for p in passages if p.shape[0]]
+        docs += [self._docs[i] for i in best[::-1]]  # most similar last: the most recent to the index
+        if not docs:
             return None
-        docs = [self._docs[i] for i in best[::-1]]  # most similar last: the most recent to the index
         index = _core.OnlineIndex(sum(d.shape[0] for d in docs) + 1)
         for d in docs:
             index.append(d)
             index.end_document()
         return index
+
+
+def store_passages(stores: Sequence["FaissStore"], query: np.ndarray, k: int) -> list[np.ndarray]:
+    """int32 arrays: each store's top-k passages (window + continuation) for query (int32[n]),
+    store by store, each store's best last; [] when k < 1 or query is empty."""
+    if k < 1 or not query.shape[0]:
+        return []
+    return [hit.tokens for store in stores for hit in reversed(store.search(query, k))]

@@ -43,28 +43,30 @@ from retriever.settings import RetrieverSettings
 
 if TYPE_CHECKING:
     from retriever.datastore import CorpusDatastore, TokenizerInfo
+    from retriever.faiss_store import FaissStore
 
 log = logging.getLogger(__name__)
 SERVICE_NAME = retriever_pb2.DESCRIPTOR.services_by_name["Retriever"].full_name
 HEALTH_NAMES = ("", SERVICE_NAME)
 LOG_HEALTH_NAME = "specdraft.v1.OutputLog"  # SERVING once the log is replayed and reachable
 MAX_MESSAGE_BYTES = 64 << 20  # a DraftBatch restarting many long sessions is large
-Loader = Callable[[RetrieverSettings], "list[CorpusDatastore]"]
+Loader = Callable[[RetrieverSettings], "list[CorpusDatastore | FaissStore]"]
 _T = TypeVar("_T")
 
 
 # ---------------------------------------------------------------- index loading (blocking)
 
 
-def load_indexes(settings: RetrieverSettings) -> list["CorpusDatastore"]:
-    """Opens every `settings.indexes` datastore (checked against `settings.tokenizer` if set).
+def load_indexes(settings: RetrieverSettings) -> list["CorpusDatastore | FaissStore"]:
+    """Opens every `settings.indexes` dir, a suffix-array datastore or a FAISS store by its
+    manifest's format (`open_index`), checked against `settings.tokenizer` if set.
 
     Raises IndexFormatError / FailedPrecondition (a tokenizer mismatch, also between indexes).
     """
-    from retriever.datastore import open_datastore
+    from retriever.faiss_store import open_index
 
     expect = tokenizer_info(settings.tokenizer) if settings.tokenizer else None
-    corpora = [open_datastore(path, expect_tokenizer=expect) for path in settings.indexes]
+    corpora = [open_index(path, expect_tokenizer=expect) for path in settings.indexes]
     for corpus in corpora[1:]:
         first, other = corpora[0].manifest.tokenizer, corpus.manifest.tokenizer
         if (other.sha256, other.vocab_size) != (first.sha256, first.vocab_size):

@@ -22,12 +22,14 @@ from protos.specdraft.v1 import retriever_pb2 as pb
 from protos.specdraft.v1 import retriever_pb2_grpc as pb_grpc
 from retriever import errors
 from retriever.drafter import Drafter, DraftResult
+from retriever.faiss_manifest import FAISS_KIND
 from retriever.metrics import RetrieverMetrics
 from retriever.settings import Limits, RetrieverSettings
 from retriever.validation import check_name, validate_draft
 
 if TYPE_CHECKING:
     from retriever.datastore import CorpusDatastore
+    from retriever.faiss_store import FaissStore
 
 log = logging.getLogger(__name__)
 
@@ -112,7 +114,7 @@ class RetrieverServicer(pb_grpc.RetrieverServicer):
         self._settings = settings
         self.metrics = metrics if metrics is not None else RetrieverMetrics.create()
         self._drafter = drafter if drafter is not None else Drafter(settings.drafter_config())
-        self._corpora: tuple["CorpusDatastore", ...] = ()
+        self._corpora: tuple["CorpusDatastore | FaissStore", ...] = ()
         self._vocab_size = settings.vocab_size  # 0: none fixed (yet)
         self._limits: Limits | None = None  # None: not ready
         self._unavailable = LOADING
@@ -121,9 +123,12 @@ class RetrieverServicer(pb_grpc.RetrieverServicer):
     def ready(self) -> bool:
         return self._limits is not None
 
-    def set_corpora(self, corpora: Sequence["CorpusDatastore"]) -> None:
-        """Serve with these corpora (one tokenizer); the vocabulary comes from them unless set."""
-        self._drafter.set_corpora(list(corpora))
+    def set_corpora(self, corpora: Sequence["CorpusDatastore | FaissStore"]) -> None:
+        """Serve with these indexes (one tokenizer): suffix-array datastores as corpora, FAISS
+        stores (manifest kind "faiss") as reference material; the vocabulary comes from them unless set."""
+        faiss = [c for c in corpora if c.manifest.kind == FAISS_KIND]
+        suffix_arrays = [c for c in corpora if c.manifest.kind != FAISS_KIND]
+        self._drafter.set_corpora(suffix_arrays, faiss)  # type: ignore[arg-type]
         self._corpora = tuple(corpora)
         index_vocab = corpora[0].manifest.tokenizer.vocab_size if corpora else 0
         self._vocab_size = self._settings.vocab_size or index_vocab
@@ -237,7 +242,8 @@ class RetrieverServicer(pb_grpc.RetrieverServicer):
                                    limits=limits, ready=self.ready)
 
 
-def index_info(corpus: "CorpusDatastore") -> pb.IndexInfo:
+def index_info(corpus: "CorpusDatastore | FaissStore") -> pb.IndexInfo:
+    """Describe's entry of one index; kind "suffix_array" or "faiss" (its manifest's)."""
     m = corpus.manifest
     return pb.IndexInfo(name=m.name, kind=m.kind, tokens=m.num_tokens, documents=m.num_documents,
                         tokenizer_name=m.tokenizer.name, tokenizer_sha256=m.tokenizer.sha256,

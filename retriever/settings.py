@@ -42,7 +42,7 @@ class RetrieverSettings:
     host: str = "0.0.0.0"  # every interface (the container's port mapping needs it)
     port: int = 50051  # 0: a free port
     metrics_port: int = -1  # Prometheus GET /metrics on host:metrics_port (e.g. 9464); 0: a free port, -1: off
-    indexes: tuple[str, ...] = field(default=(), metadata={"env": "INDEX_DIRS"})  # corpus datastore dirs
+    indexes: tuple[str, ...] = field(default=(), metadata={"env": "INDEX_DIRS"})  # corpus datastore or FAISS store dirs
     default_max_nodes: int = 64  # a request's max_nodes 0 gets this
     max_nodes_cap: int = 64
     vocab_size: int = 0  # 0: the loaded indexes' (MAX_VOCAB_SIZE without indexes)
@@ -52,6 +52,7 @@ class RetrieverSettings:
     max_sessions: int = 100_000  # beyond it the least recently used session ends
     session_idle_s: float = 900.0  # idle sessions end after this long
     tenant_token_budget: int = 2_000_000  # prior-output tokens kept per tenant
+    reference_set: bool = False  # draft from a per-session reference set (similar prior outputs, FAISS passages)
     reflection: bool = False  # gRPC server reflection
     tokenizer: str = ""  # tokenizer dir or tokenizer.json; when set, every index must match its hash
     grace_s: float = 5.0  # graceful stop: in-flight calls get this long
@@ -98,11 +99,13 @@ class RetrieverSettings:
         return dataclasses.replace(self, **changes)  # type: ignore[arg-type]
 
     def drafter_config(self) -> "DrafterConfig":
+        from retriever.draft_types import ALL_SOURCES, DEFAULT_SOURCES
         from retriever.drafter import DrafterConfig  # lazy: settings parse without the C++ core
 
         return DrafterConfig(max_sessions=self.max_sessions, session_idle_s=self.session_idle_s,
                              tenant_token_budget=self.tenant_token_budget,
-                             max_context_tokens=self.max_context_tokens)
+                             max_context_tokens=self.max_context_tokens,
+                             sources=ALL_SOURCES if self.reference_set else DEFAULT_SOURCES)
 
     def log_config(self) -> "LogConfig | None":
         """The output log's configuration; None when `output_log` is off."""
@@ -156,6 +159,7 @@ _RULES: dict[str, tuple[Callable[[object], bool], str]] = {
     "session_idle_s": (_seconds(0, False), "a finite number of seconds > 0"),
     "tenant_token_budget": (_int(1), "an integer >= 1"),
     "reflection": (lambda v: isinstance(v, bool), "a boolean"),
+    "reference_set": (lambda v: isinstance(v, bool), "a boolean"),
     "tokenizer": (lambda v: isinstance(v, str), "a path or empty"),
     "grace_s": (_seconds(0, True), "a finite number of seconds >= 0"),
     "expire_interval_s": (_seconds(0, False), "a finite number of seconds > 0"),
