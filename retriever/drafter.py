@@ -124,6 +124,8 @@ class Drafter:
         """Replaces the corpora and the FAISS stores (searched for reference sets selected from
         now on, only with Source.REFERENCE); the tenants' calibrations restart from the prior."""
         self._corpora = [ds.index for ds in corpora] if Source.CORPUS in self._config.sources else []
+        self._corpus_labels = [f"corpus:{ds.name}" for ds in corpora][:len(self._corpora)]
+        self._last_inputs: list[str] = []  # labels of the last draft's queried indexes, in call order
         self._references = list(references) if Source.REFERENCE in self._config.sources else []
         self._corpus_cfgs = [self._corpus_cfg] * len(self._corpora)
         p = self._config.params
@@ -164,6 +166,7 @@ class Drafter:
                       (Source.REFERENCE, session.reference))
         used = [(src, ix) for src, ix in candidates if ix is not None and src in enabled]
         online, configs = [ix for _, ix in used], [self._cfg[src] for src, _ in used]
+        self._last_inputs = [src.name.lower() for src, _ in used] + self._corpus_labels
         min_score = self._config.params.min_score
         if not self._config.calibrate:
             arrays = _core.draft(session.tail, online, configs, self._corpora, self._corpus_cfgs, max_nodes, min_score)
@@ -173,6 +176,13 @@ class Drafter:
                                                 state.calibration.table(), rows, max_nodes, min_score)
         session.last = (arrays[0], arrays[1], cells)  # tokens, parents, flat cells: int32 [n] each
         return DraftTree(*arrays)
+
+    def last_lookup_s(self) -> tuple[tuple[str, float], ...]:
+        """(label, seconds) of the last draft on this thread: each index query ("context", "tenant",
+        "reference", "corpus:NAME") and "build_tree"; () before any draft. Call on the drafting thread."""
+        ns = _core.last_draft_ns()  # [inputs + 1] int64
+        labels = [*self._last_inputs, "build_tree"]
+        return tuple(zip(labels, (float(x) / 1e9 for x in ns))) if len(ns) == len(labels) else ()
 
     def _rows(self, online: tuple[Source, ...]) -> np.ndarray:
         rows = self._row_cache.get(online)

@@ -34,6 +34,8 @@ log = logging.getLogger(__name__)
 PREFIX = "specdraft_retriever_"
 RPCS = ("draft", "stream", "batch")  # Draft, DraftStream, DraftBatch items
 DRAFT_SECONDS_BUCKETS = (1e-5, 2.5e-5, 5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 1e-2)
+LOOKUP_SECONDS_BUCKETS = (1e-6, 2.5e-6, 5e-6, 1e-5, 2.5e-5, 5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 5e-3)
+LOOKUP_SAMPLE_EVERY = 16  # drafts per sampled lookup breakdown (observing ~6 children costs ~5 us)
 _INDEX = re.compile(r"\[\d*\]")
 _REASON = re.compile(r"[a-z_][a-z0-9_.]{0,47}")
 
@@ -72,6 +74,7 @@ class RetrieverMetrics:
     sessions_ended: Counter  # reason
     index_tokens: Gauge  # index
     by_rpc: Mapping[str, _RpcChildren]
+    lookup_seconds: Histogram  # source: context, tenant, reference, corpus:NAME, build_tree
 
     @classmethod
     def create(cls, registry: CollectorRegistry | None = None) -> "RetrieverMetrics":
@@ -95,7 +98,10 @@ class RetrieverMetrics:
             Counter(PREFIX + "sessions_ended", "Sessions ended: end_session (EndSession) or idle (expiry).",
                     ["reason"], registry=r),
             Gauge(PREFIX + "index_tokens", "Tokens of each loaded corpus datastore.", ["index"], registry=r),
-            by_rpc)
+            by_rpc,
+            Histogram(PREFIX + "index_lookup_seconds", "Time of each index query inside a draft (context, tenant, "
+                      "reference, corpus:NAME) and of the tree build; one draft in LOOKUP_SAMPLE_EVERY is sampled.",
+                      ["source"], registry=r, buckets=LOOKUP_SECONDS_BUCKETS))
 
     def drafted(self, rpc: str, seconds: float, nodes: int, new_tokens: int, started: bool) -> None:
         """One successful draft of `rpc` (one of RPCS)."""
@@ -108,6 +114,11 @@ class RetrieverMetrics:
             c.new_tokens.inc(new_tokens)
         if started:
             c.starts.inc()
+
+    def looked_up(self, lookups: "tuple[tuple[str, float], ...]") -> None:
+        """One sampled draft's (source, seconds) per index query and the tree build."""
+        for source, seconds in lookups:
+            self.lookup_seconds.labels(source).observe(seconds)
 
     def draft_failed(self, rpc: str, code: str, message: str) -> None:
         """One failed draft of `rpc`: counted in drafts{code} and in rejections."""

@@ -23,7 +23,7 @@ from protos.specdraft.v1 import retriever_pb2_grpc as pb_grpc
 from retriever import errors
 from retriever.drafter import Drafter, DraftResult
 from retriever.faiss_manifest import FAISS_KIND
-from retriever.metrics import RetrieverMetrics
+from retriever.metrics import LOOKUP_SAMPLE_EVERY, RetrieverMetrics
 from retriever.settings import Limits, RetrieverSettings
 from retriever.validation import check_name, validate_draft
 
@@ -113,6 +113,7 @@ class RetrieverServicer(pb_grpc.RetrieverServicer):
                  metrics: RetrieverMetrics | None = None) -> None:
         self._settings = settings
         self.metrics = metrics if metrics is not None else RetrieverMetrics.create()
+        self._drafts_seen = 0  # successful drafts, for sampling the per-index lookup times
         self._drafter = drafter if drafter is not None else Drafter(settings.drafter_config())
         self._corpora: tuple["CorpusDatastore | FaissStore", ...] = ()
         self._vocab_size = settings.vocab_size  # 0: none fixed (yet)
@@ -201,6 +202,9 @@ class RetrieverServicer(pb_grpc.RetrieverServicer):
             raise
         self.metrics.drafted(rpc, time.perf_counter() - t0, len(response.tree.token_ids), len(request.new_tokens),
                              len(request.prompt) > 0)
+        self._drafts_seen += 1
+        if self._drafts_seen % LOOKUP_SAMPLE_EVERY == 0:
+            self.metrics.looked_up(self._drafter.last_lookup_s())
         return response
 
     def _rejections(self, handle: Callable[[_Req], _Resp], rpc: str) -> Callable[[_Req], _Resp]:

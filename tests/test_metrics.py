@@ -147,6 +147,43 @@ def test_retriever_metrics_count_the_calls(retriever):
     check_conventions(url, "specdraft_retriever_")
 
 
+def test_index_lookup_times_are_sampled_per_source(retriever):
+    from retriever.metrics import LOOKUP_SAMPLE_EVERY
+
+    server, stub = retriever
+    url = f"http://127.0.0.1:{server.metrics_port}/metrics"
+    stub.Draft(pb.DraftRequest(tenant="lk", session_id="seed", prompt=PROMPT))
+    stub.Draft(pb.DraftRequest(tenant="lk", session_id="seed", new_tokens=[7, 8, 9]))  # an output to keep
+    stub.EndSession(pb.EndSessionRequest(tenant="lk", session_id="seed"))  # the tenant index now exists
+    before = scrape(url)
+    stub.Draft(pb.DraftRequest(tenant="lk", session_id="lookups", prompt=PROMPT))
+    for _ in range(2 * LOOKUP_SAMPLE_EVERY - 1):
+        stub.Draft(pb.DraftRequest(tenant="lk", session_id="lookups", new_tokens=[7]))
+    after = scrape(url)
+    sample = "specdraft_retriever_index_lookup_seconds_count"
+    counts = {source: value(after, sample, source=source) - value(before, sample, source=source)
+              for source in ("context", "tenant", "corpus:toy-corpus", "build_tree")}
+    assert counts == {source: 2 for source in counts}  # any 2 * LOOKUP_SAMPLE_EVERY drafts in a row: 2 sampled
+    assert 0 < value(after, "specdraft_retriever_index_lookup_seconds_sum", source="corpus:toy-corpus") < 1
+
+
+def test_drafter_reports_each_lookup_in_call_order(corpus):
+    from retriever.datastore import open_datastore
+    from retriever.drafter import Drafter, DrafterConfig
+
+    drafter = Drafter(DrafterConfig(), [open_datastore(corpus / "corpus")])
+    assert drafter.last_lookup_s() == () or all(s >= 0 for _, s in drafter.last_lookup_s())
+    prompt = np.array(PROMPT, np.int32)
+    drafter.draft("t", "s", prompt, np.empty(0, np.int32), 8)
+    assert [label for label, _ in drafter.last_lookup_s()] == ["context", "corpus:toy-corpus", "build_tree"]
+    drafter.draft("t", "s", None, np.array([7, 8, 9], np.int32), 8)
+    drafter.end_session("t", "s")  # now the tenant has a prior output to query
+    drafter.draft("t", "s2", prompt, np.empty(0, np.int32), 8)
+    lookups = drafter.last_lookup_s()
+    assert [label for label, _ in lookups] == ["context", "tenant", "corpus:toy-corpus", "build_tree"]
+    assert all(0 < seconds < 1 for _, seconds in lookups)
+
+
 def test_retriever_metrics_endpoint_answers_only_get_metrics(retriever):
     server, _ = retriever
     base = f"http://127.0.0.1:{server.metrics_port}"

@@ -7,6 +7,8 @@
 #include <nanobind/stl/tuple.h>
 #include <nanobind/stl/vector.h>
 
+#include <chrono>
+
 #include "core.h"
 
 namespace nb = nanobind;
@@ -70,6 +72,18 @@ void set_calib(std::vector<SourceInput>& inputs, const CalibIn& calib, const Tok
   }
 }
 
+// Nanoseconds of the calling thread's last draft: one entry per index queried (online, then
+// corpora), then the tree build. Read with `last_draft_ns()`.
+std::vector<int64_t>& thread_draft_ns() {
+  thread_local std::vector<int64_t> ns;
+  return ns;
+}
+
+inline int64_t now_ns() {
+  return std::chrono::duration_cast<std::chrono::nanoseconds>(
+             std::chrono::steady_clock::now().time_since_epoch()).count();
+}
+
 // The calling thread's candidate tries, reused across draft calls.
 __attribute__((noinline)) std::vector<Candidates>& thread_candidates() {
   thread_local std::vector<Candidates> found;
@@ -92,18 +106,28 @@ DraftTree draft_tree(TokensIn context, const std::vector<const OnlineIndex*>& on
     found.resize(std::max(found.size(), online.size() + corpora.size()));
     std::vector<SourceInput> inputs;
     inputs.reserve(online.size() + corpora.size());
+    std::vector<int64_t>& ns = thread_draft_ns();
+    ns.assign(online.size() + corpora.size() + 1, 0);
+    int64_t t = now_ns();
     for (size_t i = 0; i < online.size(); ++i) {
       online[i]->query(ctx, n, online_cfg[i].params, found[i]);
+      const int64_t t1 = now_ns();
+      ns[i] = t1 - t;
+      t = t1;
       inputs.push_back(SourceInput{&found[i], online_cfg[i].reliability, online_cfg[i].half_match,
                                    online_cfg[i].source_id});
     }
     for (size_t i = 0; i < corpora.size(); ++i) {
       Candidates& c = found[online.size() + i];
       corpora[i]->query(ctx, n, corpus_cfg[i].params, c);
+      const int64_t t1 = now_ns();
+      ns[online.size() + i] = t1 - t;
+      t = t1;
       inputs.push_back(SourceInput{&c, corpus_cfg[i].reliability, corpus_cfg[i].half_match, corpus_cfg[i].source_id});
     }
     if (calib) set_calib(inputs, *calib, *rows);
     tree = build_tree(inputs, max_nodes, min_score);
+    ns.back() = now_ns() - t;
   }
   return tree;
 }
@@ -256,6 +280,9 @@ NB_MODULE(_core, m) {
           return std::make_tuple(e, share, support);
         }, "cell"_a, "lower edges (e, share, support) of a calibration cell");
 
+  m.def("last_draft_ns", []() { return to_numpy(std::vector<int64_t>(thread_draft_ns())); },
+        "int64[inputs + 1]: nanoseconds of this thread's last draft call: each index query (online indexes, "
+        "then corpora, in call order), then the tree build; empty before the first call.");
   m.def("draft", &draft, "context"_a, "online"_a, "online_configs"_a, "corpora"_a, "corpus_configs"_a,
         "max_nodes"_a, "min_score"_a,
         "Query every index with the context tail and merge their tries into one draft tree "
