@@ -30,6 +30,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                        help="where finished outputs are shared (default auto: Redis if a URL is set, else the file)")
     serve.add_argument("--metrics-port", type=int, metavar="P",
                        help="Prometheus /metrics port (SPECDRAFT_METRICS_PORT; 0: a free one; default -1: off)")
+    serve.add_argument("--auth-tokens", metavar="FILE",
+                       help="bearer tokens bound to tenants, lines 'TOKEN TENANTS [admin]' or JSON "
+                            "(SPECDRAFT_AUTH_TOKENS_FILE; default: no auth, see SECURITY.md)")
+    serve.add_argument("--tls-cert", metavar="PEM", help="TLS certificate chain (SPECDRAFT_TLS_CERT; with --tls-key)")
+    serve.add_argument("--tls-key", metavar="PEM", help="TLS private key (SPECDRAFT_TLS_KEY)")
+    serve.add_argument("--tls-client-ca", metavar="PEM",
+                       help="require client certificates signed by this CA: mTLS (SPECDRAFT_TLS_CLIENT_CA)")
     serve.add_argument("--log-format", choices=("text", "json"),
                        help="log lines as text or one JSON object each (SPECDRAFT_LOG_FORMAT; default text)")
     serve.set_defaults(run=run_serve)
@@ -43,7 +50,9 @@ def settings_from_args(args: argparse.Namespace):
         host=args.host, port=args.port, indexes=tuple(args.index) if args.index else None,
         default_max_nodes=args.max_nodes, max_nodes_cap=args.max_nodes, tokenizer=args.tokenizer,
         reflection=args.reflection, reference_set=args.reference_set, redis_url=args.redis_url,
-        data_dir=args.data_dir, output_log=args.output_log, metrics_port=args.metrics_port)
+        data_dir=args.data_dir, output_log=args.output_log, metrics_port=args.metrics_port,
+        auth_tokens_file=args.auth_tokens, tls_cert=args.tls_cert, tls_key=args.tls_key,
+        tls_client_ca=args.tls_client_ca)
 
 
 def run_serve(args: argparse.Namespace) -> int:

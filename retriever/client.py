@@ -1,6 +1,7 @@
 """Python client of the retriever (`specdraft.v1.Retriever`), for the verifier and the adapters.
 
-- `RetrieverClient(target, deadline_s)`: one channel. Unary helpers `draft`, `draft_batch`,
+- `RetrieverClient(target, deadline_s, security=ChannelSecurity(...))`: one channel (TLS, mTLS
+  and a bearer token as `retriever.channel` says; default plaintext). Unary helpers `draft`, `draft_batch`,
   `end_session`, `describe` raise the domain errors of `retriever.errors` (mapped back from
   status codes by `error_from_status`); they return typed values (`DraftReply` holds a
   `retriever.drafter.DraftTree`).
@@ -33,6 +34,7 @@ import numpy as np
 from protos.specdraft.v1 import retriever_pb2 as pb
 from protos.specdraft.v1 import retriever_pb2_grpc as pb_grpc
 from retriever import errors
+from retriever.channel import ChannelSecurity, open_channel
 from retriever.drafter import DraftTree
 
 if TYPE_CHECKING:
@@ -47,6 +49,8 @@ _ERROR_BY_STATUS = {
     grpc.StatusCode.RESOURCE_EXHAUSTED: errors.ResourceExhausted,
     grpc.StatusCode.UNAVAILABLE: errors.Unavailable,
     grpc.StatusCode.DEADLINE_EXCEEDED: errors.Unavailable,
+    grpc.StatusCode.UNAUTHENTICATED: errors.Unauthenticated,
+    grpc.StatusCode.PERMISSION_DENIED: errors.PermissionDenied,
 }
 _CODE_BY_VALUE = {c.value[0]: c for c in grpc.StatusCode}
 
@@ -136,11 +140,12 @@ class RetrieverClient:
     """A channel to one retriever; see the module docstring. Thread-safe."""
 
     def __init__(self, target: str, deadline_s: float = 0.05, *, call_timeout_s: float = 5.0,
-                 backoff_s: tuple[float, float] = (0.05, 5.0)) -> None:
+                 backoff_s: tuple[float, float] = (0.05, 5.0), security: ChannelSecurity | None = None) -> None:
+        """`security`: TLS/mTLS files and the bearer token (`retriever.channel`); None: plaintext, no token."""
         if deadline_s <= 0:
             raise ValueError(f"deadline_s must be > 0, got {deadline_s}")
         self.target, self.deadline_s, self.call_timeout_s, self.backoff_s = target, deadline_s, call_timeout_s, backoff_s
-        self._channel = grpc.insecure_channel(target, options=[
+        self._channel = open_channel(target, security, options=[
             ("grpc.initial_reconnect_backoff_ms", int(backoff_s[0] * 1000)),
             ("grpc.min_reconnect_backoff_ms", int(backoff_s[0] * 1000)),
             ("grpc.max_reconnect_backoff_ms", int(backoff_s[1] * 1000))])

@@ -31,3 +31,11 @@ class Unavailable(SpecdraftError):
 
 class IndexFormatError(SpecdraftError):
     """An index directory is missing, corrupt, or of an unknown format version."""
+
+
+class Unauthenticated(SpecdraftError):
+    """The call carries no valid credential (auth on, see retriever.auth_tokens)."""
+
+
+class PermissionDenied(SpecdraftError):
+    """The credential is valid but does not cover what the call asks for (another tenant, admin details)."""

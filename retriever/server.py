@@ -34,6 +34,8 @@ from grpc_reflection.v1alpha import reflection
 
 from protos.specdraft.v1 import retriever_pb2, retriever_pb2_grpc
 from retriever import errors
+from retriever.auth import guard, server_credentials
+from retriever.auth_tokens import TokenTable, load_tokens
 from retriever.drafter import Drafter
 from retriever.log_sync import LogSync, open_log
 from retriever.metrics import RetrieverMetrics, bound_port, serve_metrics
@@ -222,17 +224,31 @@ def _address(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host and not host.startswith("[") else f"{host}:{port}"
 
 
+def _security(settings: RetrieverSettings) -> tuple[TokenTable | None, grpc.ServerCredentials | None]:
+    """The tokens (None: auth off) and TLS credentials (None: plaintext); OSError when a file is bad."""
+    try:
+        tokens = load_tokens(settings.auth_tokens_file) if settings.auth_tokens_file else None
+        credentials = server_credentials(settings)
+    except ValueError as e:
+        raise OSError(str(e)) from None
+    log.info("retriever auth %s, transport %s", f"on ({len(tokens.grants)} tokens)" if tokens else "off",
+             "mTLS" if settings.tls_client_ca else "TLS" if credentials else "plaintext")
+    return tokens, credentials
+
+
 def _grpc_server(settings: RetrieverSettings, servicer: RetrieverServicer,
                  health_servicer: health.aio.HealthServicer) -> tuple[grpc.aio.Server, int]:
+    tokens, credentials = _security(settings)
     server = grpc.aio.server(options=[("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
                                       ("grpc.so_reuseport", 0)])
-    retriever_pb2_grpc.add_RetrieverServicer_to_server(servicer, server)
+    retriever_pb2_grpc.add_RetrieverServicer_to_server(guard(servicer, tokens), server)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     if settings.reflection:
         reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
     address = _address(settings.host, settings.port)
     try:
-        port = server.add_insecure_port(address)
+        port = (server.add_secure_port(address, credentials) if credentials is not None
+                else server.add_insecure_port(address))
     except RuntimeError as e:
         raise OSError(f"retriever address must be bindable, got {address} ({e})") from None
     if port == 0:

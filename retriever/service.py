@@ -11,6 +11,7 @@ drafts) are never logged. Drafts, rejections and ended sessions are counted in
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from typing import TYPE_CHECKING, AsyncIterator, Callable, Sequence, TypeVar
@@ -21,6 +22,7 @@ import specdraft
 from protos.specdraft.v1 import retriever_pb2 as pb
 from protos.specdraft.v1 import retriever_pb2_grpc as pb_grpc
 from retriever import errors
+from retriever.admission import Admission, DeadlineExceeded, Overloaded, check_deadline
 from retriever.drafter import Drafter, DraftResult
 from retriever.faiss_manifest import FAISS_KIND
 from retriever.metrics import LOOKUP_SAMPLE_EVERY, RetrieverMetrics
@@ -40,6 +42,9 @@ STATUS_BY_ERROR: dict[type[errors.SpecdraftError], grpc.StatusCode] = {
     errors.ResourceExhausted: grpc.StatusCode.RESOURCE_EXHAUSTED,
     errors.Unavailable: grpc.StatusCode.UNAVAILABLE,
     errors.IndexFormatError: grpc.StatusCode.FAILED_PRECONDITION,
+    DeadlineExceeded: grpc.StatusCode.DEADLINE_EXCEEDED,
+    errors.Unauthenticated: grpc.StatusCode.UNAUTHENTICATED,
+    errors.PermissionDenied: grpc.StatusCode.PERMISSION_DENIED,
 }
 LOADING = "indexes are still loading"
 _Req = TypeVar("_Req")
@@ -105,6 +110,16 @@ async def _answer(context: grpc.aio.ServicerContext, handle: Callable[[_Req], _R
     raise AssertionError("unreachable: abort raises")
 
 
+class _StreamSessions:
+    """The sessions one DraftStream drafted for; `closed` once it ended with a status (not cancelled)."""
+
+    __slots__ = ("drafted", "closed")
+
+    def __init__(self) -> None:
+        self.drafted: set[tuple[str, str]] = set()
+        self.closed = False
+
+
 class RetrieverServicer(pb_grpc.RetrieverServicer):
     """The service over one `Drafter`; `set_corpora` makes it ready. `metrics`: where calls are
     counted (default: instruments in a registry of their own)."""
@@ -119,6 +134,7 @@ class RetrieverServicer(pb_grpc.RetrieverServicer):
         self._vocab_size = settings.vocab_size  # 0: none fixed (yet)
         self._limits: Limits | None = None  # None: not ready
         self._unavailable = LOADING
+        self.admission = Admission(settings.max_inflight, settings.max_queued)
 
     @property
     def ready(self) -> bool:
@@ -151,25 +167,50 @@ class RetrieverServicer(pb_grpc.RetrieverServicer):
     # ------------------------------------------------------------ RPCs
 
     async def Draft(self, request: pb.DraftRequest, context: grpc.aio.ServicerContext) -> pb.DraftResponse:
-        return await _answer(context, self._draft_measured, request)
+        await self._admit(context, "draft")
+        try:
+            return await _answer(context, self._draft_measured, request)
+        finally:
+            self.admission.leave()
 
     async def DraftStream(self, request_iterator: AsyncIterator[pb.DraftRequest],
                           context: grpc.aio.ServicerContext) -> AsyncIterator[pb.DraftResponse]:
-        """One response per request, in order; the first failure ends the stream with its status."""
-        async for request in request_iterator:
-            try:
-                response = self._draft_measured(request, "stream")
-            except Exception as e:  # noqa: BLE001
-                code, message = status_of(e)
-                break
-            yield response
-        else:
-            return
-        await context.abort(code, message)
+        """One response per request, in order; the first failure ends the stream with its status.
+        Each message takes an admission slot while it is drafted (an idle stream holds none).
+        A cancelled stream (client cancel, deadline) ends the sessions it drafted for (their
+        output goes to their tenants); anything missed still ends by idle expiry."""
+        stream = _StreamSessions()
+        context.add_done_callback(lambda _: None if stream.closed else self._end_cancelled(stream.drafted))
+        code, message = None, ""
+        try:
+            async for request in request_iterator:
+                await self._admit(context, "stream")
+                try:
+                    response = self._draft_measured(request, "stream")
+                except Exception as e:  # noqa: BLE001
+                    code, message = status_of(e)
+                    break
+                finally:
+                    self.admission.leave()
+                stream.drafted.add((request.tenant, request.session_id))
+                yield response
+        except (asyncio.CancelledError, GeneratorExit):
+            raise  # cancelled: the done callback ends the sessions
+        except BaseException:
+            stream.closed = True  # aborted by _admit: a status went out
+            raise
+        await asyncio.sleep(0)  # a client cancel shows as the end of requests, its cancellation one turn later
+        stream.closed = True
+        if code is not None:
+            await context.abort(code, message)
 
     async def DraftBatch(self, request: pb.DraftBatchRequest,
                          context: grpc.aio.ServicerContext) -> pb.DraftBatchResponse:
-        return await _answer(context, self._rejections(self._draft_batch, "batch"), request)
+        await self._admit(context, "batch")
+        try:
+            return await _answer(context, self._rejections(self._draft_batch, "batch"), request)
+        finally:
+            self.admission.leave()
 
     async def EndSession(self, request: pb.EndSessionRequest,
                          context: grpc.aio.ServicerContext) -> pb.EndSessionResponse:
@@ -179,6 +220,33 @@ class RetrieverServicer(pb_grpc.RetrieverServicer):
 
     async def Describe(self, request: pb.DescribeRequest, context: grpc.aio.ServicerContext) -> pb.DescribeResponse:
         return await _answer(context, self._describe, request)
+
+    # ------------------------------------------------------------ admission (retriever.admission)
+
+    async def _admit(self, context: grpc.aio.ServicerContext, rpc: str) -> None:
+        """Takes an admission slot, then checks the deadline; a refused call is counted and
+        aborted (RESOURCE_EXHAUSTED "overloaded" at once, or DEADLINE_EXCEEDED) holding no slot."""
+        try:
+            await self.admission.enter()
+            check_deadline(context.time_remaining())
+        except Overloaded as e:
+            self.metrics.rejections.labels(rpc, "RESOURCE_EXHAUSTED", "overloaded").inc()
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(e))
+        except DeadlineExceeded as e:
+            self.admission.leave()
+            self.metrics.rejected(rpc, "DEADLINE_EXCEEDED", str(e))
+            await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, str(e))
+
+    def _end_cancelled(self, drafted: set[tuple[str, str]]) -> None:
+        """Ends the sessions a cancelled DraftStream drafted for (their output goes to their tenants)."""
+        ended = 0
+        for tenant, session_id in drafted:
+            try:
+                self._drafter.end_session(tenant, session_id)
+                ended += 1
+            except errors.NotFound:  # ended meanwhile (EndSession, expiry, eviction)
+                pass
+        self.metrics.ended("cancelled", ended)
 
     # ------------------------------------------------------------ the work (sync, raises domain errors)
 

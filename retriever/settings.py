@@ -57,6 +57,8 @@ class RetrieverSettings:
     tokenizer: str = ""  # tokenizer dir or tokenizer.json; when set, every index must match its hash
     grace_s: float = 5.0  # graceful stop: in-flight calls get this long
     expire_interval_s: float = 30.0  # how often idle sessions are looked for
+    max_inflight: int = 256  # calls drafting at once (a DraftStream while it handles a message)
+    max_queued: int = 1024  # calls waiting for a slot; beyond it RESOURCE_EXHAUSTED at once
     # The shared output log (docs/OUTPUT_LOG.md): auto = Redis if redis_url is set, else the file log.
     output_log: str = "auto"  # auto, redis, file or off
     redis_url: str = field(default="", repr=False)  # redis://, rediss:// or unix:// (may hold a password)
@@ -68,6 +70,11 @@ class RetrieverSettings:
     log_queue_max: int = 10_000  # outputs waiting to be published; beyond it the oldest drop
     log_warmup_gate: str = "not_serving"  # not_serving: health waits for the replay; degraded: it does not
     log_warmup_timeout_s: float = 0.0  # not_serving: serve anyway after this long (0: wait for the replay)
+    # Auth and transport security (SECURITY.md); both off by default.
+    auth_tokens_file: str = ""  # bearer tokens bound to tenants (retriever.auth_tokens); empty: no auth
+    tls_cert: str = ""  # PEM certificate chain; with tls_key the server speaks TLS only
+    tls_key: str = ""  # PEM private key of tls_cert
+    tls_client_ca: str = ""  # PEM CA: clients must present a certificate it signed (mTLS); needs tls_cert
 
     def __post_init__(self) -> None:
         for f in fields(self):
@@ -77,6 +84,11 @@ class RetrieverSettings:
                 raise ValueError(f"{env_name(f.name)} must be {check[1]}, got {shown}")
         if self.output_log == "redis" and not self.redis_url:
             raise ValueError(f"{env_name('redis_url')} must be set when {env_name('output_log')}=redis, got ''")
+        if bool(self.tls_cert) != bool(self.tls_key):
+            raise ValueError(f"{env_name('tls_cert')} and {env_name('tls_key')} must be set together, got only "
+                             f"{env_name('tls_cert' if self.tls_cert else 'tls_key')}")
+        if self.tls_client_ca and not self.tls_cert:
+            raise ValueError(f"{env_name('tls_cert')} must be set when {env_name('tls_client_ca')} is (mTLS), got ''")
         if self.default_max_nodes > self.max_nodes_cap:
             raise ValueError(f"{env_name('default_max_nodes')} must be at most {env_name('max_nodes_cap')}="
                              f"{self.max_nodes_cap}, got {self.default_max_nodes}")
@@ -163,6 +175,8 @@ _RULES: dict[str, tuple[Callable[[object], bool], str]] = {
     "tokenizer": (lambda v: isinstance(v, str), "a path or empty"),
     "grace_s": (_seconds(0, True), "a finite number of seconds >= 0"),
     "expire_interval_s": (_seconds(0, False), "a finite number of seconds > 0"),
+    "max_inflight": (_int(1), "an integer >= 1"),
+    "max_queued": (_int(0), "an integer >= 0"),
     "output_log": (lambda v: v in ("auto", "redis", "file", "off"), "one of auto, redis, file, off"),
     "redis_url": (lambda v: isinstance(v, str) and (not v or v.split("://", 1)[0] in ("redis", "rediss", "unix")),
                   "empty or a redis://, rediss:// or unix:// URL"),
@@ -174,6 +188,10 @@ _RULES: dict[str, tuple[Callable[[object], bool], str]] = {
     "log_queue_max": (_int(1), "an integer >= 1"),
     "log_warmup_gate": (lambda v: v in ("not_serving", "degraded"), "not_serving or degraded"),
     "log_warmup_timeout_s": (_seconds(0, True), "a finite number of seconds >= 0 (0: no limit)"),
+    "auth_tokens_file": (lambda v: isinstance(v, str), "a file path or empty (auth off)"),
+    "tls_cert": (lambda v: isinstance(v, str), "a PEM file path or empty (plaintext)"),
+    "tls_key": (lambda v: isinstance(v, str), "a PEM file path or empty"),
+    "tls_client_ca": (lambda v: isinstance(v, str), "a PEM file path or empty (no client certificates)"),
 }
 _BOOLS = {"1": True, "true": True, "yes": True, "on": True, "0": False, "false": False, "no": False, "off": False}
 

@@ -211,8 +211,10 @@ def test_retriever_cli_logs_json_lines_and_serves_metrics(corpus):
                      SPECDRAFT_HOST="127.0.0.1", SPECDRAFT_INDEX_DIRS=str(corpus / "corpus"))
     try:
         target = proc.stdout.readline().split()[-1]
-        lines = [json.loads(proc.stderr.readline()) for _ in range(2)]  # listening, metrics
-        url = next(re.search(r"http://\S+/metrics", x["msg"]).group(0) for x in lines if "metrics" in x["msg"])
+        lines = [json.loads(proc.stderr.readline())]  # start-up lines (listening, auth, ...) up to the metrics one
+        while "/metrics" not in lines[-1]["msg"] and len(lines) < 10:
+            lines.append(json.loads(proc.stderr.readline()))
+        url = re.search(r"http://\S+/metrics", lines[-1]["msg"]).group(0)
         assert all({"ts", "level", "logger", "msg"} <= set(x) for x in lines)
         with grpc.insecure_channel(target) as channel:
             deadline = time.monotonic() + 30

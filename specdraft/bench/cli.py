@@ -1,4 +1,4 @@
-"""`specdraft bench replay|latency|ablation|index`: the benchmarks behind the README's figures.
+"""`specdraft bench replay|latency|ablation|index|generate|log|overload`: the benchmarks behind the README's figures.
 
 Each command prints a table and returns 0; `--json PATH` also writes the typed result.
 """
@@ -63,6 +63,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--max-new-tokens", type=int, default=128)
     p.add_argument("--tokenizer", default=DEFAULT_TOKENIZER, help="the traces' tokenizer (to decode their prompts)")
     p.add_argument("--no-hf", action="store_true", help="skip HF generate (plain and prompt lookup)")
+
+    p = sub.add_parser("overload", help="retriever at 10x its concurrency cap: counts, p99, RSS, cancelled streams")
+    p.add_argument("--cap", type=int, default=64, help="server max_inflight; 10x this many callers (default %(default)s)")
+    p.add_argument("--queued", type=int, default=64, help="server max_queued (default %(default)s)")
+    p.add_argument("--seconds", type=float, default=10.0, help="overload soak length (default %(default)s)")
+    p.add_argument("--streams", type=int, default=10_000, help="cancelled DraftStreams (default %(default)s)")
+    p.add_argument("--json", metavar="PATH", help="also write the result as JSON")
+    p.set_defaults(run=run_overload)
 
     from specdraft.bench import log_bench
 
@@ -169,4 +177,11 @@ def run_index(args: argparse.Namespace) -> int:
         docs = ib.trace_documents(load_traces(args.traces), args.online_tokens)
         source = f"{args.traces} (cycled)"
     _emit(ib.IndexBenchResult(build, ib.bench_online(docs, source)), args.json)
+    return 0
+
+
+def run_overload(args: argparse.Namespace) -> int:
+    from specdraft.bench.overload import run_overload as overload
+
+    _emit(overload(args.cap, args.queued, args.seconds, streams=args.streams), args.json)
     return 0

@@ -1,0 +1,104 @@
+"""Overload control of the retriever: a concurrency cap with a bounded wait queue, and deadlines.
+
+- `Admission(max_inflight, max_queued)`: an asyncio semaphore with a bounded FIFO of waiters,
+  for the servicer's edge (one per server, used only on its event loop: not thread-safe).
+  `await enter()` takes a slot: at once while fewer than `max_inflight` calls hold one, else
+  after waiting its turn; with `max_queued` already waiting it raises `Overloaded`
+  (RESOURCE_EXHAUSTED) immediately. `leave()` gives the slot back, handing it to the oldest
+  waiter. A call cancelled while waiting (client cancel, deadline) leaves no trace.
+  A slot taken at once still yields to the loop once: the drafting is synchronous on the
+  loop, so without it no two calls would ever be counted together and calls that arrived
+  in the same loop turn could not be refused before the backlog is drafted.
+- `check_deadline(time_remaining)`: raises `DeadlineExceeded` when a call's deadline has
+  passed by the time it gets its turn (the call is then not drafted, no state changes).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import deque
+from dataclasses import dataclass
+
+from retriever import errors
+
+
+class Overloaded(errors.ResourceExhausted):
+    """More calls than max_inflight in progress and max_queued waiting (metrics reason "overloaded")."""
+
+
+class DeadlineExceeded(errors.SpecdraftError):
+    """The call's deadline passed before it was drafted."""
+
+
+@dataclass(frozen=True)
+class AdmissionStats:
+    """Calls holding a slot and calls waiting for one, now."""
+
+    inflight: int
+    queued: int
+
+
+class Admission:
+    """At most `max_inflight` calls hold a slot; at most `max_queued` wait (FIFO) for one."""
+
+    def __init__(self, max_inflight: int, max_queued: int) -> None:
+        if max_inflight < 1 or max_queued < 0:
+            raise ValueError(f"max_inflight must be >= 1 and max_queued >= 0, got {max_inflight} and {max_queued}")
+        self.max_inflight, self.max_queued = max_inflight, max_queued
+        self._inflight = 0
+        self._waiters: deque[asyncio.Future[None]] = deque()
+
+    def stats(self) -> AdmissionStats:
+        return AdmissionStats(self._inflight, len(self._waiters))
+
+    def enter_nowait(self) -> bool:
+        """Takes a slot if one is free and nobody waits (no yield); False otherwise."""
+        if self._inflight < self.max_inflight and not self._waiters:
+            self._inflight += 1
+            return True
+        return False
+
+    async def enter(self) -> None:
+        """Takes a slot (see the module doc); raises Overloaded when the queue is full."""
+        if self.enter_nowait():
+            try:
+                await asyncio.sleep(0)
+            except BaseException:  # cancelled at the yield: the slot goes back
+                self.leave()
+                raise
+            return
+        if len(self._waiters) >= self.max_queued:
+            raise Overloaded(f"calls must be at most {self.max_inflight} in flight and {self.max_queued} queued, "
+                             f"got {self._inflight} in flight and {len(self._waiters)} queued")
+        turn: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._waiters.append(turn)
+        try:
+            await turn  # leave() hands its slot over: _inflight stays
+        except BaseException:
+            if turn.done() and not turn.cancelled():
+                self.leave()  # handed the slot, then cancelled before running
+            else:
+                self._remove(turn)
+            raise
+
+    def leave(self) -> None:
+        """Gives a slot back: to the oldest live waiter, else to the pool."""
+        while self._waiters:
+            turn = self._waiters.popleft()
+            if not turn.done():
+                turn.set_result(None)
+                return
+        self._inflight -= 1
+
+    def _remove(self, turn: "asyncio.Future[None]") -> None:
+        try:
+            self._waiters.remove(turn)
+        except ValueError:
+            pass
+
+
+def check_deadline(time_remaining: float | None) -> None:
+    """Raises DeadlineExceeded when `time_remaining` (seconds; None: no deadline) is not positive."""
+    if time_remaining is not None and time_remaining <= 0:
+        raise DeadlineExceeded(f"deadline must not have passed when the call is drafted, got {-time_remaining:.3f} s "
+                               "past it")
