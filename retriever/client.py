@@ -401,5 +401,7 @@ class DraftStreamSession:
             self.output_tokens = self._client.end_session(self.tenant, self.session_id)
         except errors.SpecdraftError as e:
             log.info("ending draft session %s failed: %s", self.session_id, e)
+        except ValueError as e:  # the client was closed first (grpc: "Cannot invoke RPC on closed channel")
+            log.info("draft session %s not ended: %s", self.session_id, e)
         finally:
             self.closed.set()

@@ -176,3 +176,14 @@ def test_session_is_a_draft_source():
         assert isinstance(client.session("t", uuid.uuid4().hex), DraftSource)
     finally:
         client.close()
+
+
+@pytest.mark.filterwarnings("error::pytest.PytestUnhandledThreadExceptionWarning")
+def test_closing_the_client_while_a_session_ends_is_quiet(retriever):
+    c = RetrieverClient(f"127.0.0.1:{retriever[1]}", deadline_s=DEADLINE_S, call_timeout_s=5.0)
+    session = c.session("t", "closing")
+    session.start([5, 6, 7, 5, 6])
+    session.draft([], 4)
+    session.end([7])
+    c.close()  # the ending thread may still be running: it logs instead of raising
+    assert session.closed.wait(5)

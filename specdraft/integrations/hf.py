@@ -70,6 +70,7 @@ class SpecdraftGenerate:
         steps = list(engine.generate(prompt, max_new, _sampling(generation_config), drafter=session,
                                      stop_token_ids=eos))
         new = [t for step in steps for t in step.tokens]
+        session.closed.wait(self.client.call_timeout_s)  # the output is the tenant's before generate returns
         self.last_run = RunStats(len(new), len(steps), sum(step.accepted_nodes for step in steps))
         tail = torch.tensor([new], dtype=input_ids.dtype, device=input_ids.device)  # [1, n]
         return torch.cat([input_ids, tail], dim=1)
