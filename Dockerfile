@@ -1,7 +1,8 @@
-# specdraft image: the C++ core is compiled in a build stage; the runtime stage holds only
-# the installed wheels (no compiler). EXTRAS=verifier adds the verifier (torch, CUDA build).
-#   docker build -t specdraft .                                   # retriever, index builder
-#   docker build --build-arg EXTRAS=verifier -t specdraft-verifier .
+# specdraft retriever image (CPU, no torch): the retriever and the index builder. The C++ core
+# is compiled in a build stage; the runtime stage holds only the installed wheels (no compiler).
+# The verifier has its own image: Dockerfile.verifier. EXTRAS adds optional extras (e.g. faiss).
+#   docker build -t specdraft .
+#   docker build --build-arg EXTRAS=faiss -t specdraft .
 #   docker run -p 50051:50051 -v ./data:/data:ro specdraft \
 #       specdraft retriever serve --port 50051 --index /data/indexes/stdlib
 

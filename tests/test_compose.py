@@ -30,7 +30,8 @@ def test_services_are_wired_as_documented():
     assert retriever["environment"]["SPECDRAFT_REDIS_URL"].startswith("redis://redis:")
     assert "CMD" in retriever["healthcheck"]["test"] and "HealthStub" in " ".join(retriever["healthcheck"]["test"])
     assert verifier["environment"]["SPECDRAFT_VERIFIER_RETRIEVER"] == "retriever:50051"
-    assert verifier["profiles"] == ["gpu"] and verifier["build"]["args"]["EXTRAS"] == "verifier"
+    assert verifier["profiles"] == ["gpu"] and verifier["build"]["dockerfile"] == "Dockerfile.verifier"
+    assert (ROOT / verifier["build"]["dockerfile"]).exists() and (ROOT / "Dockerfile").exists()
     devices = verifier["deploy"]["resources"]["reservations"]["devices"]
     assert devices == [{"driver": "nvidia", "count": 1, "capabilities": ["gpu"]}]
 
