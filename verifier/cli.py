@@ -80,6 +80,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     demo.add_argument("--index-dir", type=Path, help="stdlib datastore (built if missing)")
     demo.add_argument("--out", type=Path, default=Path("out/demo.png"), help="chart (PNG)")
     demo.add_argument("--max-new-tokens", type=int, default=128)
+    demo.add_argument("--tenant", help="drafting tenant (default: a fresh one per run; reuse one to see prior "
+                                       "outputs of earlier runs drafted from)")
     demo.set_defaults(run=_demo)
 
 

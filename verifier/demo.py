@@ -42,7 +42,7 @@ class DemoRow:
         return self.drafted.stats.tokens_per_s / max(self.plain.stats.tokens_per_s, 1e-9)
 
 
-def _demo_request(kind: str, prompt: str, max_new_tokens: int, no_draft: bool, tenant: str = "demo"):
+def _demo_request(kind: str, prompt: str, max_new_tokens: int, no_draft: bool, tenant: str):
     from protos.specdraft.v1 import verifier_pb2 as pb
 
     req = pb.GenerateRequest(sampling=pb.SamplingParams(max_new_tokens=max_new_tokens), tenant=tenant,
@@ -86,14 +86,16 @@ def run_demo(args: argparse.Namespace, settings: VerifierSettings) -> int:
           flush=True)
     slug = "".join(c if c.isalnum() else "-" for c in Path(settings.model).name)
     index = ensure_stdlib_index(args.index_dir or Path("data/indexes") / f"stdlib-{slug}", model.tokenizer, slug)
+    tenant = args.tenant or f"demo-{time.strftime('%Y%m%d-%H%M%S')}"  # fresh: no outputs of earlier runs
+    print(f"tenant {tenant}: its prompts draft from each other's outputs, never from earlier runs'", flush=True)
     with in_process_retriever([index]) as retriever, \
             in_process_verifier(settings.replace(retriever=retriever), model) as verifier, verifier_stub(verifier) as stub:
         for no_draft in (True, False):  # first-call costs (allocations, lazy initialization)
             generate(stub, _demo_request(DEMO_PROMPTS[0][1], DEMO_PROMPTS[0][2], 16, no_draft, "warm-up"))
         rows = []
         for workload, kind, prompt in DEMO_PROMPTS:
-            plain = generate(stub, _demo_request(kind, prompt, args.max_new_tokens, True))
-            drafted = generate(stub, _demo_request(kind, prompt, args.max_new_tokens, False))
+            plain = generate(stub, _demo_request(kind, prompt, args.max_new_tokens, True, tenant))
+            drafted = generate(stub, _demo_request(kind, prompt, args.max_new_tokens, False, tenant))
             rows.append(DemoRow(workload, prompt, plain, drafted))
             print(f"  {workload:<8} done: {drafted.stats.new_tokens} tokens, speedup {rows[-1].speedup:.2f}x",
                   flush=True)
