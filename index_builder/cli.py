@@ -113,15 +113,15 @@ def _build(args: argparse.Namespace) -> int:
 
 def _inspect(args: argparse.Namespace) -> int:
     from retriever.datastore import check_files, check_tokenizer, open_datastore, read_manifest
-    from retriever.faiss_manifest import FAISS_FORMAT, load_manifest_json
+    from retriever.faiss_manifest import FAISS_FORMAT
+    from retriever.manifest import index_format
 
     tok = None
     if args.tokenizer:
         from index_builder.tokenizer import load_tokenizer
 
         tok = load_tokenizer(args.tokenizer)
-    raw = load_manifest_json(args.dir)
-    if isinstance(raw, dict) and raw.get("format") == FAISS_FORMAT:
+    if index_format(args.dir) == FAISS_FORMAT:
         from index_builder.inspect_faiss import inspect_faiss
 
         return inspect_faiss(args, tok)

@@ -25,6 +25,7 @@ Pure module: imports neither grpc nor torch.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import mmap
 import os
@@ -34,7 +35,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Iterator
 
 import numpy as np
 
@@ -104,13 +105,7 @@ def write_datastore(out_dir: str | Path, documents: Iterable[np.ndarray], tokeni
     """
     if sorted_depth < 1:
         raise InvalidArgument(f"sorted_depth must be at least 1, got {sorted_depth}")
-    out = Path(out_dir).absolute()
-    check_target(out, overwrite)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    try:
+    with staged_index(Path(out_dir).absolute(), overwrite) as tmp:
         start = time.perf_counter()
         tokens, num_documents = collect_documents(documents, tokenizer.vocab_size)  # int32[num_positions]
         files = {TOKENS_FILE: write_tokens(tmp / TOKENS_FILE, tokens),
@@ -119,9 +114,6 @@ def write_datastore(out_dir: str | Path, documents: Iterable[np.ndarray], tokeni
         manifest = _make_manifest(name, tokenizer, num_documents, sorted_depth, files, sources,
                                   time.perf_counter() - start)
         write_synced(tmp / MANIFEST_FILE, manifest.to_json().encode())
-        move_into_place(tmp, out, overwrite)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return manifest
 
 
@@ -140,6 +132,23 @@ def check_target(out: Path, overwrite: bool, index_files: frozenset[str] = INDEX
                               "got another file or directory (refusing to replace it)")
     if not overwrite:
         raise InvalidArgument(f"output {out} already holds an index; pass overwrite (--overwrite) to replace it")
+
+
+@contextlib.contextmanager
+def staged_index(out: Path, overwrite: bool, index_files: frozenset[str] = INDEX_FILES) -> Iterator[Path]:
+    """A fresh sibling directory `.OUT.tmp-<pid>` to write an index into: renamed to `out`
+    (`move_into_place`) when the block completes, removed in every case. Checks the target
+    first (`check_target`: InvalidArgument)."""
+    check_target(out, overwrite, index_files)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        yield tmp
+        move_into_place(tmp, out, overwrite, index_files)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def move_into_place(tmp: Path, out: Path, overwrite: bool, index_files: frozenset[str] = INDEX_FILES) -> None:

@@ -14,8 +14,8 @@ from pathlib import Path
 from typing import Any
 
 from retriever.errors import IndexFormatError
-from retriever.manifest import (MANIFEST_FILE, SEPARATOR_U24, TOKEN_WIDTH_BYTES, BuildInfo, FileInfo,
-                                TokenizerInfo, _Fields, _is_hex64)
+from retriever.manifest import (MANIFEST_FILE, SEPARATOR_U24, TOKEN_WIDTH_BYTES, BuildInfo, FileInfo, TokenizerInfo,
+                                _Fields, _is_hex64, load_manifest_json)
 
 FAISS_FORMAT = "specdraft-faiss"
 FAISS_FORMAT_VERSION = 1
@@ -83,22 +83,6 @@ class FaissManifest:
 def read_faiss_manifest(root: Path) -> FaissManifest:
     """Parses and validates `root`/manifest.json of a FAISS datastore (fields and counts only)."""
     return parse_faiss_manifest(load_manifest_json(root), root / MANIFEST_FILE)
-
-
-def load_manifest_json(root: Path) -> Any:
-    """The raw JSON of `root`/manifest.json; IndexFormatError if missing or unreadable."""
-    if not root.is_dir():
-        got = "a file" if root.exists() else "no such path"
-        raise IndexFormatError(f"index {root} must be a directory, got {got}")
-    mpath = root / MANIFEST_FILE
-    try:
-        return json.loads(mpath.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise IndexFormatError(f"{mpath} must exist (an interrupted build leaves none), got no such file") from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise IndexFormatError(f"{mpath} must be readable, got {e}") from None
-    except json.JSONDecodeError as e:
-        raise IndexFormatError(f"{mpath} must be valid JSON, got {e}") from None
 
 
 def parse_faiss_manifest(raw: Any, mpath: Path) -> FaissManifest:

@@ -26,9 +26,7 @@ Pure module (numpy + faiss, imported lazily).
 from __future__ import annotations
 
 import hashlib
-import json
 import os
-import shutil
 import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -37,14 +35,15 @@ from typing import Any, Iterable, Sequence
 
 import numpy as np
 
-from retriever.datastore import (CorpusDatastore, check_files, check_target, collect_documents, file_sha256,
-                                 move_into_place, open_datastore, unpack_u24, write_synced, write_tokens)
+from retriever.datastore import (CorpusDatastore, check_files, collect_documents, file_sha256, open_datastore,
+                                 staged_index, unpack_u24, write_synced, write_tokens)
 from retriever.embedding import Embedder, LexicalEmbedder, load_embedder
 from retriever.errors import FailedPrecondition, IndexFormatError, InvalidArgument
 from retriever.faiss_manifest import (EMBEDDER_FILE, FAISS_FILES, FAISS_FORMAT, FAISS_FORMAT_VERSION, FAISS_KIND,
                                       INDEX_FILE, METRIC, PASSAGE_FIELDS, PASSAGES_FILE, TOKENS_FILE, EmbedderInfo,
                                       FaissManifest, IndexInfo, WindowParams, read_faiss_manifest)
-from retriever.manifest import INDEX_FILES, MANIFEST_FILE, TOKEN_WIDTH_BYTES, BuildInfo, FileInfo, TokenizerInfo
+from retriever.manifest import (INDEX_FILES, MANIFEST_FILE, TOKEN_WIDTH_BYTES, BuildInfo, FileInfo, TokenizerInfo,
+                                index_format)
 from retriever.manifest import check_tokenizer as _check_tokenizer
 
 FLAT_MAX = 100_000  # passages up to which the index is exact (IndexFlatIP)
@@ -154,13 +153,7 @@ def write_faiss_store(out_dir: str | Path, documents: Iterable[np.ndarray], toke
     """
     _check_options(windows, index_type, hnsw_m)
     faiss = import_faiss()
-    out = Path(out_dir).absolute()
-    check_target(out, overwrite, REPLACEABLE)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    try:
+    with staged_index(Path(out_dir).absolute(), overwrite, REPLACEABLE) as tmp:
         start = time.perf_counter()
         tokens, num_documents = collect_documents(documents, tokenizer.vocab_size)  # int32[num_positions]
         table = passage_table(tokens, windows)  # [num_passages, 3] int64
@@ -173,9 +166,6 @@ def write_faiss_store(out_dir: str | Path, documents: Iterable[np.ndarray], toke
         manifest = _make_manifest(name, tokenizer, emb, info, windows, len(table), num_documents, files,
                                   sources, time.perf_counter() - start)
         write_synced(tmp / MANIFEST_FILE, manifest.to_json().encode())
-        move_into_place(tmp, out, overwrite, REPLACEABLE)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return manifest
 
 
@@ -279,18 +269,9 @@ def open_index(path: str | Path, expect_tokenizer: TokenizerInfo | None = None) 
 
     Raises what those raise (IndexFormatError, FailedPrecondition).
     """
-    if _format_of(Path(path)) == FAISS_FORMAT:
+    if index_format(Path(path)) == FAISS_FORMAT:
         return open_faiss_store(path, expect_tokenizer)
     return open_datastore(path, expect_tokenizer)
-
-
-def _format_of(root: Path) -> object:
-    """The manifest's `format` value; None when it cannot be read (the opener then says why)."""
-    try:
-        raw = json.loads((root / MANIFEST_FILE).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-    return raw.get("format") if isinstance(raw, dict) else None
 
 
 def _embedder(root: Path, m: FaissManifest, given: Embedder | None) -> Embedder:

@@ -85,19 +85,32 @@ def check_tokenizer(manifest: Manifest, root: Path, expect: TokenizerInfo) -> No
 
 def read_manifest(root: Path) -> Manifest:
     """Parses and validates `root`/manifest.json (fields and their consistency only)."""
+    return _parse_manifest(load_manifest_json(root), root / MANIFEST_FILE)
+
+
+def load_manifest_json(root: Path) -> Any:
+    """The raw JSON of `root`/manifest.json (either index kind); IndexFormatError if missing or unreadable."""
     if not root.is_dir():
         got = "a file" if root.exists() else "no such path"
         raise IndexFormatError(f"index {root} must be a directory, got {got}")
     mpath = root / MANIFEST_FILE
     try:
-        raw = json.loads(mpath.read_text(encoding="utf-8"))
+        return json.loads(mpath.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise IndexFormatError(f"{mpath} must exist (an interrupted build leaves none), got no such file") from None
     except (OSError, UnicodeDecodeError) as e:
         raise IndexFormatError(f"{mpath} must be readable, got {e}") from None
     except json.JSONDecodeError as e:
         raise IndexFormatError(f"{mpath} must be valid JSON, got {e}") from None
-    return _parse_manifest(raw, mpath)
+
+
+def index_format(root: Path) -> object:
+    """The manifest's `format` value; None when it cannot be read (the kind's opener then says why)."""
+    try:
+        raw = load_manifest_json(root)
+    except IndexFormatError:
+        return None
+    return raw.get("format") if isinstance(raw, dict) else None
 
 
 class _Fields:
