@@ -10,7 +10,7 @@ import argparse
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 from retriever.errors import SpecdraftError
 
@@ -126,7 +126,7 @@ def _inspect(args: argparse.Namespace) -> int:
 
         return inspect_faiss(args, tok)
     m = read_manifest(args.dir)
-    for line in manifest_lines(args.dir, m):
+    for line in manifest_lines(args.dir, m, f"sorted_depth {m.sorted_depth}"):
         print(line)
     t0 = time.perf_counter()
     check_files(args.dir, m, verify_checksums=not args.no_verify)
@@ -143,14 +143,16 @@ def _inspect(args: argparse.Namespace) -> int:
     return 0
 
 
-def manifest_lines(path: Path, m) -> list[str]:
-    """Human summary of a Manifest, one "key  value" line each."""
+def manifest_lines(path: Path, m, format_detail: str, extra: Sequence[tuple[str, str]] = ()) -> list[str]:
+    """Human summary of either kind's manifest, one "key  value" line each; `format_detail` goes
+    after the kind on the format line, `extra` rows after it."""
     files = ", ".join(f"{n} {f.bytes / 1e6:,.1f} MB" for n, f in m.files.items())
     disk = sum(f.bytes for f in m.files.values())
     rows = [
         ("index", str(path)),
         ("name", m.name),
-        ("format", f"{m.format} v{m.format_version} ({m.kind}, sorted_depth {m.sorted_depth})"),
+        ("format", f"{m.format} v{m.format_version} ({m.kind}, {format_detail})"),
+        *extra,
         ("tokenizer", f"{m.tokenizer.name} (vocab {m.tokenizer.vocab_size:,}, sha256 {m.tokenizer.sha256[:16]})"),
         ("tokens", f"{m.num_tokens:,} in {m.num_documents:,} documents"),
         ("data", f"{files} ({disk / max(m.num_tokens, 1):.2f} bytes/token)"),

@@ -44,22 +44,11 @@ def inspect_faiss(args: argparse.Namespace, tok) -> int:
 
 def faiss_manifest_lines(path: Path, m: FaissManifest) -> list[str]:
     """Human summary of a FaissManifest, one "key  value" line each."""
-    files = ", ".join(f"{n} {f.bytes / 1e6:,.1f} MB" for n, f in m.files.items())
-    disk = sum(f.bytes for f in m.files.values())
-    idx = m.index
+    from index_builder.cli import manifest_lines
+
+    idx, w = m.index, m.windows
     index = f"{idx.type} ({idx.metric}" + (f", M {idx.hnsw_m}, efSearch {idx.ef_search})" if idx.type == "hnsw"
                                            else ", exact)")
-    w = m.windows
-    rows = [
-        ("index", str(path)),
-        ("name", m.name),
-        ("format", f"{m.format} v{m.format_version} ({m.kind}, {index})"),
+    return manifest_lines(path, m, index, [
         ("embedder", f"{m.embedder.name} dim {m.embedder.dim} {m.embedder.params}"),
-        ("passages", f"{m.num_passages:,} (window {w.window}, stride {w.stride}, continuation {w.continuation})"),
-        ("tokenizer", f"{m.tokenizer.name} (vocab {m.tokenizer.vocab_size:,}, sha256 {m.tokenizer.sha256[:16]})"),
-        ("tokens", f"{m.num_tokens:,} in {m.num_documents:,} documents"),
-        ("data", f"{files} ({disk / max(m.num_tokens, 1):.2f} bytes/token)"),
-        ("built", f"{m.build.created_at} by specdraft {m.build.specdraft_version} in {m.build.seconds:.1f} s"),
-    ]
-    rows += [("source", s) for s in m.sources]
-    return [f"{k:<11}{v}" for k, v in rows]
+        ("passages", f"{m.num_passages:,} (window {w.window}, stride {w.stride}, continuation {w.continuation})")])
