@@ -65,6 +65,8 @@ class Calibration:
         self._hits = np.zeros(self._prior.size, np.float64)  # [rows * C] decayed accepted counts
         self._trials = np.zeros(self._prior.size, np.float64)  # [rows * C] decayed tested counts
         self._table = self._prior.copy()  # [rows, C] posterior means (no evidence: the prior)
+        # The flat buffers a drafting step updates in place (`_core.session_draft`).
+        self.buffers = (self._hits, self._trials, self._table.reshape(-1), self._prior.reshape(-1))
 
     @property
     def trials(self) -> float:
@@ -78,5 +80,5 @@ class Calibration:
     def observe(self, tokens: np.ndarray, parents: np.ndarray, cells: np.ndarray, new_tokens: np.ndarray) -> None:
         """One report on a draft (tokens, parents, flat cells row * C + cell: int32[n] each)
         followed by new_tokens (int32[k]): each tested node observes its cell."""
-        _core.calib_observe(tokens, parents, cells, new_tokens, self._hits, self._trials, self._table.reshape(-1),
-                            self._prior.reshape(-1), self._params.prior_strength, self._params.decay)
+        _core.calib_observe(tokens, parents, cells, new_tokens, *self.buffers, self._params.prior_strength,
+                            self._params.decay)

@@ -45,44 +45,23 @@ if TYPE_CHECKING:
 __all__ = ["ALL_SOURCES", "DEFAULT_SOURCES", "DraftingParams", "DrafterConfig", "DrafterStats", "DraftResult", "DraftTree", "Drafter",
            "ReferenceParams", "Source", "SourceWeights"]
 
-_TAIL_TOKENS = 64  # context tokens passed to the core: the longest match it considers
-# Calibration rows: one per source slot; corpus i is row _CORPUS_ROW + i.
-_ROW = {Source.CONTEXT: 0, Source.TENANT: 1, Source.REFERENCE: 2}
-_CORPUS_ROW = 3
-
 
 class _Session:
-    """One generation: its context index, context tail, output, reference set and last draft."""
+    """One generation: its core session (context index and last draft), reference set and idle clock."""
+
+    __slots__ = ("core", "last_used_s", "reference", "reference_at")
 
     def __init__(self, prompt: np.ndarray, max_context_tokens: int, now_s: float) -> None:
-        self.index = _core.OnlineIndex(max_context_tokens)
-        self.index.append(prompt)
-        self.tail = prompt[-_TAIL_TOKENS:].copy()  # [<= 64] int32
-        self.prompt = prompt
-        self.output: list[np.ndarray] = []
-        self.length = int(prompt.shape[0])
+        self.core = _core.Session(prompt, max_context_tokens)
         self.last_used_s = now_s
         self.reference: _core.OnlineIndex | None = None
         self.reference_at = -1  # context length when the reference set was selected (-1: never)
-        self.last: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None  # tokens, parents, flat cells
-
-    def extend(self, tokens: np.ndarray) -> None:
-        self.index.append(tokens)
-        self.output.append(tokens.copy())
-        self.tail = np.concatenate([self.tail, tokens])[-_TAIL_TOKENS:]
-        self.length += int(tokens.shape[0])
 
     def recent(self, n: int) -> np.ndarray:  # [<= n] int32: the last n context tokens
-        parts, have = [], 0
-        for part in reversed([self.prompt, *self.output]):
-            parts.append(part[-(n - have):])
-            have += parts[-1].shape[0]
-            if have >= n:
-                break
-        return np.concatenate(parts[::-1])
+        return self.core.tokens(max(self.core.length - n, 0))
 
     def output_tokens(self) -> np.ndarray:  # [output_len] int32
-        return np.concatenate(self.output) if self.output else np.empty(0, np.int32)
+        return self.core.tokens(self.core.prompt_length)
 
 
 class _Tenant:
@@ -91,6 +70,7 @@ class _Tenant:
     def __init__(self, config: DrafterConfig, prior: np.ndarray) -> None:
         self.index: _core.OnlineIndex | None = None
         self.prior_outputs = PriorOutputs(config.reference)
+        self._keep_outputs = Source.REFERENCE in config.sources  # only reference sets read them
         self.calibration = Calibration(prior, config.calibration)
         self._budget = config.tenant_token_budget
 
@@ -99,7 +79,8 @@ class _Tenant:
             self.index = _core.OnlineIndex(self._budget)
         self.index.append(tokens)
         self.index.end_document()
-        self.prior_outputs.add(tokens)
+        if self._keep_outputs:
+            self.prior_outputs.add(tokens)
 
 
 class Drafter:
@@ -125,14 +106,16 @@ class Drafter:
         now on, only with Source.REFERENCE); the tenants' calibrations restart from the prior."""
         self._corpora = [ds.index for ds in corpora] if Source.CORPUS in self._config.sources else []
         self._corpus_labels = [f"corpus:{ds.name}" for ds in corpora][:len(self._corpora)]
-        self._last_inputs: list[str] = []  # labels of the last draft's queried indexes, in call order
+        self._last_used = (False, False)  # whether the last draft queried a tenant index, a reference set
         self._references = list(references) if Source.REFERENCE in self._config.sources else []
-        self._corpus_cfgs = [self._corpus_cfg] * len(self._corpora)
-        p = self._config.params
+        p, cal = self._config.params, self._config.calibration
+        self._plan = _core.DraftPlan(self._cfg[Source.CONTEXT], self._cfg[Source.TENANT], self._cfg[Source.REFERENCE],
+                                     Source.CONTEXT in self._config.sources, self._corpora,
+                                     [self._corpus_cfg] * len(self._corpora), p.min_score, self._config.calibrate,
+                                     cal.prior_strength, cal.decay)
         rows = [prior_row(w.reliability, w.half_match) for w in (p.context, p.tenant, p.reference)]
         rows += [prior_row(p.corpus.reliability, p.corpus.half_match)] * len(self._corpora)
         self._prior = np.stack(rows)  # [3 + corpora, CALIB_CELLS] float32
-        self._row_cache: dict[tuple[Source, ...], np.ndarray] = {}
         for t in self._tenants.values():
             t.calibration = Calibration(self._prior, self._config.calibration)
 
@@ -145,63 +128,45 @@ class Drafter:
         """
         now_s = time.monotonic()
         key = (tenant, session_id)
-        session = self._start(key, prompt, new_tokens, now_s) if prompt is not None else self._sessions.get(key)
-        if session is None:
-            raise NotFound(f"session must be started with a prompt first, got new_tokens for unknown session {session_id!r}")
-        state = self._tenant(tenant)
-        if prompt is None:
-            self._check_length(session.length + int(new_tokens.shape[0]))
+        if prompt is not None:
+            session = self._start(key, prompt, new_tokens, now_s)
+        else:
+            session = self._sessions.get(key)
+            if session is None:
+                raise NotFound(f"session must be started with a prompt first, got new_tokens for unknown session "
+                               f"{session_id!r}")
+            self._check_length(session.core.length + int(new_tokens.shape[0]))
             self._sessions.move_to_end(key)
-            if session.last is not None and new_tokens.shape[0]:
-                state.calibration.observe(*session.last, new_tokens)
-        if new_tokens.shape[0]:
-            session.extend(new_tokens)
         session.last_used_s = now_s
-        return DraftResult(self._draft(session, state, max_nodes), session.length)
-
-    def _draft(self, session: _Session, state: _Tenant, max_nodes: int) -> DraftTree:
-        self._refresh_reference(session, state)
-        enabled = self._config.sources
-        candidates = ((Source.CONTEXT, session.index), (Source.TENANT, state.index),
-                      (Source.REFERENCE, session.reference))
-        used = [(src, ix) for src, ix in candidates if ix is not None and src in enabled]
-        online, configs = [ix for _, ix in used], [self._cfg[src] for src, _ in used]
-        self._last_inputs = [src.name.lower() for src, _ in used] + self._corpus_labels
-        min_score = self._config.params.min_score
-        if not self._config.calibrate:
-            arrays = _core.draft(session.tail, online, configs, self._corpora, self._corpus_cfgs, max_nodes, min_score)
-            return DraftTree(*arrays)
-        rows = self._rows(tuple(src for src, _ in used))  # [inputs] int32: calibration row of each
-        *arrays, cells = _core.draft_calibrated(session.tail, online, configs, self._corpora, self._corpus_cfgs,
-                                                state.calibration.table(), rows, max_nodes, min_score)
-        session.last = (arrays[0], arrays[1], cells)  # tokens, parents, flat cells: int32 [n] each
-        return DraftTree(*arrays)
+        state = self._tenant(tenant)
+        self._refresh_reference(session, state, new_tokens)
+        tenant_index = state.index if Source.TENANT in self._config.sources else None
+        self._last_used = (tenant_index is not None, session.reference is not None)
+        arrays = _core.session_draft(session.core, new_tokens, tenant_index, session.reference, self._plan,
+                                     *state.calibration.buffers, max_nodes)
+        return DraftResult(DraftTree(*arrays), session.core.length)
 
     def last_lookup_s(self) -> tuple[tuple[str, float], ...]:
         """(label, seconds) of the last draft on this thread: each index query ("context", "tenant",
         "reference", "corpus:NAME") and "build_tree"; () before any draft. Call on the drafting thread."""
         ns = _core.last_draft_ns()  # [inputs + 1] int64
-        labels = [*self._last_inputs, "build_tree"]
+        tenant, reference = self._last_used
+        labels = (["context"] if Source.CONTEXT in self._config.sources else []) + (["tenant"] if tenant else [])
+        labels += (["reference"] if reference else []) + self._corpus_labels + ["build_tree"]
         return tuple(zip(labels, (float(x) / 1e9 for x in ns))) if len(ns) == len(labels) else ()
 
-    def _rows(self, online: tuple[Source, ...]) -> np.ndarray:
-        rows = self._row_cache.get(online)
-        if rows is None:
-            corpus_rows = range(_CORPUS_ROW, _CORPUS_ROW + len(self._corpora))
-            rows = self._row_cache[online] = np.array([_ROW[s] for s in online] + list(corpus_rows), np.int32)
-        return rows
-
-    def _refresh_reference(self, session: _Session, state: _Tenant) -> None:
+    def _refresh_reference(self, session: _Session, state: _Tenant, pending: np.ndarray) -> None:
         """(Re)selects the session's reference set (prior outputs + FAISS passages) at its
-        start and every refresh_tokens."""
+        start and every refresh_tokens, over the context with `pending` (int32, about to be appended)."""
         params = self._config.reference
         if Source.REFERENCE not in self._config.sources or not (len(state.prior_outputs) or self._references):
             return
-        if session.reference_at >= 0 and session.length - session.reference_at < params.refresh_tokens:
+        length = session.core.length + int(pending.shape[0])
+        if session.reference_at >= 0 and length - session.reference_at < params.refresh_tokens:
             return
-        query = session.recent(params.window)
+        query = np.concatenate([session.recent(params.window), pending])[-params.window:]
         session.reference = state.prior_outputs.select(query, store_passages(self._references, query, params.store_k))
-        session.reference_at = session.length
+        session.reference_at = length
 
     def end_session(self, tenant: str, session_id: str) -> int:
         """Hand the session's output to its tenant's index; returns its token count."""
@@ -224,7 +189,7 @@ class Drafter:
         return len(idle)
 
     def stats(self) -> DrafterStats:
-        sessions = sum(s.index.memory_bytes for s in self._sessions.values())
+        sessions = sum(s.core.memory_bytes for s in self._sessions.values())
         indexes = [t.index for t in self._tenants.values() if t.index is not None]
         return DrafterStats(len(self._sessions), len(indexes), sum(ix.num_tokens for ix in indexes),
                             sessions + sum(ix.memory_bytes for ix in indexes))

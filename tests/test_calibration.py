@@ -68,6 +68,87 @@ def test_calibrated_build_tree_matches_reference(seed):
         assert np.all(np.diff(scores) <= 0) and np.all(scores <= 1)
 
 
+def _config(rng: random.Random, source_id: int) -> "_core.SourceConfig":
+    cfg = _core.SourceConfig()
+    cfg.reliability, cfg.half_match, cfg.source_id = rng.uniform(0.1, 1.5), rng.uniform(0.5, 8), source_id
+    return cfg
+
+
+def _next_tokens(rng: random.Random, tree, vocab: int) -> np.ndarray:
+    """What a verifier might report: a path of the draft (maybe cut short) and a bonus token, or noise."""
+    tokens, parents = tree[0].tolist(), tree[1].tolist()
+    if not tokens or rng.random() < 0.3:
+        return np.array([rng.randrange(vocab) for _ in range(rng.randint(0, 3))], np.int32)
+    node, path = rng.randrange(len(tokens)), []
+    while node >= 0:
+        path.append(tokens[node])
+        node = parents[node]
+    return np.array(path[::-1][:rng.randint(0, len(path))] + [rng.randrange(vocab)], np.int32)
+
+
+@pytest.mark.parametrize("seed", range(24))
+def test_session_steps_match_observe_then_stateless_draft(tmp_path, seed):
+    """`session_draft` == calib_observe on the last draft + context extension + `draft_calibrated`
+    (or `draft`, heuristic) over the last TAIL_TOKENS tokens, step after step."""
+    from tests.test_core import random_docs, write_corpus
+
+    rng = random.Random(seed)
+    vocab = rng.choice([3, 6, 40])
+    docs = random_docs(rng, vocab, 8, 60)
+    corpus = write_corpus(tmp_path, [t for d in docs[:4] for t in d + [ref.SEP]], 128)
+    tenant = _core.OnlineIndex(10_000) if rng.random() < 0.7 else None
+    for doc in docs[4:] if tenant is not None else ():
+        tenant.append(ids(*doc))
+        tenant.end_document()
+    cfgs = [_config(rng, s) for s in (1, 2, 4, 3)]  # context, tenant, reference, corpus
+    calibrate, use_context = rng.random() < 0.75, rng.random() < 0.85
+    min_score = rng.choice([0.0, 1e-3])
+    plan = _core.DraftPlan(*cfgs[:3], use_context, [corpus], [cfgs[3]], min_score, calibrate, 3.0, 0.9)
+    prior = np.random.default_rng(seed).uniform(0.05, 0.95, 4 * CALIB_CELLS).astype(np.float32)
+    got_cal = [np.zeros(prior.size), np.zeros(prior.size), prior.copy()]
+    want_cal = [a.copy() for a in got_cal]
+    prompt = context_from(rng, docs, vocab)
+    session, context = _core.Session(ids(*prompt), 100_000), list(prompt)
+    mirror = _core.OnlineIndex(100_000)
+    mirror.append(ids(*prompt))
+    last, new = None, EMPTY
+    for _ in range(8):
+        max_nodes = rng.choice([1, 8, 64])
+        got = _core.session_draft(session, new, tenant, None, plan, *got_cal, prior, max_nodes)
+        if calibrate and last is not None and len(new):
+            _core.calib_observe(last[0], last[1], last[4], new, *want_cal, prior, 3.0, 0.9)
+        mirror.append(new)
+        context += new.tolist()
+        online = [(ix, cfg, row) for ix, cfg, row in ((mirror, cfgs[0], 0), (tenant, cfgs[1], 1))
+                  if ix is not None and (row or use_context)]
+        args = (ids(*context[-_core.TAIL_TOKENS:]), [o[0] for o in online], [o[1] for o in online], [corpus], [cfgs[3]])
+        if calibrate:
+            last = _core.draft_calibrated(*args, want_cal[2].reshape(4, CALIB_CELLS),
+                                          ids(*[o[2] for o in online], 3), max_nodes, min_score)
+        else:
+            last = (*_core.draft(*args, max_nodes, min_score), None)
+        for g, w in zip(got, last):
+            np.testing.assert_array_equal(g, w)
+        for g, w in zip(got_cal, want_cal):
+            np.testing.assert_array_equal(g, w)
+        assert session.length == len(context) and session.tokens(len(prompt)).tolist() == context[len(prompt):]
+        new = _next_tokens(rng, got, vocab)
+    assert session.prompt_length == len(prompt) and session.memory_bytes > 0
+
+
+def test_session_draft_checks_its_calibration_table(tmp_path):
+    cfg = _core.SourceConfig()
+    plan = _core.DraftPlan(cfg, cfg, cfg, True, [], [], 0.0, True, 3.0, 0.9)
+    session, small = _core.Session(ids(1, 2, 1), 100), np.zeros(2 * CALIB_CELLS, np.float32)
+    with pytest.raises(ValueError, match=f"calibration table must have {3 * CALIB_CELLS} cells, got {2 * CALIB_CELLS}"):
+        _core.session_draft(session, EMPTY, None, None, plan, np.zeros(small.size), np.zeros(small.size), small,
+                            small, 8)
+    with pytest.raises(ValueError, match="one length"):
+        _core.session_draft(session, EMPTY, None, None, plan, np.zeros(3), np.zeros(small.size), small, small, 8)
+    with pytest.raises(ValueError, match="one SourceConfig"):
+        _core.DraftPlan(cfg, cfg, cfg, True, [], [cfg], 0.0, True, 3.0, 0.9)
+
+
 def test_calibrated_inputs_are_checked():
     ix = _core.OnlineIndex(100)
     ix.append(ids(1, 2, 1, 3))

@@ -29,14 +29,6 @@ ArrayOut<T> to_numpy(std::vector<T>&& v) {
   return ArrayOut<T>(heap->data(), {heap->size()}, owner);
 }
 
-// One source's knobs as seen from Python.
-struct SourceConfig {
-  QueryParams params;
-  float reliability = 1.0f;
-  float half_match = 1.0f;
-  int32_t source_id = 0;
-};
-
 using TreeArrays = std::tuple<ArrayOut<int32_t>, ArrayOut<int32_t>, ArrayOut<float>, ArrayOut<uint8_t>>;
 using CalibratedArrays =
     std::tuple<ArrayOut<int32_t>, ArrayOut<int32_t>, ArrayOut<float>, ArrayOut<uint8_t>, ArrayOut<int32_t>>;
@@ -65,29 +57,11 @@ void check_rows(const CalibIn& calib, const TokensIn& rows, size_t num_sources) 
       throw std::invalid_argument("rows must index calib's rows, got " + std::to_string(rows.data()[i]));
 }
 
-void set_calib(std::vector<SourceInput>& inputs, const CalibIn& calib, const TokensIn& rows) {
-  for (size_t i = 0; i < inputs.size(); ++i) {
-    inputs[i].calib_row = rows.data()[i];
-    inputs[i].calib = calib.data() + static_cast<size_t>(rows.data()[i]) * kCalibCells;
-  }
-}
-
 // Nanoseconds of the calling thread's last draft: one entry per index queried (online, then
 // corpora), then the tree build. Read with `last_draft_ns()`.
 std::vector<int64_t>& thread_draft_ns() {
   thread_local std::vector<int64_t> ns;
   return ns;
-}
-
-inline int64_t now_ns() {
-  return std::chrono::duration_cast<std::chrono::nanoseconds>(
-             std::chrono::steady_clock::now().time_since_epoch()).count();
-}
-
-// The calling thread's candidate tries, reused across draft calls.
-__attribute__((noinline)) std::vector<Candidates>& thread_candidates() {
-  thread_local std::vector<Candidates> found;
-  return found;
 }
 
 DraftTree draft_tree(TokensIn context, const std::vector<const OnlineIndex*>& online,
@@ -97,39 +71,36 @@ DraftTree draft_tree(TokensIn context, const std::vector<const OnlineIndex*>& on
   if (online.size() != online_cfg.size() || corpora.size() != corpus_cfg.size())
     throw std::invalid_argument("each index needs exactly one SourceConfig");
   if (calib) check_rows(*calib, *rows, online.size() + corpora.size());
+  std::vector<IndexSource> sources;
+  for (size_t i = 0; i < online.size(); ++i) sources.push_back(IndexSource{online[i], nullptr, &online_cfg[i]});
+  for (size_t i = 0; i < corpora.size(); ++i) sources.push_back(IndexSource{nullptr, corpora[i], &corpus_cfg[i]});
+  for (size_t i = 0; calib && i < sources.size(); ++i) {
+    sources[i].calib_row = rows->data()[i];
+    sources[i].calib = calib->data() + static_cast<size_t>(rows->data()[i]) * kCalibCells;
+  }
+  nb::gil_scoped_release release;
+  return draft_from(context.data(), context.shape(0), sources, max_nodes, min_score, &thread_draft_ns());
+}
+
+using Flat64 = nb::ndarray<double, nb::ndim<1>, nb::c_contig, nb::device::cpu>;
+using Flat32 = nb::ndarray<float, nb::ndim<1>, nb::c_contig, nb::device::cpu>;
+using Prior32 = nb::ndarray<const float, nb::ndim<1>, nb::c_contig, nb::device::cpu>;
+
+TreeArrays session_draft(Session& session, TokensIn new_tokens, const OnlineIndex* tenant,
+                         const OnlineIndex* reference, const DraftPlan& plan, Flat64 hits, Flat64 trials,
+                         Flat32 table, Prior32 prior, int max_nodes) {
+  const size_t size = table.shape(0);
+  if (hits.shape(0) != size || trials.shape(0) != size || prior.shape(0) != size)
+    throw std::invalid_argument("hits, trials, table and prior must have one length");
+  TenantInputs in{tenant, reference,
+                  CalibState{hits.data(), trials.data(), table.data(), prior.data(), static_cast<int64_t>(size),
+                             plan.prior_strength, plan.decay}};
   DraftTree tree;
   {
     nb::gil_scoped_release release;
-    const int32_t* ctx = context.data();
-    const size_t n = context.shape(0);
-    std::vector<Candidates>& found = thread_candidates();  // reused: the tries keep their capacity
-    found.resize(std::max(found.size(), online.size() + corpora.size()));
-    std::vector<SourceInput> inputs;
-    inputs.reserve(online.size() + corpora.size());
-    std::vector<int64_t>& ns = thread_draft_ns();
-    ns.assign(online.size() + corpora.size() + 1, 0);
-    int64_t t = now_ns();
-    for (size_t i = 0; i < online.size(); ++i) {
-      online[i]->query(ctx, n, online_cfg[i].params, found[i]);
-      const int64_t t1 = now_ns();
-      ns[i] = t1 - t;
-      t = t1;
-      inputs.push_back(SourceInput{&found[i], online_cfg[i].reliability, online_cfg[i].half_match,
-                                   online_cfg[i].source_id});
-    }
-    for (size_t i = 0; i < corpora.size(); ++i) {
-      Candidates& c = found[online.size() + i];
-      corpora[i]->query(ctx, n, corpus_cfg[i].params, c);
-      const int64_t t1 = now_ns();
-      ns[online.size() + i] = t1 - t;
-      t = t1;
-      inputs.push_back(SourceInput{&c, corpus_cfg[i].reliability, corpus_cfg[i].half_match, corpus_cfg[i].source_id});
-    }
-    if (calib) set_calib(inputs, *calib, *rows);
-    tree = build_tree(inputs, max_nodes, min_score);
-    ns.back() = now_ns() - t;
+    tree = draft_step(session, new_tokens.data(), new_tokens.shape(0), in, plan, max_nodes, &thread_draft_ns());
   }
-  return tree;
+  return tree_to_numpy(std::move(tree));
 }
 
 TreeArrays draft(TokensIn context, const std::vector<const OnlineIndex*>& online,
@@ -226,7 +197,10 @@ NB_MODULE(_core, m) {
           check_rows(calib, rows, sources.size());
           std::vector<SourceInput> inputs;
           for (const auto& [c, cfg] : sources) inputs.push_back(SourceInput{c, cfg.reliability, cfg.half_match, cfg.source_id});
-          set_calib(inputs, calib, rows);
+          for (size_t i = 0; i < inputs.size(); ++i) {
+            inputs[i].calib_row = rows.data()[i];
+            inputs[i].calib = calib.data() + static_cast<size_t>(rows.data()[i]) * kCalibCells;
+          }
           return calibrated_to_numpy(build_tree(inputs, max_nodes, min_score));
         }, "sources"_a, "calib"_a, "rows"_a, "max_nodes"_a, "min_score"_a,
         "build_tree with calibrated scoring: source i reads row rows[i] of calib float32 [R, CALIB_CELLS]; "
@@ -283,6 +257,43 @@ NB_MODULE(_core, m) {
   m.def("last_draft_ns", []() { return to_numpy(std::vector<int64_t>(thread_draft_ns())); },
         "int64[inputs + 1]: nanoseconds of this thread's last draft call: each index query (online indexes, "
         "then corpora, in call order), then the tree build; empty before the first call.");
+  nb::class_<DraftPlan>(m, "DraftPlan",
+      "How every session of a drafter drafts (see core.h); keeps its corpora alive.")
+      .def("__init__", [](DraftPlan* p, const SourceConfig& context, const SourceConfig& tenant,
+                          const SourceConfig& reference, bool use_context, std::vector<const CorpusIndex*> corpora,
+                          std::vector<SourceConfig> corpus, float min_score, bool calibrate, double prior_strength,
+                          double decay) {
+             if (corpora.size() != corpus.size()) throw std::invalid_argument("each corpus needs exactly one SourceConfig");
+             new (p) DraftPlan{context, tenant, reference, use_context, std::move(corpora), std::move(corpus),
+                               min_score, calibrate, prior_strength, decay};
+           }, "context"_a, "tenant"_a, "reference"_a, "use_context"_a, "corpora"_a, "corpus_configs"_a,
+           "min_score"_a, "calibrate"_a, "prior_strength"_a, "decay"_a, nb::keep_alive<1, 6>());
+
+  nb::class_<Session>(m, "Session", "One generation's context (prompt + accepted output) and its last draft.")
+      .def("__init__", [](Session* s, TokensIn prompt, int64_t max_tokens) {
+             new (s) Session(prompt.data(), prompt.shape(0), max_tokens);
+           }, "prompt"_a, "max_tokens"_a)
+      .def_prop_ro("length", [](const Session& s) { return s.tokens().size(); })
+      .def_prop_ro("prompt_length", &Session::prompt_length)
+      .def_prop_ro("memory_bytes", [](const Session& s) {
+             return s.index().memory_bytes() + static_cast<int64_t>(s.tokens().capacity() * sizeof(int32_t));
+           })
+      .def("tokens", [](const Session& s, size_t start) {
+             const auto& t = s.tokens();
+             start = std::min(start, t.size());
+             return to_numpy(std::vector<int32_t>(t.begin() + static_cast<std::ptrdiff_t>(start), t.end()));
+           }, "start"_a, "int32 [length - start]: the context from position start on");
+
+  m.def("session_draft", &session_draft, "session"_a, "new_tokens"_a, "tenant"_a.none(), "reference"_a.none(),
+        "plan"_a, "hits"_a, "trials"_a, "table"_a, "prior"_a, "max_nodes"_a,
+        "One drafting step (core.h draft_step): new_tokens (int32) report on the session's last draft to the "
+        "calibration (hits, trials float64 and table float32 [R * CALIB_CELLS], updated in place; prior "
+        "float32 likewise), extend the context; returns the draft's arrays (as draft). Releases the GIL.");
+  m.attr("TAIL_TOKENS") = kTailTokens;
+  m.attr("CALIB_ROW_CONTEXT") = kContextRow;
+  m.attr("CALIB_ROW_TENANT") = kTenantRow;
+  m.attr("CALIB_ROW_REFERENCE") = kReferenceRow;
+  m.attr("CALIB_ROW_CORPUS") = kCorpusRow;
   m.def("draft", &draft, "context"_a, "online"_a, "online_configs"_a, "corpora"_a, "corpus_configs"_a,
         "max_nodes"_a, "min_score"_a,
         "Query every index with the context tail and merge their tries into one draft tree "

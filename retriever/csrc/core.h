@@ -229,4 +229,81 @@ constexpr double kMinCalibProb = 1e-4;
 void calib_observe(const int32_t* tokens, const int32_t* parents, const int32_t* cells, size_t n,
                    const int32_t* new_tokens, size_t k, const CalibState& st);
 
+// ---------------------------------------------------------------- drafting (drafting.cpp)
+
+// One source's knobs: how it is queried and, for heuristic scoring, trusted.
+struct SourceConfig {
+  QueryParams params;
+  float reliability = 1.0f;
+  float half_match = 1.0f;
+  int32_t source_id = 0;
+};
+
+// One index to query for a draft: exactly one of online / corpus is set. calib: that
+// source's row of a calibration table ([kCalibCells]; null on every source: heuristic).
+struct IndexSource {
+  const OnlineIndex* online = nullptr;
+  const CorpusIndex* corpus = nullptr;
+  const SourceConfig* config = nullptr;
+  const float* calib = nullptr;
+  int32_t calib_row = 0;
+};
+
+// Query every source with the context's tail (context[0:n]) and build_tree over their
+// tries. lookup_ns (if set) becomes [sources + 1]: the nanoseconds of each query, then
+// of the build. The tries live in a per-thread workspace reused across calls.
+DraftTree draft_from(const int32_t* context, size_t n, const std::vector<IndexSource>& sources, int max_nodes,
+                     float min_score, std::vector<int64_t>* lookup_ns);
+
+// Calibration rows of the sources of a session step (corpus i: kCorpusRow + i).
+constexpr int32_t kContextRow = 0, kTenantRow = 1, kReferenceRow = 2, kCorpusRow = 3;
+constexpr int kTailTokens = 64;  // context tokens a step queries with: the longest match considered
+
+// How every session of one drafter drafts: the sources' configs, the corpora, the score
+// floor and the calibration's update rule. The corpora must outlive the plan.
+struct DraftPlan {
+  SourceConfig context, tenant, reference;
+  bool use_context = true;
+  std::vector<const CorpusIndex*> corpora;  // [corpora]
+  std::vector<SourceConfig> corpus;         // [corpora]
+  float min_score = 0.0f;
+  bool calibrate = true;
+  double prior_strength = 4.0, decay = 0.99;
+};
+
+// One generation: its context (prompt + accepted output, int32) indexed for matching, and
+// its last draft (tokens, parents, cells), which the next step's new tokens report on.
+// Not thread-safe.
+class Session {
+ public:
+  Session(const int32_t* prompt, size_t n, int64_t max_tokens);
+  void extend(const int32_t* tokens, size_t n);
+  const std::vector<int32_t>& tokens() const { return tokens_; }  // [length]
+  size_t prompt_length() const { return prompt_length_; }
+  const OnlineIndex& index() const { return index_; }
+  DraftTree last;  // empty: none to report on
+
+ private:
+  OnlineIndex index_;
+  std::vector<int32_t> tokens_;
+  size_t prompt_length_;
+};
+
+// The tenant's part of a step: its prior outputs' index, the session's reference set (null:
+// none) and its calibration table (table/hits/trials/prior of [rows * kCalibCells]; with
+// plan.calibrate, rows must cover kCorpusRow + corpora).
+struct TenantInputs {
+  const OnlineIndex* tenant = nullptr;
+  const OnlineIndex* reference = nullptr;
+  CalibState calib{};
+};
+
+// One drafting step: new_tokens[0:k] (accepted since the last draft) first report on the
+// session's last draft to the calibration (plan.calibrate), then extend the context; the
+// draft comes from the context tail, the tenant's indexes and the corpora, and becomes the
+// session's last draft. Example: a session over "a b c a b" with k = 0 drafts "c a b" from
+// its own context (the earlier "a b" continued with "c").
+DraftTree draft_step(Session& session, const int32_t* new_tokens, size_t k, const TenantInputs& tenant,
+                     const DraftPlan& plan, int max_nodes, std::vector<int64_t>* lookup_ns);
+
 }  // namespace specdraft
