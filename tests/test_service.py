@@ -578,5 +578,19 @@ def test_encode_result_matches_plain_proto_fields(n):
                                               scores=tree.scores.tolist(), sources=tree.sources.tolist()),
                             context_tokens=n + 3)
     got = encode_result(DraftResult(tree, n + 3))
-    assert got == want
+    assert got == want and got.HasField("tree")
     assert got.SerializeToString() == want.SerializeToString()
+
+
+def test_draft_tree_wire_is_the_serialized_message_and_checks_lengths():
+    from retriever import _core
+
+    rng = np.random.default_rng(7)
+    for n in (0, 1, 200):
+        args = (rng.integers(0, 2**24 - 2, n).astype(np.int32), rng.integers(-1, max(n, 1), n).astype(np.int32),
+                rng.random(n).astype(np.float32), rng.integers(0, 5, n).astype(np.uint8))
+        want = pb.DraftTree(token_ids=args[0].tolist(), parents=args[1].tolist(), scores=args[2].tolist(),
+                            sources=args[3].tolist())
+        assert _core.draft_tree_wire(*args) == want.SerializeToString()
+    with pytest.raises(ValueError, match="one length"):
+        _core.draft_tree_wire(args[0], args[1][:1], args[2], args[3])

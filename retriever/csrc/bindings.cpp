@@ -95,12 +95,8 @@ TreeArrays session_draft(Session& session, TokensIn new_tokens, const OnlineInde
   TenantInputs in{tenant, reference,
                   CalibState{hits.data(), trials.data(), table.data(), prior.data(), static_cast<int64_t>(size),
                              plan.prior_strength, plan.decay}};
-  DraftTree tree;
-  {
-    nb::gil_scoped_release release;
-    tree = draft_step(session, new_tokens.data(), new_tokens.shape(0), in, plan, max_nodes, &thread_draft_ns());
-  }
-  return tree_to_numpy(std::move(tree));
+  return tree_to_numpy(draft_step(session, new_tokens.data(), new_tokens.shape(0), in, plan, max_nodes,
+                                  &thread_draft_ns()));
 }
 
 TreeArrays draft(TokensIn context, const std::vector<const OnlineIndex*>& online,
@@ -289,6 +285,16 @@ NB_MODULE(_core, m) {
         "One drafting step (core.h draft_step): new_tokens (int32) report on the session's last draft to the "
         "calibration (hits, trials float64 and table float32 [R * CALIB_CELLS], updated in place; prior "
         "float32 likewise), extend the context; returns the draft's arrays (as draft). Releases the GIL.");
+  m.def("draft_tree_wire", [](TokensIn tokens, TokensIn parents,
+                              nb::ndarray<const float, nb::ndim<1>, nb::c_contig, nb::device::cpu> scores,
+                              nb::ndarray<const uint8_t, nb::ndim<1>, nb::c_contig, nb::device::cpu> sources) {
+          const size_t n = tokens.shape(0);
+          if (parents.shape(0) != n || scores.shape(0) != n || sources.shape(0) != n)
+            throw std::invalid_argument("tokens, parents, scores and sources must have one length");
+          const std::string wire = encode_draft_tree(tokens.data(), parents.data(), scores.data(), sources.data(), n);
+          return nb::bytes(wire.data(), wire.size());
+        }, "tokens"_a, "parents"_a, "scores"_a, "sources"_a,
+        "bytes: the draft (int32, int32, float32, uint8 [n]) as a serialized specdraft.v1.DraftTree.");
   m.attr("TAIL_TOKENS") = kTailTokens;
   m.attr("CALIB_ROW_CONTEXT") = kContextRow;
   m.attr("CALIB_ROW_TENANT") = kTenantRow;

@@ -306,4 +306,11 @@ struct TenantInputs {
 DraftTree draft_step(Session& session, const int32_t* new_tokens, size_t k, const TenantInputs& tenant,
                      const DraftPlan& plan, int max_nodes, std::vector<int64_t>* lookup_ns);
 
+// ---------------------------------------------------------------- wire format (wire_format.cpp)
+
+// The draft's arrays ([n] each) as the bytes of a specdraft.v1.DraftTree message: packed
+// token_ids, parents, scores (float32) and sources; an empty draft is the empty message.
+std::string encode_draft_tree(const int32_t* tokens, const int32_t* parents, const float* scores,
+                              const uint8_t* sources, size_t n);
+
 }  // namespace specdraft
