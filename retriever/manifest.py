@@ -169,7 +169,8 @@ def _parse_manifest(raw: Any, mpath: Path) -> Manifest:
                  tokenizer=tokenizer, num_tokens=f.count("num_tokens"), num_documents=f.count("num_documents"),
                  num_positions=f.count("num_positions"), num_suffixes=f.count("num_suffixes"),
                  token_width_bytes=TOKEN_WIDTH_BYTES,
-                 sorted_depth=f.get("sorted_depth", int, lambda v: v >= 1, "a positive integer"),
+                 sorted_depth=f.get("sorted_depth", int, lambda v: 1 <= v <= MAX_POSITIONS,  # a C int in the core
+                                    f"an integer in [1, {MAX_POSITIONS}]"),
                  files=files, sources=tuple(sources), build=build)
     _check_counts(m, str(mpath))
     return m

@@ -32,7 +32,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from protos.specdraft.v1 import retriever_pb2, retriever_pb2_grpc
+from protos.specdraft.v1 import retriever_pb2
 from retriever import errors
 from retriever.auth import guard, server_credentials
 from retriever.auth_tokens import TokenTable, load_tokens
@@ -42,6 +42,7 @@ from retriever.metrics import RetrieverMetrics, bound_port, serve_metrics
 from retriever.outputlog import LogUnavailable
 from retriever.service import RetrieverServicer
 from retriever.settings import RetrieverSettings
+from retriever.wire import add_retriever
 
 if TYPE_CHECKING:
     from retriever.datastore import CorpusDatastore, TokenizerInfo
@@ -241,7 +242,7 @@ def _grpc_server(settings: RetrieverSettings, servicer: RetrieverServicer,
     tokens, credentials = _security(settings)
     server = grpc.aio.server(options=[("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
                                       ("grpc.so_reuseport", 0)])
-    retriever_pb2_grpc.add_RetrieverServicer_to_server(guard(servicer, tokens), server)
+    add_retriever(guard(servicer, tokens), server, servicer.metrics.rejected)  # bad wire bytes: INVALID_ARGUMENT
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     if settings.reflection:
         reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)

@@ -15,6 +15,7 @@ from specdraft import __version__
 def build_parser() -> argparse.ArgumentParser:
     from index_builder import cli as index_cli
     from retriever import cli as retriever_cli
+    from specdraft import fuzz as fuzz_cli
     from specdraft.bench import cli as bench_cli
     from verifier import cli as verifier_cli
 
@@ -25,6 +26,7 @@ def build_parser() -> argparse.ArgumentParser:
     retriever_cli.register(sub)
     verifier_cli.register(sub)
     bench_cli.register(sub)
+    fuzz_cli.register(sub)
     return parser
 
 

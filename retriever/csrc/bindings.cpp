@@ -284,7 +284,7 @@ NB_MODULE(_core, m) {
         "plan"_a, "hits"_a, "trials"_a, "table"_a, "prior"_a, "max_nodes"_a,
         "One drafting step (core.h draft_step): new_tokens (int32) report on the session's last draft to the "
         "calibration (hits, trials float64 and table float32 [R * CALIB_CELLS], updated in place; prior "
-        "float32 likewise), extend the context; returns the draft's arrays (as draft). Releases the GIL.");
+        "float32 likewise), extend the context; returns the draft's arrays (as draft). Holds the GIL.");
   m.def("draft_tree_wire", [](TokensIn tokens, TokensIn parents,
                               nb::ndarray<const float, nb::ndim<1>, nb::c_contig, nb::device::cpu> scores,
                               nb::ndarray<const uint8_t, nb::ndim<1>, nb::c_contig, nb::device::cpu> sources) {
