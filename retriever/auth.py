@@ -7,7 +7,8 @@
   (else PERMISSION_DENIED, before any of the call's work; a DraftStream answers the requests
   before the foreign one, then ends). Describe needs any valid token; its admin details
   (the indexes' filesystem paths) are only filled in for admin tokens. Denials are logged
-  with the token's label, never the token. Without tokens (the default) nothing is checked.
+  with the token's label, never the token, and counted in `specdraft_retriever_auth_denials`
+  {rpc, code}. Without tokens (the default) nothing is checked.
 - `server_credentials(settings)`: TLS (`tls_cert` + `tls_key`) and mTLS (`tls_client_ca`:
   client certificates signed by it are required) credentials, or None (plaintext).
 """
@@ -24,16 +25,20 @@ from protos.specdraft.v1 import retriever_pb2 as pb
 from protos.specdraft.v1 import retriever_pb2_grpc as pb_grpc
 from retriever import errors
 from retriever.auth_tokens import Principal, TokenTable
+from retriever.metrics import RetrieverMetrics
 from retriever.settings import RetrieverSettings, env_name
 
 log = logging.getLogger(__name__)
 
 
-async def _deny(context: grpc.aio.ServicerContext, rpc: str, error: errors.SpecdraftError) -> None:
-    """Logs the denial (peer and message, no token) and aborts the call with its status."""
+async def _deny(context: grpc.aio.ServicerContext, rpc: str, error: errors.SpecdraftError,
+                metrics: RetrieverMetrics | None) -> None:
+    """Logs and counts the denial (peer and message, no token) and aborts the call with its status."""
     code = (grpc.StatusCode.UNAUTHENTICATED if isinstance(error, errors.Unauthenticated)
             else grpc.StatusCode.PERMISSION_DENIED)
     log.info("retriever %s denied (%s) for %s: %s", rpc, code.name, context.peer(), error)
+    if metrics is not None:
+        metrics.auth_denied(rpc, code.name)
     await context.abort(code, str(error))
     raise AssertionError("unreachable: abort raises")
 
@@ -50,14 +55,15 @@ def check_tenants(principal: Principal, named: Sequence[tuple[str, str]]) -> Non
 class GuardedServicer(pb_grpc.RetrieverServicer):
     """Checks the bearer token and tenants, then delegates to `inner` (see the module docstring)."""
 
-    def __init__(self, inner: pb_grpc.RetrieverServicer, tokens: TokenTable) -> None:
-        self._inner, self._tokens = inner, tokens
+    def __init__(self, inner: pb_grpc.RetrieverServicer, tokens: TokenTable,
+                 metrics: RetrieverMetrics | None = None) -> None:
+        self._inner, self._tokens, self._metrics = inner, tokens, metrics
 
     async def _principal(self, context: grpc.aio.ServicerContext, rpc: str) -> Principal:
         try:
             return self._tokens.authenticate(context.invocation_metadata())
         except errors.Unauthenticated as e:
-            await _deny(context, rpc, e)
+            await _deny(context, rpc, e, self._metrics)
             raise
 
     async def _admit(self, context: grpc.aio.ServicerContext, rpc: str,
@@ -66,7 +72,7 @@ class GuardedServicer(pb_grpc.RetrieverServicer):
         try:
             check_tenants(principal, named)
         except errors.PermissionDenied as e:
-            await _deny(context, rpc, e)
+            await _deny(context, rpc, e, self._metrics)
         return principal
 
     async def Draft(self, request: pb.DraftRequest, context: grpc.aio.ServicerContext) -> pb.DraftResponse:
@@ -101,7 +107,7 @@ class GuardedServicer(pb_grpc.RetrieverServicer):
         async for response in self._inner.DraftStream(checked(), context):
             yield response
         if denied:
-            await _deny(context, "DraftStream", denied[0])
+            await _deny(context, "DraftStream", denied[0], self._metrics)
 
     async def Describe(self, request: pb.DescribeRequest, context: grpc.aio.ServicerContext) -> pb.DescribeResponse:
         principal = await self._principal(context, "Describe")
@@ -112,9 +118,13 @@ class GuardedServicer(pb_grpc.RetrieverServicer):
         return response
 
 
-def guard(servicer: pb_grpc.RetrieverServicer, tokens: TokenTable | None) -> pb_grpc.RetrieverServicer:
-    """`servicer` behind the token checks; as is when `tokens` is None (auth off)."""
-    return servicer if tokens is None else GuardedServicer(servicer, tokens)
+def guard(servicer: pb_grpc.RetrieverServicer, tokens: TokenTable | None,
+          metrics: RetrieverMetrics | None = None) -> pb_grpc.RetrieverServicer:
+    """`servicer` behind the token checks; as is when `tokens` is None (auth off). Denials are
+    counted in `metrics`, by default the servicer's own (`servicer.metrics`, if it has one)."""
+    if tokens is None:
+        return servicer
+    return GuardedServicer(servicer, tokens, metrics if metrics is not None else getattr(servicer, "metrics", None))
 
 
 def _read(path: str, field: str) -> bytes:

@@ -1,6 +1,7 @@
-"""Bearer tokens bound to tenants: the retriever's tokens file and who a call's token is.
+"""Bearer tokens bound to tenants: the tokens file (of the retriever, and of the verifier's own
+APIs) and who a call's token is.
 
-File formats (`load_tokens(path)`), one token per entry:
+File formats (`load_tokens(path, owner)`), one token per entry:
 
 - lines: `TOKEN TENANTS [admin]`; TENANTS is `tenant[,tenant...]`, `*` (every tenant) or `-`
   (none: an admin-only credential); blank lines and lines starting with `#` are skipped.
@@ -49,9 +50,11 @@ class TokenGrant:
 
 @dataclass(frozen=True)
 class TokenTable:
-    """Every grant of a tokens file; `principal_of` resolves a bearer token."""
+    """Every grant of a tokens file; `principal_of` resolves a bearer token. `owner` names the
+    server in messages ("retriever" or "verifier")."""
 
     grants: tuple[TokenGrant, ...]
+    owner: str = "retriever"
 
     def principal_of(self, token: str) -> Principal | None:
         """The token's principal, or None; compares the digest with every grant in constant time each."""
@@ -68,17 +71,21 @@ class TokenTable:
         Raises Unauthenticated (missing, malformed or unknown token; the token is never in the message).
         """
         values = [v for k, v in (metadata or ()) if k.lower() == "authorization"]
+        return self.authenticate_values(values, "metadata 'authorization'")
+
+    def authenticate_values(self, values: Sequence[str | bytes], what: str) -> Principal:
+        """The principal of `Bearer <token>` given as the values of `what` (a header or metadata key)."""
         if not values:
-            raise Unauthenticated("metadata 'authorization' must be 'Bearer <token>', got none")
+            raise Unauthenticated(f"{what} must be 'Bearer <token>', got none")
         if len(values) > 1:
-            raise Unauthenticated(f"metadata 'authorization' must be given once, got {len(values)} values")
+            raise Unauthenticated(f"{what} must be given once, got {len(values)} values")
         value = values[0] if isinstance(values[0], str) else values[0].decode("utf-8", "replace")
         scheme, _, token = value.strip().partition(" ")
         if scheme.lower() != "bearer" or not token.strip():
-            raise Unauthenticated(f"metadata 'authorization' must be 'Bearer <token>', got scheme {scheme[:16]!r}")
+            raise Unauthenticated(f"{what} must be 'Bearer <token>', got scheme {scheme[:16]!r}")
         principal = self.principal_of(token.strip())
         if principal is None:
-            raise Unauthenticated("bearer token must be one of the retriever's tokens, got an unknown one")
+            raise Unauthenticated(f"bearer token must be one of the {self.owner}'s tokens, got an unknown one")
         return principal
 
 
@@ -139,8 +146,9 @@ def _parse_json(text: str, path: str) -> list[TokenGrant]:
     return grants
 
 
-def load_tokens(path: str) -> TokenTable:
-    """The tokens file at `path` (JSON when it starts with `{`, else lines); ValueError when invalid."""
+def load_tokens(path: str, owner: str = "retriever") -> TokenTable:
+    """The tokens file at `path` (JSON when it starts with `{`, else lines); ValueError when invalid.
+    `owner` names the server in authentication messages."""
     try:
         text = Path(path).read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as e:
@@ -151,4 +159,4 @@ def load_tokens(path: str) -> TokenTable:
     digests = [g.digest for g in grants]
     if len(set(digests)) != len(digests):
         raise ValueError(f"auth tokens file must hold each token once, got a repeated token in {path}")
-    return TokenTable(tuple(grants))
+    return TokenTable(tuple(grants), owner)

@@ -1,19 +1,32 @@
-"""Client-side security of a channel to the retriever: TLS, mTLS and a bearer token.
+"""Client-side security of a channel to the retriever: TLS, mTLS, a bearer token, refusals.
 
-`ChannelSecurity(root_ca=..., client_cert=..., client_key=..., token=..., tls=...)` (PEM file
-paths) and `open_channel(target, security, options)`: a secure channel when `tls` or any
-certificate is set (root_ca None: the system roots), else plaintext; with `token` every call
-carries `authorization: Bearer <token>` metadata (over plaintext too, e.g. on loopback).
+- `ChannelSecurity(root_ca=..., client_cert=..., client_key=..., token=..., tls=..., server_name=...)`
+  (PEM file paths) and `open_channel(target, security, options)`: a secure channel when `tls`,
+  `server_name` or any certificate is set (root_ca None: the system roots), else plaintext; with
+  `token` every call carries `authorization: Bearer <token>` metadata (over plaintext too, e.g.
+  on loopback). `server_name` overrides the name the server's certificate must carry.
+- `read_token_file(path, what)`: the one bearer token a file holds (so it is not in env or argv).
+- `Refusals`: the retriever's UNAUTHENTICATED / PERMISSION_DENIED answers, shared by a client's
+  sessions: drafting holds off for `hold_s` (every tenant after UNAUTHENTICATED, the tenant after
+  PERMISSION_DENIED), and each refusal is logged once (WARNING, never the token) until accepted again.
 """
 
 from __future__ import annotations
 
 import collections
+import logging
+import os
+import threading
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
 import grpc
+
+log = logging.getLogger(__name__)
+REFUSAL_CODES = (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED)
+_MAX_REFUSED_TENANTS = 1024  # tenants remembered as refused (the oldest is forgotten beyond)
 
 
 @dataclass(frozen=True)
@@ -25,6 +38,7 @@ class ChannelSecurity:
     client_key: str | None = None
     token: str | None = field(default=None, repr=False)  # bearer token (never shown)
     tls: bool = False  # TLS with the system roots even without root_ca
+    server_name: str | None = None  # the name the server's certificate must hold (default: target's host); TLS
 
     def __post_init__(self) -> None:
         if (self.client_cert is None) != (self.client_key is None):
@@ -35,7 +49,7 @@ class ChannelSecurity:
 
     @property
     def secure(self) -> bool:
-        return self.tls or self.root_ca is not None or self.client_cert is not None
+        return self.tls or self.root_ca is not None or self.client_cert is not None or bool(self.server_name)
 
 
 class _Details(collections.namedtuple("_Details", ("method", "timeout", "metadata", "credentials",
@@ -82,14 +96,97 @@ def open_channel(target: str, security: ChannelSecurity | None,
                  options: Sequence[tuple[str, Any]] = ()) -> grpc.Channel:
     """A channel to `target` as `security` says (None: plaintext, no token); ValueError for unreadable files."""
     security = security or ChannelSecurity()
+    options = list(options)
+    if security.server_name:
+        options.append(("grpc.ssl_target_name_override", security.server_name))
     if security.secure:
         credentials = grpc.ssl_channel_credentials(
             root_certificates=_read(security.root_ca, "root_ca"),
             private_key=_read(security.client_key, "client_key"),
             certificate_chain=_read(security.client_cert, "client_cert"))
-        channel = grpc.secure_channel(target, credentials, options=list(options))
+        channel = grpc.secure_channel(target, credentials, options=options)
     else:
-        channel = grpc.insecure_channel(target, options=list(options))
+        channel = grpc.insecure_channel(target, options=options)
     if security.token is not None:
         channel = grpc.intercept_channel(channel, _Bearer(security.token))
     return channel
+
+
+def read_token_file(path: str, what: str) -> str:
+    """The bearer token in the file at `path`: its one line that is not blank or a `#` comment.
+
+    ValueError names `what` (the setting) and never shows the token; a file others can read is
+    accepted with a warning.
+    """
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+        mode = os.stat(path).st_mode
+    except (OSError, UnicodeDecodeError) as e:
+        raise ValueError(f"{what} must be a readable UTF-8 file, got {path} ({getattr(e, 'strerror', None) or e})") \
+            from None
+    lines = [line.strip() for line in text.splitlines() if line.strip() and not line.strip().startswith("#")]
+    if len(lines) != 1 or any(c.isspace() for c in lines[0]):
+        shape = f"{len(lines)} token lines" if len(lines) != 1 else "a line with whitespace"
+        raise ValueError(f"{what} must hold one token (one line, no whitespace), got {shape} in {path}")
+    if mode & 0o077:
+        log.warning("%s %s is readable by other users (mode %o): keep bearer tokens owner-only", what, path,
+                    mode & 0o777)
+    return lines[0]
+
+
+@dataclass
+class _Refusal:
+    until: float  # monotonic time until which drafting holds off
+    code: str
+    logged: bool = False
+
+
+class Refusals:
+    """The retriever's refusals of a client's credential (see the module docstring). Thread-safe."""
+
+    def __init__(self, target: str, hold_s: float = 30.0) -> None:
+        if hold_s <= 0:
+            raise ValueError(f"hold_s must be > 0, got {hold_s}")
+        self.target, self.hold_s = target, hold_s
+        self._by_key: collections.OrderedDict[str | None, _Refusal] = collections.OrderedDict()  # None: all tenants
+        self._lock = threading.Lock()
+
+    def held(self, tenant: str) -> bool:
+        """True while drafting for `tenant` holds off after a refusal."""
+        if not self._by_key:
+            return False
+        now = time.monotonic()
+        with self._lock:
+            return any(r is not None and now < r.until for r in (self._by_key.get(None), self._by_key.get(tenant)))
+
+    def refused(self, tenant: str, code: grpc.StatusCode, message: str) -> None:
+        """Records a refusal of the call for `tenant`; logs it unless it is already logged."""
+        key = None if code == grpc.StatusCode.UNAUTHENTICATED else tenant
+        with self._lock:
+            refusal = self._by_key.pop(key, None) or _Refusal(0.0, code.name)
+            refusal.until, refusal.code = time.monotonic() + self.hold_s, code.name
+            self._by_key[key] = refusal
+            while len(self._by_key) > _MAX_REFUSED_TENANTS:
+                self._by_key.popitem(last=False)
+            first, refusal.logged = not refusal.logged, True
+        scope = "every tenant" if key is None else f"tenant {_shown(tenant)}"
+        if first:
+            log.warning("retriever at %s refused the verifier's credential for %s (%s: %s); generations continue "
+                        "with plain decoding, drafting retried every %.0f s (logged once until accepted)",
+                        self.target, scope, code.name, message[:300], self.hold_s)
+        else:
+            log.debug("retriever at %s still refuses %s (%s)", self.target, scope, code.name)
+
+    def accepted(self, tenant: str) -> None:
+        """A call for `tenant` succeeded: its refusals (and a refusal of every tenant) are over."""
+        if not self._by_key:
+            return
+        with self._lock:
+            gone = [k for k in (None, tenant) if self._by_key.pop(k, None) is not None]
+        if gone:
+            log.info("retriever at %s accepts the verifier's credential again (%s)", self.target,
+                     "every tenant" if None in gone else f"tenant {_shown(tenant)}")
+
+
+def _shown(tenant: str) -> str:
+    return repr(tenant if len(tenant) <= 64 else tenant[:64] + "...")

@@ -2,8 +2,9 @@
 
 - `RetrieverMetrics.create(registry=None)`: the instruments, in a registry of their own (not the
   process-global default, so one process can hold several servers). The service calls
-  `drafted` / `draft_failed` / `rejected` / `sessions_ended`; per-draft children are bound
-  once, so a draft costs a few prometheus_client calls (~1 us each), no label lookups.
+  `drafted` / `draft_failed` / `rejected` / `sessions_ended`, the auth guard `auth_denied`;
+  per-draft children are bound once, so a draft costs a few prometheus_client calls (~1 us
+  each), no label lookups.
 - `watch(stats, ready, log_health)`: gauges read at scrape time (sessions, tenants, output
   log lag and errors). Not thread-safe like the Drafter: scrape on the server's event loop,
   which `serve_metrics` does.
@@ -33,6 +34,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 PREFIX = "specdraft_retriever_"
 RPCS = ("draft", "stream", "batch")  # Draft, DraftStream, DraftBatch items
+AUTH_RPCS = ("Draft", "DraftStream", "DraftBatch", "EndSession", "Describe")  # auth_denials' rpc label values
 DRAFT_SECONDS_BUCKETS = (1e-5, 2.5e-5, 5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 1e-2)
 LOOKUP_SECONDS_BUCKETS = (1e-6, 2.5e-6, 5e-6, 1e-5, 2.5e-5, 5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 5e-3)
 LOOKUP_SAMPLE_EVERY = 16  # drafts per sampled lookup breakdown (observing ~6 children costs ~5 us)
@@ -75,6 +77,7 @@ class RetrieverMetrics:
     index_tokens: Gauge  # index
     by_rpc: Mapping[str, _RpcChildren]
     lookup_seconds: Histogram  # source: context, tenant, reference, corpus:NAME, build_tree
+    auth_denials: Counter  # rpc (a method name of AUTH_RPCS), code (UNAUTHENTICATED, PERMISSION_DENIED)
 
     @classmethod
     def create(cls, registry: CollectorRegistry | None = None) -> "RetrieverMetrics":
@@ -101,7 +104,10 @@ class RetrieverMetrics:
             by_rpc,
             Histogram(PREFIX + "index_lookup_seconds", "Time of each index query inside a draft (context, tenant, "
                       "reference, corpus:NAME) and of the tree build; one draft in LOOKUP_SAMPLE_EVERY is sampled.",
-                      ["source"], registry=r, buckets=LOOKUP_SECONDS_BUCKETS))
+                      ["source"], registry=r, buckets=LOOKUP_SECONDS_BUCKETS),
+            Counter(PREFIX + "auth_denials", "Calls refused by auth (a tokens file is set), by RPC method and "
+                    "status code (UNAUTHENTICATED, PERMISSION_DENIED); never by token or tenant.", ["rpc", "code"],
+                    registry=r))
 
     def drafted(self, rpc: str, seconds: float, nodes: int, new_tokens: int, started: bool) -> None:
         """One successful draft of `rpc` (one of RPCS)."""
@@ -127,6 +133,10 @@ class RetrieverMetrics:
 
     def rejected(self, rpc: str, code: str, message: str) -> None:
         self.rejections.labels(rpc, code, rejection_reason(code, message)).inc()
+
+    def auth_denied(self, rpc: str, code: str) -> None:
+        """One call refused by auth; `rpc` outside AUTH_RPCS is counted as "other" (bounded labels)."""
+        self.auth_denials.labels(rpc if rpc in AUTH_RPCS else "other", code).inc()
 
     def ended(self, reason: str, sessions: int = 1) -> None:
         if sessions:

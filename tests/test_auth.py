@@ -3,8 +3,8 @@
 Bearer tokens bound to tenants (OK / UNAUTHENTICATED / PERMISSION_DENIED for Draft, a
 DraftBatch with one foreign tenant, a DraftStream switching tenant, EndSession), admin vs
 non-admin Describe, the tokens file formats, TLS and mTLS with certificates made here by the
-`openssl` CLI (a client without a certificate, or with one from another CA, is refused), and
-no token ever in the logs.
+`openssl` CLI (a client without a certificate, or with one from another CA, is refused),
+denials counted in the scraped /metrics by RPC and code, and no token ever in the logs.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ import hashlib
 import logging
 import shutil
 import subprocess
+import urllib.request
 from pathlib import Path
 
 import grpc
@@ -62,7 +63,7 @@ class Served:
 
 @pytest.fixture(scope="module")
 def authed(data, tokens_file):  # noqa: F811
-    served = Served(settings(indexes=(str(data[0]),), auth_tokens_file=str(tokens_file)))
+    served = Served(settings(indexes=(str(data[0]),), auth_tokens_file=str(tokens_file), metrics_port=0))
     yield served
     served.close()
 
@@ -181,6 +182,41 @@ def test_a_stream_switching_tenant_is_denied_after_the_allowed_requests(authed):
     assert (info.value.code(), info.value.details()) == (
         DENIED, "tenant must be a tenant of the caller's token (line 2), got 'b'")
     channel.close()
+
+
+def denials(served: Served) -> dict[tuple[str, str], float]:
+    """specdraft_retriever_auth_denials_total by (rpc, code), scraped from the server's /metrics."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{served.server.metrics_port}/metrics", timeout=10) as r:
+        text = r.read().decode()
+    out = {}
+    for line in text.splitlines():
+        if line.startswith("specdraft_retriever_auth_denials_total{"):
+            labels = dict(kv.split("=") for kv in line[line.index("{") + 1:line.index("}")].split(","))
+            out[(labels["rpc"].strip('"'), labels["code"].strip('"'))] = float(line.rsplit(" ", 1)[1])
+    return out
+
+
+def test_denials_are_counted_by_rpc_and_code_without_tokens_or_tenants(authed):
+    before = denials(authed)
+    a = authed.client(token=TOKEN_A)
+    for _ in range(2):
+        with pytest.raises(errors.PermissionDenied):
+            a.draft("tenant-secret-name", "s", PROMPT)
+    with pytest.raises(errors.PermissionDenied):
+        a.draft_batch([DraftCall("b", "s", PROMPT)])
+    with pytest.raises(errors.Unauthenticated):
+        authed.client(token="wrong-token-9d1").end_session("a", "s")
+    channel, stub, metadata = raw_stub(authed, TOKEN_A)
+    with pytest.raises(grpc.RpcError):
+        list(stub.DraftStream(iter([draft_req("b")]), metadata=metadata, timeout=5))
+    channel.close()
+    after = denials(authed)
+    delta = {k: v - before.get(k, 0.0) for k, v in after.items() if v != before.get(k, 0.0)}
+    assert delta == {("Draft", "PERMISSION_DENIED"): 2, ("DraftBatch", "PERMISSION_DENIED"): 1,
+                     ("EndSession", "UNAUTHENTICATED"): 1, ("DraftStream", "PERMISSION_DENIED"): 1}
+    with urllib.request.urlopen(f"http://127.0.0.1:{authed.server.metrics_port}/metrics", timeout=10) as r:
+        text = r.read().decode()
+    assert "tenant-secret-name" not in text and TOKEN_A not in text and "wrong-token-9d1" not in text
 
 
 def test_describe_shows_index_paths_to_admins_only(authed, data):  # noqa: F811

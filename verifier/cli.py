@@ -1,11 +1,13 @@
 """`specdraft verifier serve`, `specdraft generate` and `specdraft demo` (verifier.demo).
 
 - `verifier serve`: the gRPC verifier and its OpenAI-compatible HTTP API (`--http-port`, -1: off)
-  (settings: flags > SPECDRAFT_VERIFIER_* > defaults; the API key only from SPECDRAFT_VERIFIER_API_KEY).
+  (settings: flags > SPECDRAFT_VERIFIER_* > defaults; the API key only from SPECDRAFT_VERIFIER_API_KEY;
+  secrets only in files: `--auth-tokens`, `--retriever-token-file`; see SECURITY.md).
 - `generate`: prompts from the arguments or a JSONL file (`{"prompt": str}`, `{"messages": [...]}`
   or `{"prompt_ids": [...]}`, optional `"id"`, `"max_new_tokens"`) through a verifier: the one at
   `--verifier`, else one started in-process, drafting through `--retriever host:port`, or a
-  retriever started in-process over `--index` datastores; `--no-draft` for the baseline.
+  retriever started in-process over `--index` datastores; `--no-draft` for the baseline
+  (`--verifier-token-file`: the bearer token of an authenticated verifier; an in-process verifier has no auth).
   Text goes to stdout (streamed), stats to stderr (`--json`: one JSON object per prompt).
 - `demo`: the README's main job (see verifier.demo).
 """
@@ -32,11 +34,34 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--draft-deadline-ms", type=float, help="per-draft deadline (default 50)")
 
 
+_IN_PROCESS = dict(auth_tokens_file="", tls_cert="", tls_key="", tls_client_ca="")  # a loopback verifier of this CLI
+
+
+def _retriever_security_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--retriever-token-file", metavar="FILE",
+                   help="file holding the bearer token for the retriever (SPECDRAFT_VERIFIER_RETRIEVER_TOKEN_FILE)")
+    p.add_argument("--retriever-ca", metavar="PEM",
+                   help="CA bundle the retriever's certificate must chain to; turns TLS on "
+                        "(SPECDRAFT_VERIFIER_RETRIEVER_CA)")
+    p.add_argument("--retriever-tls", action="store_true", default=None,
+                   help="TLS to the retriever with the system's CA roots (SPECDRAFT_VERIFIER_RETRIEVER_TLS)")
+    p.add_argument("--retriever-client-cert", metavar="PEM",
+                   help="client certificate for mTLS, with --retriever-client-key "
+                        "(SPECDRAFT_VERIFIER_RETRIEVER_CLIENT_CERT)")
+    p.add_argument("--retriever-client-key", metavar="PEM", help="(SPECDRAFT_VERIFIER_RETRIEVER_CLIENT_KEY)")
+    p.add_argument("--retriever-server-name", metavar="NAME",
+                   help="the name the retriever's certificate must hold (default: its host; "
+                        "SPECDRAFT_VERIFIER_RETRIEVER_SERVER_NAME)")
+
+
 def _settings(args: argparse.Namespace, **overrides: object) -> VerifierSettings:
     deadline = getattr(args, "draft_deadline_ms", None)
+    security = {name: getattr(args, name, None) for name in (
+        "retriever_token_file", "retriever_ca", "retriever_tls", "retriever_client_cert", "retriever_client_key",
+        "retriever_server_name")}
     return VerifierSettings.from_env(
         model=args.model, dtype=args.dtype, device=args.device, cache_dir=args.cache_dir, max_nodes=args.max_nodes,
-        draft_deadline_s=deadline / 1000 if deadline is not None else None, **overrides)
+        draft_deadline_s=deadline / 1000 if deadline is not None else None, **security, **overrides)
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -54,6 +79,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                             "/metrics)")
     serve.add_argument("--log-format", choices=("text", "json"),
                        help="log lines as text or one JSON object each (SPECDRAFT_LOG_FORMAT; default text)")
+    serve.add_argument("--tls-cert", metavar="PEM",
+                       help="TLS certificate chain of the gRPC and HTTP servers (SPECDRAFT_VERIFIER_TLS_CERT)")
+    serve.add_argument("--tls-key", metavar="PEM", help="TLS private key (SPECDRAFT_VERIFIER_TLS_KEY)")
+    serve.add_argument("--tls-client-ca", metavar="PEM",
+                       help="require client certificates signed by this CA: mTLS (SPECDRAFT_VERIFIER_TLS_CLIENT_CA)")
+    serve.add_argument("--auth-tokens", metavar="FILE",
+                       help="bearer tokens bound to tenants for the HTTP and gRPC APIs, lines 'TOKEN TENANTS [admin]' "
+                            "or JSON (SPECDRAFT_VERIFIER_AUTH_TOKENS_FILE; default: no auth, see SECURITY.md)")
+    _retriever_security_args(serve)
     serve.set_defaults(run=_serve)
 
     gen = subparsers.add_parser("generate", help="generate text for prompts (drafting through a retriever)")
@@ -72,7 +106,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     gen.add_argument("--retriever", help="host:port of a running retriever")
     gen.add_argument("--index", action="append", default=[], help="datastore for an in-process retriever")
     gen.add_argument("--json", action="store_true", help="one JSON object (id, text, stats) per prompt")
+    gen.add_argument("--verifier-token-file", metavar="FILE", help="file holding the bearer token for --verifier")
     _model_args(gen)
+    _retriever_security_args(gen)
     gen.set_defaults(run=_generate)
 
     demo = subparsers.add_parser("demo", help="end-to-end demo on CPU: index, retriever, verifier, with/without drafting")
@@ -88,7 +124,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def _demo(args: argparse.Namespace) -> int:
     from verifier.demo import run_demo
 
-    return run_demo(args, _settings(args, host="127.0.0.1", port=0, http_port=-1))
+    return run_demo(args, _settings(args, host="127.0.0.1", port=0, http_port=-1, **_IN_PROCESS))
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -97,13 +133,19 @@ def _serve(args: argparse.Namespace) -> int:
 
     try:
         fmt = log_format(args.log_format)
+        settings = _settings(args, host=args.host, port=args.port, http_port=args.http_port,
+                             served_model_name=args.served_model_name, retriever=args.retriever,
+                             metrics_port=args.metrics_port, auth_tokens_file=args.auth_tokens,
+                             tls_cert=args.tls_cert, tls_key=args.tls_key, tls_client_ca=args.tls_client_ca)
     except ValueError as e:
         print(f"specdraft verifier serve: error: {e}", file=sys.stderr)
         return 2
     configure_logging(fmt)
-    return serve(_settings(args, host=args.host, port=args.port, http_port=args.http_port,
-                           served_model_name=args.served_model_name, retriever=args.retriever,
-                           metrics_port=args.metrics_port))
+    try:
+        return serve(settings)
+    except (ValueError, OSError) as e:  # a bad tokens / PEM file, a port in use
+        print(f"specdraft verifier serve: error: {e}", file=sys.stderr)
+        return 2 if isinstance(e, ValueError) else 1
 
 
 # ---------------------------------------------------------------- generate
@@ -172,6 +214,20 @@ def _verifier_target(args: argparse.Namespace) -> Iterator[object]:
             retriever = args.retriever
             if not retriever and args.index and not args.no_draft:
                 retriever = stack.enter_context(in_process_retriever([Path(p) for p in args.index]))
-            settings = _settings(args, host="127.0.0.1", port=0, http_port=-1, retriever=retriever or "")
+            settings = _settings(args, host="127.0.0.1", port=0, http_port=-1, retriever=retriever or "",
+                                 **_IN_PROCESS)
             target = stack.enter_context(in_process_verifier(settings))
+        elif args.verifier_token_file:
+            yield _authenticated_stub(stack, target, args.verifier_token_file)
+            return
         yield stack.enter_context(verifier_stub(target))
+
+
+def _authenticated_stub(stack: contextlib.ExitStack, target: str, token_file: str) -> object:
+    """A `VerifierStub` to `target` whose calls carry the token in `token_file` (plaintext channel)."""
+    from protos.specdraft.v1 import verifier_pb2_grpc
+    from retriever.channel import ChannelSecurity, open_channel, read_token_file
+
+    token = read_token_file(token_file, "--verifier-token-file")
+    channel = stack.enter_context(open_channel(target, ChannelSecurity(token=token)))
+    return verifier_pb2_grpc.VerifierStub(channel)

@@ -8,19 +8,23 @@ server-sent events `data: {...}` ending with `data: [DONE]`), `GET /v1/models`,
 gRPC servicer shares: one generation at a time) -> `openai_wire.Formatter`. Errors are OpenAI's
 JSON (`{"error": {message, type, param, code}}`); after a stream has begun, an error is sent as
 one `data: {"error": ...}` event. Tenant: the `X-Specdraft-Tenant` header, else `user`.
-With `settings.api_key`, every route but /health and /metrics needs `Authorization: Bearer KEY`.
+Auth (`verifier.auth`): with a tokens file every route but /health needs `Authorization: Bearer
+<token>` (401, `invalid_api_key`), a generation drafts for its token's tenant (naming another one:
+403, `permission_denied`), /metrics needs an admin token (403); with the legacy
+`settings.api_key`, every route but /health and /metrics needs that key.
 
 Starlette rather than FastAPI: requests are validated by our own rules (`check`), so pydantic
 models would only duplicate them and answer in another error shape. Prompt text is never logged.
 
-`start_http(settings) -> HttpApi`: bound (port 0: a free one) and serving on return, answering
-503 (`/health`: {"status": "loading"}) until `HttpApi.serve(generator)` once the model is loaded.
+`start_http(settings, tls=...) -> HttpApi`: bound (port 0: a free one; `tls`: HTTPS) and serving
+on return, answering 503 (`/health`: {"status": "loading"}) until `HttpApi.serve(generator)` once
+the model is loaded.
 """
 
 from __future__ import annotations
 
 import asyncio
-import hmac
+import dataclasses
 import json
 import logging
 import socket
@@ -38,6 +42,8 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from retriever import errors
+from retriever.auth_tokens import Principal
+from verifier.auth import ApiAuth, ServerTls, api_auth, authorize_http, http_tenant
 from verifier.metrics import VerifierMetrics, reason_label
 from verifier.openai_wire import NAMES, ApiError, Formatter, OpenAIRequest, parse
 from verifier.validation import GenerationRequest, InvalidField, check
@@ -54,16 +60,19 @@ class _Api:
     """The routes' state: settings, the shared generator, and the state: "loading" (no generator
     yet), "ok", "stopping"; generations are taken in state "ok" only."""
 
-    def __init__(self, settings: "VerifierSettings", metrics: VerifierMetrics) -> None:
-        self.settings, self.generator, self.metrics = settings, None, metrics
+    def __init__(self, settings: "VerifierSettings", metrics: VerifierMetrics, auth: ApiAuth) -> None:
+        self.settings, self.generator, self.metrics, self.auth = settings, None, metrics, auth
         self.name, self.created, self.state = settings.model_name, int(time.time()), "loading"
         self.running = _Running()
 
-    def authorize(self, request: Request) -> None:
-        key = self.settings.api_key
-        if key and not hmac.compare_digest(request.headers.get("authorization", ""), f"Bearer {key}"):
-            raise ApiError(401, "Authorization must be 'Bearer <the server's api key>', got a missing or wrong key",
-                           code="invalid_api_key")
+    def authorize(self, request: Request, admin: bool = False) -> Principal | None:
+        """The caller (None: auth off); ApiError 401 without a valid token, 403 when `admin` and not one."""
+        return authorize_http(self.auth, request, admin)
+
+    def scoped(self, request: Request, parsed: OpenAIRequest, principal: Principal | None) -> OpenAIRequest:
+        """`parsed` with the tenant its token drafts for; ApiError 403 (another tenant) or 400."""
+        tenant = http_tenant(principal, request, parsed.values.tenant, self.settings.default_tenant)
+        return dataclasses.replace(parsed, values=dataclasses.replace(parsed.values, tenant=tenant))
 
     def model_card(self) -> dict:
         return {"id": self.name, "object": "model", "created": self.created, "owned_by": "specdraft"}
@@ -228,10 +237,10 @@ class _Routes:
 
     async def generate(self, request: Request, kind: str) -> Response:
         api = self.api
-        api.authorize(request)
+        principal = api.authorize(request)
         generator = api.generator_ready()
         body = await _body(request, api.settings.http_max_body_bytes)
-        parsed = parse(kind, body, request.headers.get(TENANT_HEADER, ""))
+        parsed = api.scoped(request, parse(kind, body, request.headers.get(TENANT_HEADER, "")), principal)
         api.check_model(parsed.model)
         checked = await anyio.to_thread.run_sync(api.checked, generator, parsed)
         fmt = Formatter.new(kind, api.name, checked.tenant, parsed.include_usage)
@@ -258,6 +267,8 @@ class _Routes:
         return JSONResponse(self.api.model_card())
 
     async def metrics(self, request: Request) -> Response:
+        if self.api.auth.admin_metrics:
+            self.api.authorize(request, admin=True)
         return Response(generate_latest(self.api.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     async def health(self, request: Request) -> Response:
@@ -278,7 +289,8 @@ def _api_error(metrics: VerifierMetrics):
     async def handle(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, ApiError)
         metrics.rejected("http", str(exc.status), reason_label(exc.param, exc.code or exc.type))
-        return JSONResponse(exc.body(), status_code=exc.status)
+        headers = {"WWW-Authenticate": "Bearer"} if exc.status == 401 else None
+        return JSONResponse(exc.body(), status_code=exc.status, headers=headers)
     return handle
 
 
@@ -295,8 +307,11 @@ async def _internal_error(request: Request, exc: Exception) -> Response:
     return JSONResponse(err.body(), status_code=500)
 
 
-def create_app(settings: "VerifierSettings", metrics: VerifierMetrics | None = None) -> tuple[Starlette, _Api]:
-    api = _Api(settings, metrics if metrics is not None else VerifierMetrics.create())
+def create_app(settings: "VerifierSettings", metrics: VerifierMetrics | None = None,
+               auth: ApiAuth | None = None) -> tuple[Starlette, _Api]:
+    """The app and its state; `auth` None: `api_auth(settings)`."""
+    api = _Api(settings, metrics if metrics is not None else VerifierMetrics.create(),
+               auth if auth is not None else api_auth(settings))
     app = Starlette(routes=_Routes(api).routes(), exception_handlers={
         ApiError: _api_error(api.metrics), HTTPException: _http_error, Exception: _internal_error})
     return app, api
@@ -343,13 +358,15 @@ def _bind(host: str, port: int) -> socket.socket:
 
 
 def start_http(settings: "VerifierSettings", startup_timeout_s: float = 10.0,
-               metrics: VerifierMetrics | None = None) -> HttpApi:
+               metrics: VerifierMetrics | None = None, auth: ApiAuth | None = None,
+               tls: ServerTls | None = None) -> HttpApi:
     """Binds settings.host:settings.http_port (0: a free port) and serves in a daemon thread
     (503 for generations until `serve(generator)`). uvicorn's loggers go to the root logger's
     handlers (log_config None), so they follow the process's log format."""
-    app, api = create_app(settings, metrics)
+    app, api = create_app(settings, metrics, auth)
     sock = _bind(settings.host, settings.http_port)
-    config = uvicorn.Config(app, lifespan="off", access_log=False, log_level="warning", log_config=None)
+    config = uvicorn.Config(app, lifespan="off", access_log=False, log_level="warning", log_config=None,
+                            **(tls.uvicorn_options() if tls is not None else {}))
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, name="verifier-http", daemon=True)
     thread.start()

@@ -94,7 +94,7 @@ class VerifierMetrics:
                     registry=r),
             Counter(p + "draft_fallbacks", "Steps decoded without a retriever draft: timeout (past the draft "
                     "deadline), error (the draft source failed), none (stream down or behind, or an empty "
-                    "tree).", ["reason"], registry=r),
+                    "tree), denied (the retriever refused the verifier's token: drafting pauses).", ["reason"], registry=r),
             Counter(p + "rejections", "Requests refused, by API, code (gRPC status name or HTTP status) and "
                     "reason (the invalid field, or the error code).", ["api", "code", "reason"], registry=r))
 

@@ -10,11 +10,14 @@
   reports it to the `VerifierMetrics` it holds (`generator.metrics`).
 - `VerifierServicer`: the gRPC shell over a `Generator`; domain
   errors become status codes through `retriever.service.status_of` (the one mapping of
-  `retriever.errors`), before any message is streamed.
+  `retriever.errors`), before any message is streamed. With auth (`verifier.auth.ApiAuth`), a
+  call needs `authorization: Bearer <token>` metadata (UNAUTHENTICATED) and drafts for its
+  token's tenant (another one: PERMISSION_DENIED); refusals are counted in `rejections`.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 import time
 from dataclasses import dataclass, field
@@ -26,6 +29,7 @@ from protos.specdraft.v1 import verifier_pb2 as pb
 from protos.specdraft.v1 import verifier_pb2_grpc as pb_grpc
 from retriever import errors
 from retriever.service import status_of
+from verifier.auth import ApiAuth, denied, grpc_principal, tenant_for
 from verifier.engine import Engine, StepResult
 from verifier.metrics import VerifierMetrics, reason_label
 from verifier.settings import VerifierSettings
@@ -117,7 +121,8 @@ class _Tally:
 
 class _DeferredEnd:
     """A DraftSource whose `end()` waits for `finish`, which hands over the tokens not yet reported;
-    steps without a draft are counted in `metrics` (timeouts seen through the session's `timeouts`)."""
+    steps without a draft are counted in `metrics` (timeouts seen through the session's `timeouts`,
+    "denied" while the retriever refuses the session's credential: its `refused`)."""
 
     def __init__(self, session, metrics: VerifierMetrics | None = None) -> None:
         self._session, self.reported, self._metrics = session, 0, metrics
@@ -136,7 +141,9 @@ class _DeferredEnd:
             self._metrics.draft_fallback("error")
             raise
         if draft is None:
-            self._metrics.draft_fallback("timeout" if getattr(self._session, "timeouts", 0) > timeouts else "none")
+            refused = getattr(self._session, "refused", False)
+            timed_out = getattr(self._session, "timeouts", 0) > timeouts
+            self._metrics.draft_fallback("timeout" if timed_out else "denied" if refused else "none")
         return draft
 
     def end(self) -> None:
@@ -238,12 +245,23 @@ class Generator:
 class VerifierServicer(pb_grpc.VerifierServicer):
     """Generate: validate, then stream the generator's chunks."""
 
-    def __init__(self, settings: VerifierSettings, generator: Generator) -> None:
-        self._settings, self._generator = settings, generator
+    def __init__(self, settings: VerifierSettings, generator: Generator, auth: ApiAuth | None = None) -> None:
+        self._settings, self._generator, self._auth = settings, generator, auth or ApiAuth()
+
+    def _checked(self, request: pb.GenerateRequest, context: grpc.ServicerContext) -> GenerationRequest:
+        """The caller's checked request, its tenant the token's (raises the domain errors)."""
+        values = values_of(request)
+        try:
+            principal = grpc_principal(self._auth, context.invocation_metadata())
+            tenant = tenant_for(principal, values.tenant, self._settings.default_tenant, "tenant")
+        except (errors.Unauthenticated, errors.PermissionDenied) as e:
+            denied("grpc", "Generate", context.peer(), e)
+            raise
+        return check(dataclasses.replace(values, tenant=tenant), self._generator.model, self._settings, GRPC_NAMES)
 
     def Generate(self, request: pb.GenerateRequest, context: grpc.ServicerContext) -> Iterator[pb.GenerateResponse]:
         try:
-            checked = validate(request, self._generator.model, self._settings)
+            checked = self._checked(request, context)
         except errors.SpecdraftError as e:
             code, message = status_of(e)
             self._generator.metrics.rejected("grpc", code.name, reason_label(getattr(e, "param", None), code.name))
