@@ -1,14 +1,23 @@
-"""Overload control of the retriever: a concurrency cap with a bounded wait queue, and deadlines.
+"""Overload control of the retriever: two bounds, one per layer, and deadlines.
 
-- `Admission(max_inflight, max_queued)`: an asyncio semaphore with a bounded FIFO of waiters,
-  for the servicer's edge (one per server, used only on its event loop: not thread-safe).
-  `await enter()` takes a slot: at once while fewer than `max_inflight` calls hold one, else
-  after waiting its turn; with `max_queued` already waiting it raises `Overloaded`
-  (RESOURCE_EXHAUSTED) immediately. `leave()` gives the slot back, handing it to the oldest
-  waiter. A call cancelled while waiting (client cancel, deadline) leaves no trace.
-  A slot taken at once still yields to the loop once: the drafting is synchronous on the
-  loop, so without it no two calls would ever be counted together and calls that arrived
-  in the same loop turn could not be refused before the backlog is drafted.
+1. gRPC (`retriever.server.max_rpcs`): the aio server holds at most `max_inflight +
+   max_queued` RPCs at once (`maximum_concurrent_rpcs`; open DraftStreams count for their
+   whole life). Beyond it grpc itself answers RESOURCE_EXHAUSTED "Concurrent RPC limit
+   exceeded!" before any handler runs: tasks and memory stay bounded whatever the load.
+2. `Admission(max_inflight, max_queued)` (this module), at the servicer's edge, per drafted
+   message: an asyncio semaphore with a bounded FIFO of waiters (one per server, used only
+   on its event loop: not thread-safe). `await enter()` takes a slot: at once while fewer
+   than `max_inflight` calls hold one, else after waiting its turn; with `max_queued` already
+   waiting it raises `Overloaded` (RESOURCE_EXHAUSTED, counted as "overloaded") at once.
+   `leave()` gives the slot back, handing it to the oldest waiter. A call cancelled while
+   waiting (client cancel, deadline) leaves no trace. A slot taken at once still yields to
+   the loop once, so calls that arrived in the same loop turn are counted together.
+
+What neither bound can do (measured by `specdraft bench overload`): drafting runs on the one
+event loop, and grpc takes a call into Python only when the loop asks for the next one, so
+under saturation the backlog waits inside grpc core, unseen by Python; a refusal then comes
+after that wait like an answer would. Accepted calls stay fast only when refused callers back
+off (a speculative-decoding client simply decodes that step without a draft).
 - `check_deadline(time_remaining)`: raises `DeadlineExceeded` when a call's deadline has
   passed by the time it gets its turn (the call is then not drafted, no state changes).
 """

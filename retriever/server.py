@@ -52,6 +52,7 @@ log = logging.getLogger(__name__)
 SERVICE_NAME = retriever_pb2.DESCRIPTOR.services_by_name["Retriever"].full_name
 HEALTH_NAMES = ("", SERVICE_NAME)
 LOG_HEALTH_NAME = "specdraft.v1.OutputLog"  # SERVING once the log is replayed and reachable
+FLUSH_S = 2.0  # at shutdown: longest wait for queued outputs to reach the log
 MAX_MESSAGE_BYTES = 64 << 20  # a DraftBatch restarting many long sessions is large
 Loader = Callable[[RetrieverSettings], "list[CorpusDatastore | FaissStore]"]
 _T = TypeVar("_T")
@@ -205,7 +206,9 @@ class AioRetrieverServer:
         self.metrics_port = bound_port(metrics_server) if metrics_server is not None else None  # None: off
 
     async def stop(self, grace: float | None) -> None:
-        """Health NOT_SERVING, then in-flight calls get `grace` seconds (None: forever)."""
+        """Health NOT_SERVING, new calls UNAVAILABLE, in-flight calls get `grace` seconds (None:
+        forever); then, with an output log, every session still open is ended and the log is
+        flushed (at most FLUSH_S), so no finished output is lost."""
         await self._health.enter_graceful_shutdown()
         self._expiry.cancel()
         self.loaded.cancel()
@@ -213,7 +216,10 @@ class AioRetrieverServer:
         if self._log_health is not None:
             self._log_health.cancel()
         if self.sync is not None:  # after the calls: outputs of sessions ended in the grace go out too
-            await self.sync.stop(flush_s=2.0)
+            ended = self.servicer.end_all_sessions()
+            if ended:
+                log.info("ended %d open sessions at shutdown", ended)
+            await self.sync.stop(flush_s=FLUSH_S)
         if self._metrics_server is not None:
             self._metrics_server.close()
 
@@ -237,11 +243,18 @@ def _security(settings: RetrieverSettings) -> tuple[TokenTable | None, grpc.Serv
     return tokens, credentials
 
 
+def max_rpcs(settings: RetrieverSettings) -> int:
+    """RPCs the server holds at once (open DraftStreams included): beyond it grpc answers
+    RESOURCE_EXHAUSTED "Concurrent RPC limit exceeded!" before any handler runs (retriever.admission)."""
+    return settings.max_inflight + settings.max_queued
+
+
 def _grpc_server(settings: RetrieverSettings, servicer: RetrieverServicer,
                  health_servicer: health.aio.HealthServicer) -> tuple[grpc.aio.Server, int]:
     tokens, credentials = _security(settings)
     server = grpc.aio.server(options=[("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-                                      ("grpc.so_reuseport", 0)])
+                                      ("grpc.so_reuseport", 0)],
+                             maximum_concurrent_rpcs=max_rpcs(settings))
     add_retriever(guard(servicer, tokens), server, servicer.metrics.rejected)  # bad wire bytes: INVALID_ARGUMENT
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     if settings.reflection:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 from typing import TYPE_CHECKING, AsyncIterator, Callable, Sequence, TypeVar
 
@@ -148,6 +149,12 @@ class RetrieverServicer(pb_grpc.RetrieverServicer):
         self.metrics.ended("idle", ended)
         if ended:
             log.info("ended %d idle sessions", ended)
+        return ended
+
+    def end_all_sessions(self) -> int:
+        """Ends every open session (shutdown: their output goes to their tenants); returns how many."""
+        ended = self._drafter.expire_idle(math.inf)
+        self.metrics.ended("shutdown", ended)
         return ended
 
     # ------------------------------------------------------------ RPCs

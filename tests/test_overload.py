@@ -3,7 +3,8 @@ real server (RESOURCE_EXHAUSTED at once, counted as "overloaded", the next call 
 passed before drafting (DEADLINE_EXCEEDED, no state change), cancelled DraftStreams leave no
 sessions or tasks (2000 here; `specdraft bench overload` runs 10k: most sessions end at the cancel,
 the few whose cancel the server sees only as the end of requests end by idle expiry), and
-`Admission` itself.
+`Admission` itself, and a real `specdraft retriever serve` subprocess at 10x its gRPC RPC bound
+under load from other processes (refusals, no other errors, no crash, healthy after).
 Idle expiry through the real server is tested in test_service.py."""
 
 from __future__ import annotations
@@ -18,7 +19,8 @@ import pytest
 from retriever.admission import Admission, AdmissionStats, DeadlineExceeded, Overloaded, check_deadline
 from retriever.service import RetrieverServicer
 from retriever.settings import RetrieverSettings
-from specdraft.bench.overload import cancelled_streams
+from specdraft.bench.overload import ServerProcess, cancelled_streams, run_load
+from specdraft.bench.server import wait_serving
 from tests.test_service import PROMPT, Running, error_of, req, settings
 
 CANCELLED_STREAMS = 2000  # the bench runs 10k
@@ -189,3 +191,21 @@ def test_check_deadline_and_settings():
         RetrieverSettings(max_inflight=0)
     with pytest.raises(ValueError, match="SPECDRAFT_MAX_QUEUED must be an integer >= 0, got -1"):
         RetrieverSettings(max_queued=-1)
+
+
+def test_subprocess_server_at_10x_its_rpc_bound_refuses_some_and_stays_healthy():
+    server = ServerProcess({"SPECDRAFT_MAX_INFLIGHT": "1", "SPECDRAFT_MAX_QUEUED": "1"})  # grpc holds 2 RPCs
+    try:
+        rss_start = server.rss_mb()
+        load = run_load(server.target, 20, 2.0, processes=2, backoff_s=0.02)
+        assert load.other == {} and len(load.ok_ns) > 100
+        assert len(load.exhausted_ns) > 0
+        assert sorted(load.exhausted_ns)[len(load.exhausted_ns) // 2] < 0.5e9  # refused without waiting its turn
+        assert server.proc.poll() is None and server.rss_mb() < rss_start + 50
+        wait_serving(server.target, 5)
+        with grpc.insecure_channel(server.target) as channel:
+            from protos.specdraft.v1 import retriever_pb2_grpc as pb_grpc
+            assert pb_grpc.RetrieverStub(channel).Draft(req(session_id="after", prompt=PROMPT),
+                                                        timeout=5).context_tokens == len(PROMPT)
+    finally:
+        assert server.stop() == 0

@@ -1,20 +1,31 @@
 """`specdraft bench overload`: the retriever under 10x its concurrency cap, on loopback (issue 6).
 
-A server is started here (no indexes: drafts from the session context only) with
-`max_inflight=cap`, `max_queued=queued`. Phases, each bounded in count and time:
-1. unloaded: sequential unary `Draft` calls -> p50/p99;
-2. overload: `10 * cap` concurrent closed-loop callers (grpc.aio, one session each, re-sent
-   prompt) for `seconds` -> OK and RESOURCE_EXHAUSTED counts, accepted calls' p99 vs 2x unloaded,
-   and the server process's RSS before and after (client and server share this process);
-3. cancelled streams: `streams` DraftStreams cancelled after their first answer -> sessions and
-   loop tasks left once the server had `settle_s` (idle expiry at 1 s ends any the cancel missed).
+The server runs alone in a subprocess (`specdraft retriever serve`, no indexes: drafts from the
+session context only, output log off) with `max_inflight=cap`, `max_queued=queued` (so grpc
+holds at most cap + queued RPCs, see `retriever.admission`); the load comes from other
+processes (spawned, one grpc.aio channel each). Phases, each bounded in count and time:
+1. unloaded: one sequential caller, `unloaded_calls` Draft calls -> p50/p99;
+2. overload (the soak): `10 * cap` closed-loop callers for `seconds` (at most `max_calls`
+   calls each); a refused caller backs off `backoff_s` (a speculative-decoding client decodes
+   that step without a draft) -> sent, OK, RESOURCE_EXHAUSTED (and how long a refusal took),
+   other errors, accepted p50/p99 vs unloaded p99, server RSS (/proc/<pid>/status) at start
+   and end;
+3. cancelled streams: `streams` DraftStreams cancelled after their first answer -> the
+   server's session gauge (/metrics) before, right after and once idle expiry (1 s) ran.
 """
 
 from __future__ import annotations
 
 import asyncio
+import multiprocessing
+import os
+import re
+import signal
+import subprocess
+import sys
 import time
-from dataclasses import dataclass
+import urllib.request
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -22,146 +33,246 @@ PROMPT = [5, 6, 7, 8, 9, 5, 6, 7, 8, 9, 5, 6]
 
 
 @dataclass(frozen=True)
-class OverloadResult:
-    cap: int
-    queued: int
-    callers: int
-    unloaded_p50_us: float
-    unloaded_p99_us: float
-    ok: int
-    resource_exhausted: int
-    other_errors: int
-    accepted_p99_us: float
-    rss_before_mb: float
-    rss_after_mb: float
-    cancelled_streams: int
-    sessions_left: int
-    tasks_left: int
+class LoadResult:
+    """What closed-loop callers saw: latencies (ns) of OK and RESOURCE_EXHAUSTED calls, other codes."""
+
+    ok_ns: list[int] = field(default_factory=list)
+    exhausted_ns: list[int] = field(default_factory=list)
+    other: dict[str, int] = field(default_factory=dict)
 
     @property
-    def p99_within_2x(self) -> bool:
-        return self.accepted_p99_us <= 2 * self.unloaded_p99_us
+    def sent(self) -> int:
+        return len(self.ok_ns) + len(self.exhausted_ns) + sum(self.other.values())
 
-    def table(self) -> str:
-        rows = [("unloaded Draft p50 / p99 (us)", f"{self.unloaded_p50_us:.0f} / {self.unloaded_p99_us:.0f}"),
-                (f"overload: {self.callers} callers, cap {self.cap}, queue {self.queued}", ""),
-                ("  OK / RESOURCE_EXHAUSTED / other", f"{self.ok} / {self.resource_exhausted} / {self.other_errors}"),
-                ("  accepted p99 (us) vs 2x unloaded p99", f"{self.accepted_p99_us:.0f} vs "
-                 f"{2 * self.unloaded_p99_us:.0f} ({'met' if self.p99_within_2x else 'NOT met'})"),
-                ("  RSS before -> after (MB)", f"{self.rss_before_mb:.1f} -> {self.rss_after_mb:.1f}"),
-                (f"cancelled DraftStreams: {self.cancelled_streams}",
-                 f"sessions left {self.sessions_left}, extra loop tasks {self.tasks_left}")]
-        width = max(len(r[0]) for r in rows)
-        return "\n".join(["Retriever overload (loopback, in-process server)"] + [f"{a.ljust(width)}  {b}" for a, b in rows])
+    def merged(self, more: "LoadResult") -> "LoadResult":
+        other = dict(self.other)
+        for code, n in more.other.items():
+            other[code] = other.get(code, 0) + n
+        return LoadResult(self.ok_ns + more.ok_ns, self.exhausted_ns + more.exhausted_ns, other)
 
 
-def rss_mb() -> float:
-    """This process's resident set size (Linux /proc)."""
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * 4096 / 2**20
+class ServerProcess:
+    """`specdraft retriever serve` on 127.0.0.1 in a subprocess; `env`: extra SPECDRAFT_* settings.
+
+    `target` once started; `rss_mb()`, `sessions()` (the /metrics gauge), `stop()` (SIGTERM)."""
+
+    def __init__(self, env: dict[str, str], args: tuple[str, ...] = ("--output-log", "off"),
+                 start_timeout_s: float = 60.0) -> None:
+        from specdraft.bench.redis_proc import free_port
+        from specdraft.bench.server import wait_serving
+
+        self.metrics_port = free_port()
+        cmd = [sys.executable, "-m", "specdraft.cli", "retriever", "serve", "--host", "127.0.0.1", "--port", "0",
+               "--metrics-port", str(self.metrics_port), *args]
+        self.proc = subprocess.Popen(cmd, env={**os.environ, **env}, stdout=subprocess.PIPE,
+                                     stderr=subprocess.DEVNULL, text=True)
+        line = self.proc.stdout.readline() if self.proc.stdout else ""
+        match = re.search(r"listening on \S+:(\d+)", line)
+        if match is None:
+            self.proc.kill()
+            raise RuntimeError(f"retriever serve must print its address, got {line!r}")
+        self.port = int(match.group(1))
+        self.target = f"127.0.0.1:{self.port}"
+        wait_serving(self.target, start_timeout_s)
+
+    def rss_mb(self) -> float:
+        with open(f"/proc/{self.proc.pid}/status") as f:
+            kb = next(int(line.split()[1]) for line in f if line.startswith("VmRSS:"))
+        return kb / 1024
+
+    def sessions(self) -> int:
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=5) as reply:
+            text = reply.read().decode()
+        return int(float(re.search(r"^specdraft_retriever_sessions (\S+)$", text, re.M).group(1)))
+
+    def stop(self, timeout_s: float = 30.0) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        try:
+            return self.proc.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            return self.proc.wait()
 
 
-def _unloaded(stub, pb, calls: int) -> np.ndarray:
-    out = []
-    for i in range(calls + 50):
-        t0 = time.perf_counter_ns()
-        stub.Draft(pb.DraftRequest(tenant="u", session_id="u", prompt=PROMPT), timeout=10)
-        if i >= 50:
-            out.append(time.perf_counter_ns() - t0)
-    return np.asarray(out, np.int64)
+# ---------------------------------------------------------------- load, in other processes
 
 
-async def _overload(target: str, callers: int, seconds: float) -> tuple[list[int], int, int]:
-    """(accepted latencies ns, RESOURCE_EXHAUSTED count, other errors) of `callers` closed loops."""
+async def _callers(target: str, callers: int, seconds: float, max_calls: int, backoff_s: float,
+                   tag: str) -> LoadResult:
     import grpc
 
     from protos.specdraft.v1 import retriever_pb2 as pb
     from protos.specdraft.v1 import retriever_pb2_grpc as pb_grpc
 
-    ok: list[int] = []
-    counts = {"exhausted": 0, "other": 0}
-    end = time.monotonic() + seconds
+    result, end = LoadResult(), time.monotonic() + seconds
     async with grpc.aio.insecure_channel(target) as channel:
         stub = pb_grpc.RetrieverStub(channel)
 
         async def caller(i: int) -> None:
-            request = pb.DraftRequest(tenant="o", session_id=f"c{i}", prompt=PROMPT)
-            while time.monotonic() < end:
+            request = pb.DraftRequest(tenant="o", session_id=f"{tag}-{i}", prompt=PROMPT)
+            for _ in range(max_calls):
+                if time.monotonic() >= end:
+                    return
                 t0 = time.perf_counter_ns()
                 try:
                     await stub.Draft(request, timeout=30)
-                    ok.append(time.perf_counter_ns() - t0)
+                    result.ok_ns.append(time.perf_counter_ns() - t0)
                 except grpc.aio.AioRpcError as e:
-                    counts["exhausted" if e.code() == grpc.StatusCode.RESOURCE_EXHAUSTED else "other"] += 1
-                    await asyncio.sleep(0.001)  # a refused caller backs off a little
+                    if e.code() == grpc.StatusCode.RESOURCE_EXHAUSTED:
+                        result.exhausted_ns.append(time.perf_counter_ns() - t0)
+                    else:
+                        result.other[e.code().name] = result.other.get(e.code().name, 0) + 1
+                    await asyncio.sleep(backoff_s)
 
         await asyncio.gather(*(caller(i) for i in range(callers)))
-    return ok, counts["exhausted"], counts["other"]
+    return result
 
 
-async def cancelled_streams(port: int, n: int, concurrency: int = 50) -> None:
+def _load_worker(args: tuple, queue: "multiprocessing.Queue[LoadResult]") -> None:
+    queue.put(asyncio.run(_callers(*args)))
+
+
+def run_load(target: str, callers: int, seconds: float, *, processes: int = 2, max_calls: int = 1_000_000,
+             backoff_s: float = 0.02) -> LoadResult:
+    """`callers` closed-loop Draft callers spread over `processes` spawned processes (see the module doc)."""
+    ctx = multiprocessing.get_context("spawn")
+    queue = ctx.Queue()
+    shares = [callers // processes + (k < callers % processes) for k in range(processes)]
+    workers = [ctx.Process(target=_load_worker, args=((target, n, seconds, max_calls, backoff_s, f"p{k}"), queue))
+               for k, n in enumerate(shares) if n]
+    for w in workers:
+        w.start()
+    result = LoadResult()
+    try:
+        for _ in workers:
+            result = result.merged(queue.get(timeout=seconds + 120))
+    finally:
+        for w in workers:
+            w.join(5)
+            if w.is_alive():
+                w.kill()
+    return result
+
+
+async def cancelled_streams(port: int, n: int, concurrency: int = 50) -> int:
     """n DraftStreams to 127.0.0.1:port, each cancelled after its first answer (every 4th before
-    sending anything); 3/4 of n sessions are started."""
+    sending anything); 3/4 of n sessions are started. Returns how many the server refused."""
     import grpc
 
     from protos.specdraft.v1 import retriever_pb2 as pb
     from protos.specdraft.v1 import retriever_pb2_grpc as pb_grpc
 
+    refused = 0
     async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
         stub = pb_grpc.RetrieverStub(channel)
 
         async def one(i: int) -> None:
+            nonlocal refused
             call = stub.DraftStream(timeout=10)
-            if i % 4:
-                await call.write(pb.DraftRequest(tenant="c", session_id=f"s{i}", prompt=PROMPT))
-                await call.read()
+            try:
+                if i % 4:
+                    await call.write(pb.DraftRequest(tenant="c", session_id=f"s{i}", prompt=PROMPT))
+                    await call.read()
+            except grpc.aio.AioRpcError:  # refused at the cap (a failed write reads as INTERNAL)
+                refused += 1
             call.cancel()
 
         for start in range(0, n, concurrency):
             await asyncio.gather(*(one(i) for i in range(start, min(n, start + concurrency))))
+    return refused
 
 
-def run_overload(cap: int = 64, queued: int = 64, seconds: float = 10.0, unloaded_calls: int = 2000,
-                 streams: int = 10_000, settle_s: float = 3.0) -> OverloadResult:
-    """Runs the three phases against a server started here; see the module doc."""
-    import grpc
+def _cancel_worker(port: int, n: int, concurrency: int, queue: "multiprocessing.Queue[int]") -> None:
+    queue.put(asyncio.run(cancelled_streams(port, n, concurrency)))
 
-    from protos.specdraft.v1 import retriever_pb2 as pb
-    from protos.specdraft.v1 import retriever_pb2_grpc as pb_grpc
-    from retriever.server import create_server
-    from retriever.settings import RetrieverSettings
-    from specdraft.bench.server import wait_serving
 
-    settings = RetrieverSettings(host="127.0.0.1", port=0, output_log="off", max_inflight=cap, max_queued=queued,
-                                 session_idle_s=1.0, expire_interval_s=0.5)
-    server, port = create_server(settings)
-    target = f"127.0.0.1:{port}"
+def run_cancelled(port: int, n: int, concurrency: int = 50) -> int:
+    """`cancelled_streams` in a spawned process (the server's loop is alone in its own); how many refused."""
+    ctx = multiprocessing.get_context("spawn")
+    queue = ctx.Queue()
+    worker = ctx.Process(target=_cancel_worker, args=(port, n, concurrency, queue))
+    worker.start()
     try:
-        wait_serving(target)
-        with grpc.insecure_channel(target) as channel:
-            unloaded = _unloaded(pb_grpc.RetrieverStub(channel), pb, unloaded_calls)
-        rss_before = rss_mb()
-        ok, exhausted, other = asyncio.run(_overload(target, 10 * cap, seconds))
-        rss_after = rss_mb()
-        sessions, tasks = _cancel_phase(server, port, streams, settle_s)
+        return queue.get(timeout=600)
     finally:
-        server.stop(0).wait()
-    p50, p99 = (np.percentile(unloaded, [50, 99]) / 1e3).tolist()
-    accepted_p99 = float(np.percentile(ok, 99) / 1e3) if ok else float("nan")
-    return OverloadResult(cap, queued, 10 * cap, p50, p99, len(ok), exhausted, other, accepted_p99,
-                          rss_before, rss_after, streams, sessions, tasks)
+        worker.join(5)
 
 
-def _cancel_phase(server, port: int, streams: int, settle_s: float) -> tuple[int, int]:
-    """(sessions left, loop tasks above the count before) after `streams` cancelled DraftStreams."""
-    def on_loop(fn):
-        async def call():
-            return fn()
-        return asyncio.run_coroutine_threadsafe(call(), server._loop).result(10)
+# ---------------------------------------------------------------- the benchmark
 
-    servicer = server._inner.servicer
-    tasks_before = on_loop(lambda: len(asyncio.all_tasks()))
-    asyncio.run(cancelled_streams(port, streams))
-    time.sleep(settle_s)
-    return (on_loop(lambda: servicer._drafter.stats().sessions),
-            on_loop(lambda: len(asyncio.all_tasks())) - tasks_before)
+
+@dataclass(frozen=True)
+class OverloadResult:
+    cap: int
+    queued: int
+    callers: int
+    backoff_ms: float
+    unloaded_p50_us: float
+    unloaded_p99_us: float
+    sent: int
+    ok: int
+    resource_exhausted: int
+    other_errors: int
+    exhausted_p50_us: float  # how long a refusal took
+    accepted_p50_us: float
+    accepted_p99_us: float
+    seconds: float
+    rss_start_mb: float
+    rss_end_mb: float
+    cancelled_streams: int
+    streams_refused: int
+    sessions_before: int
+    sessions_after_cancel: int
+    sessions_after_expiry: int
+    server_exit: int
+
+    @property
+    def p99_ratio(self) -> float:
+        return self.accepted_p99_us / self.unloaded_p99_us
+
+    def table(self) -> str:
+        rows = [("unloaded Draft p50 / p99 (us)", f"{self.unloaded_p50_us:.0f} / {self.unloaded_p99_us:.0f}"),
+                (f"overload {self.seconds:.0f} s: {self.callers} callers (10x cap {self.cap}), queue {self.queued}, "
+                 f"backoff {self.backoff_ms:.0f} ms", ""),
+                ("  sent / OK / RESOURCE_EXHAUSTED / other", f"{self.sent} / {self.ok} / {self.resource_exhausted}"
+                 f" / {self.other_errors}"),
+                ("  RESOURCE_EXHAUSTED p50 (us)", f"{self.exhausted_p50_us:.0f}"),
+                ("  accepted p50 / p99 (us)", f"{self.accepted_p50_us:.0f} / {self.accepted_p99_us:.0f}"),
+                ("  accepted p99 / unloaded p99", f"{self.p99_ratio:.2f}x ({'within' if self.p99_ratio <= 2 else 'NOT within'}"
+                 " 2x)"),
+                ("  server RSS start -> end (MB)", f"{self.rss_start_mb:.1f} -> {self.rss_end_mb:.1f}"),
+                (f"cancelled DraftStreams: {self.cancelled_streams} ({self.streams_refused} refused)", f"sessions {self.sessions_before} before, "
+                 f"{self.sessions_after_cancel} after, {self.sessions_after_expiry} after idle expiry"),
+                ("server exit code after SIGTERM", str(self.server_exit))]
+        width = max(len(r[0]) for r in rows)
+        return "\n".join(["Retriever overload (loopback; server and load in separate processes)"]
+                         + [f"{a.ljust(width)}  {b}" for a, b in rows])
+
+
+def _us(values: list[int], q: float) -> float:
+    return float(np.percentile(values, q) / 1e3) if values else float("nan")
+
+
+def run_overload(cap: int = 8, queued: int = 8, seconds: float = 10.0, unloaded_calls: int = 2000,
+                 streams: int = 10_000, backoff_s: float = 0.02, processes: int = 2) -> OverloadResult:
+    """Runs the three phases against a server subprocess; see the module doc."""
+    server = ServerProcess({"SPECDRAFT_MAX_INFLIGHT": str(cap), "SPECDRAFT_MAX_QUEUED": str(queued),
+                            "SPECDRAFT_SESSION_IDLE_S": "1", "SPECDRAFT_EXPIRE_INTERVAL_S": "0.5"})
+    try:
+        unloaded = run_load(server.target, 1, 600, processes=1, max_calls=unloaded_calls)
+        rss_start = server.rss_mb()
+        load = run_load(server.target, 10 * cap, seconds, processes=processes, backoff_s=backoff_s)
+        rss_end = server.rss_mb()
+        time.sleep(2)  # the load's sessions expire
+        before = server.sessions()
+        refused = run_cancelled(server.port, streams, max(1, min(50, (cap + queued) // 2)))
+        after = server.sessions()
+        time.sleep(2)
+        expired = server.sessions()
+    finally:
+        code = server.stop()
+    return OverloadResult(cap, queued, 10 * cap, backoff_s * 1e3, _us(unloaded.ok_ns, 50), _us(unloaded.ok_ns, 99),
+                          load.sent, len(load.ok_ns), len(load.exhausted_ns), sum(load.other.values()),
+                          _us(load.exhausted_ns, 50), _us(load.ok_ns, 50), _us(load.ok_ns, 99), seconds,
+                          rss_start, rss_end, streams, refused, before, after, expired, code)
