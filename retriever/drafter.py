@@ -99,6 +99,7 @@ class Drafter:
         self._cfg = {Source.CONTEXT: p.context.config(Source.CONTEXT), Source.TENANT: p.tenant.config(Source.TENANT),
                      Source.REFERENCE: p.reference.config(Source.REFERENCE)}
         self._corpus_cfg = p.corpus.config(Source.CORPUS)
+        self._use_tenant, self._use_reference = Source.TENANT in config.sources, Source.REFERENCE in config.sources
         self.set_corpora(corpora, references)
 
     def set_corpora(self, corpora: Sequence["CorpusDatastore"], references: Sequence["FaissStore"] = ()) -> None:
@@ -138,9 +139,10 @@ class Drafter:
             self._check_length(session.core.length + int(new_tokens.shape[0]))
             self._sessions.move_to_end(key)
         session.last_used_s = now_s
-        state = self._tenant(tenant)
-        self._refresh_reference(session, state, new_tokens)
-        tenant_index = state.index if Source.TENANT in self._config.sources else None
+        state = self._tenants.get(tenant) or self._tenant(tenant)
+        if self._use_reference:
+            self._refresh_reference(session, state, new_tokens)
+        tenant_index = state.index if self._use_tenant else None
         self._last_used = (tenant_index is not None, session.reference is not None)
         arrays = _core.session_draft(session.core, new_tokens, tenant_index, session.reference, self._plan,
                                      *state.calibration.buffers, max_nodes)
@@ -159,7 +161,7 @@ class Drafter:
         """(Re)selects the session's reference set (prior outputs + FAISS passages) at its
         start and every refresh_tokens, over the context with `pending` (int32, about to be appended)."""
         params = self._config.reference
-        if Source.REFERENCE not in self._config.sources or not (len(state.prior_outputs) or self._references):
+        if not (len(state.prior_outputs) or self._references):
             return
         length = session.core.length + int(pending.shape[0])
         if session.reference_at >= 0 and length - session.reference_at < params.refresh_tokens:
@@ -218,6 +220,7 @@ class Drafter:
         return int(output.shape[0])
 
     def _check_length(self, tokens: int) -> None:
+        """Raises ResourceExhausted when a session's context would exceed max_context_tokens."""
         if tokens > self._config.max_context_tokens:
             raise ResourceExhausted(
                 f"session context must be at most {self._config.max_context_tokens} tokens, got {tokens}")

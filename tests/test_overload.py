@@ -16,7 +16,7 @@ import time
 import grpc
 import pytest
 
-from retriever.admission import Admission, AdmissionStats, DeadlineExceeded, Overloaded, check_deadline
+from retriever.admission import BUSY_GAP_S, Admission, AdmissionStats, DeadlineExceeded, Overloaded, check_deadline
 from retriever.service import RetrieverServicer
 from retriever.settings import RetrieverSettings
 from specdraft.bench.overload import ServerProcess, cancelled_streams, run_load
@@ -179,6 +179,30 @@ def test_admission_hands_slots_over_in_order_and_cancelled_waiters_leave_no_trac
         return order
 
     assert asyncio.run(scenario()) == ["b"]
+
+
+def test_an_idle_server_drafts_at_once_and_a_busy_one_yields_first():
+    """A slot taken on an idle server does not yield to the loop (no latency added); taken right
+    after another call left (back-to-back arrivals) or beside a call in flight, it yields once."""
+    async def yielded(admission: Admission) -> bool:
+        ran = []
+        asyncio.get_running_loop().call_soon(ran.append, True)
+        await admission.enter()
+        return bool(ran)
+
+    async def scenario() -> list[bool]:
+        admission = Admission(2, 0)
+        idle = await yielded(admission)  # never used: idle
+        admission.leave()
+        back_to_back = await yielded(admission)
+        beside = await yielded(admission)  # the first still holds its slot
+        admission.leave(), admission.leave()
+        await asyncio.sleep(2 * BUSY_GAP_S)
+        idle_again = await yielded(admission)
+        admission.leave()
+        return [idle, back_to_back, beside, idle_again]
+
+    assert asyncio.run(scenario()) == [False, True, True, False]
 
 
 def test_check_deadline_and_settings():

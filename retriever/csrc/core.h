@@ -281,7 +281,7 @@ class Session {
   const std::vector<int32_t>& tokens() const { return tokens_; }  // [length]
   size_t prompt_length() const { return prompt_length_; }
   const OnlineIndex& index() const { return index_; }
-  DraftTree last;  // empty: none to report on
+  DraftTree last;  // tokens, parents and cells of the last draft (empty: none to report on)
 
  private:
   OnlineIndex index_;

@@ -97,9 +97,11 @@ DraftTree draft_step(Session& session, const int32_t* new_tokens, size_t k, cons
   }
   const std::vector<int32_t>& context = session.tokens();
   const size_t tail = std::min<size_t>(context.size(), kTailTokens);
-  session.last = draft_from(context.data() + context.size() - tail, tail, sources, max_nodes, plan.min_score,
-                            lookup_ns);
-  return session.last;
+  DraftTree tree = draft_from(context.data() + context.size() - tail, tail, sources, max_nodes, plan.min_score,
+                              lookup_ns);
+  session.last.tokens = tree.tokens, session.last.parents = tree.parents;  // what the next report needs
+  session.last.cells.swap(tree.cells);
+  return tree;
 }
 
 }  // namespace specdraft

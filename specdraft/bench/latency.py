@@ -19,7 +19,7 @@ import numpy as np
 
 from specdraft.bench.backends import Backend, GrpcBackend, InProcessBackend, open_indexes
 from specdraft.bench.replay import Trace, replay
-from specdraft.bench.server import local_server
+from specdraft.bench.server import server_process
 
 IN_PROCESS_P50_US, IN_PROCESS_P99_US, UNARY_P50_US = 50.0, 500.0, 1000.0
 
@@ -111,7 +111,8 @@ def run_latency(
     max_nodes: int = 64,
     target: str | None = None,
 ) -> LatencyResult:
-    """Measures the three paths; gRPC against `target`, or a server started here on loopback."""
+    """Measures the three paths; gRPC against `target`, or a server process started here on
+    loopback (its own process, as deployed: the client's Python does not share its GIL)."""
     corpora = open_indexes(indexes)
     corpus_tokens = sum(int(ds.manifest.num_tokens) for ds in corpora)
     in_proc = InProcessBackend.open(indexes)
@@ -119,7 +120,7 @@ def run_latency(
                  f"p50 <= {IN_PROCESS_P50_US:g}, p99 <= {IN_PROCESS_P99_US:g}",
                  lambda p50, p99: p50 <= IN_PROCESS_P50_US and p99 <= IN_PROCESS_P99_US)]
     del in_proc
-    with local_server(indexes, max_nodes) if target is None else nullcontext(target) as addr:
+    with server_process(indexes, max_nodes) if target is None else nullcontext(target) as addr:
         floor_ns = transport_floor(addr)
         unary = GrpcBackend(addr, "unary")
         unary.wait_ready()

@@ -1,7 +1,12 @@
-"""A real retriever server for the benchmarks, started in this process on loopback."""
+"""A real retriever server for the benchmarks on loopback: in this process (`local_server`)
+or, as deployed, in a process of its own (`server_process`)."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+import tempfile
 import time
 from contextlib import contextmanager
 from typing import Iterator, Sequence
@@ -50,3 +55,33 @@ def local_server(indexes: Sequence[str] = (), max_nodes: int = 64) -> Iterator[s
         yield target
     finally:
         server.stop(0).wait()
+
+
+@contextmanager
+def server_process(indexes: Sequence[str] = (), max_nodes: int = 64) -> Iterator[str]:
+    """`specdraft retriever serve` in a child process on a free 127.0.0.1 port, configured as
+    `local_server`'s; yields "host:port" once it is SERVING. Stopped by SIGTERM on exit
+    (killed after 30 s). Raises RuntimeError with the child's stderr if it does not start."""
+    args = [sys.executable, "-m", "specdraft.cli", "retriever", "serve", "--port", "0", "--max-nodes", str(max_nodes),
+            "--output-log", "off", *(a for ix in indexes for a in ("--index", ix))]
+    with tempfile.TemporaryFile("w+") as log:  # its stderr: never a full pipe blocking it
+        proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=log, text=True,
+                                env={**os.environ, "SPECDRAFT_HOST": "127.0.0.1"})
+        try:
+            line = proc.stdout.readline() if proc.stdout else ""
+            if not line.startswith("retriever listening on "):
+                proc.wait(30)
+                log.seek(0)
+                raise RuntimeError(f"retriever must start, got {line!r}: {log.read()[-2000:]}")
+            target = line.split()[-1]
+            wait_serving(target)
+            yield target
+        finally:
+            proc.terminate()
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+            if proc.stdout:
+                proc.stdout.close()
