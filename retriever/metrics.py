@@ -2,9 +2,9 @@
 
 - `RetrieverMetrics.create(registry=None)`: the instruments, in a registry of their own (not the
   process-global default, so one process can hold several servers). The service calls
-  `drafted` / `draft_failed` / `rejected` / `sessions_ended`, the auth guard `auth_denied`;
-  per-draft children are bound once, so a draft costs a few prometheus_client calls (~1 us
-  each), no label lookups.
+  `drafted` / `draft_failed` / `rejected` / `sessions_ended`, the auth guard `auth_denied`.
+  A draft's own figures (drafts, duration, nodes, new tokens, starts) go to a plain-number
+  tally exposed at scrape time (`_DraftTally`): the hot path makes no prometheus_client call.
 - `watch(stats, ready, log_health)`: gauges read at scrape time (sessions, tenants, output
   log lag and errors). Not thread-safe like the Drafter: scrape on the server's event loop,
   which `serve_metrics` does.
@@ -15,15 +15,18 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import re
+from bisect import bisect_left
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable, Iterator, Mapping, Sequence
+from typing import TYPE_CHECKING, Callable, Iterator, Sequence
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
-from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
+from prometheus_client.utils import floatToGoString
 
 if TYPE_CHECKING:
     from retriever.datastore import CorpusDatastore
@@ -51,15 +54,51 @@ def rejection_reason(code: str, message: str) -> str:
     return code.lower()
 
 
-@dataclass(frozen=True)
-class _RpcChildren:
-    """One RPC's per-draft instruments, bound once."""
+class _DraftTally(Collector):
+    """Per-draft figures as plain numbers, exposed when scraped: drafts{rpc,code},
+    draft_duration_seconds{rpc}, draft_nodes{rpc}, new_tokens{rpc}, session_starts{rpc}.
+    Updated on the server's loop; a scrape from another thread reads copies."""
 
-    ok: Counter
-    seconds: Histogram
-    nodes: Counter
-    new_tokens: Counter
-    starts: Counter
+    def __init__(self) -> None:
+        self.codes: dict[tuple[str, str], int] = {(rpc, "OK"): 0 for rpc in RPCS}  # (rpc, code) -> drafts
+        self.buckets = {rpc: [0] * (len(DRAFT_SECONDS_BUCKETS) + 1) for rpc in RPCS}  # per bucket, +Inf last
+        self.seconds = dict.fromkeys(RPCS, 0.0)
+        self.sums = {rpc: [0, 0, 0] for rpc in RPCS}  # nodes, new tokens, starts
+
+    def ok(self, rpc: str, seconds: float, nodes: int, new_tokens: int, started: bool) -> None:
+        self.codes[(rpc, "OK")] += 1
+        self.buckets[rpc][bisect_left(DRAFT_SECONDS_BUCKETS, seconds)] += 1  # le: v <= bound
+        self.seconds[rpc] += seconds
+        sums = self.sums[rpc]
+        sums[0] += nodes
+        sums[1] += new_tokens
+        sums[2] += started
+
+    def failed(self, rpc: str, code: str) -> None:
+        self.codes[(rpc, code)] = self.codes.get((rpc, code), 0) + 1
+
+    def collect(self) -> Iterator[Metric]:
+        drafts = CounterMetricFamily(PREFIX + "drafts", "Drafts answered, by RPC and gRPC status code (batch: per "
+                                     "item).", labels=["rpc", "code"])
+        for (rpc, code), n in self.codes.copy().items():
+            drafts.add_metric([rpc, code], n)
+        yield drafts
+        hist = HistogramMetricFamily(PREFIX + "draft_duration_seconds", "Time to validate, draft and encode one "
+                                     "successful draft in the service (no network).", labels=["rpc"])
+        bounds = [floatToGoString(b) for b in DRAFT_SECONDS_BUCKETS] + ["+Inf"]
+        for rpc in RPCS:
+            hist.add_metric([rpc], list(zip(bounds, itertools.accumulate(self.buckets[rpc].copy()))),
+                            sum_value=self.seconds[rpc])
+        yield hist
+        for i, (name, doc) in enumerate((
+                ("draft_nodes", "Draft tree nodes (draft tokens) returned."),
+                ("new_tokens", "Tokens clients reported as accepted since their previous draft (new_tokens: "
+                 "accepted draft tokens plus bonus tokens)."),
+                ("session_starts", "Drafts that (re)started a session with a prompt."))):
+            family = CounterMetricFamily(PREFIX + name, doc, labels=["rpc"])
+            for rpc in RPCS:
+                family.add_metric([rpc], self.sums[rpc][i])
+            yield family
 
 
 @dataclass(frozen=True)
@@ -67,41 +106,25 @@ class RetrieverMetrics:
     """The retriever's instruments (see the README's metrics table)."""
 
     registry: CollectorRegistry
-    drafts: Counter  # rpc, code
-    draft_seconds: Histogram  # rpc
-    draft_nodes: Counter  # rpc
-    new_tokens: Counter  # rpc
-    session_starts: Counter  # rpc
+    tally: _DraftTally  # drafts, draft_duration_seconds, draft_nodes, new_tokens, session_starts
     rejections: Counter  # rpc, code, reason
     sessions_ended: Counter  # reason
     index_tokens: Gauge  # index
-    by_rpc: Mapping[str, _RpcChildren]
     lookup_seconds: Histogram  # source: context, tenant, reference, corpus:NAME, build_tree
     auth_denials: Counter  # rpc (a method name of AUTH_RPCS), code (UNAUTHENTICATED, PERMISSION_DENIED)
 
     @classmethod
     def create(cls, registry: CollectorRegistry | None = None) -> "RetrieverMetrics":
         r = registry if registry is not None else CollectorRegistry()
-        drafts = Counter(PREFIX + "drafts", "Drafts answered, by RPC and gRPC status code (batch: per item).",
-                         ["rpc", "code"], registry=r)
-        seconds = Histogram(PREFIX + "draft_duration_seconds", "Time to validate, draft and encode one "
-                            "successful draft in the service (no network).", ["rpc"], registry=r,
-                            buckets=DRAFT_SECONDS_BUCKETS)
-        nodes = Counter(PREFIX + "draft_nodes", "Draft tree nodes (draft tokens) returned.", ["rpc"], registry=r)
-        new_tokens = Counter(PREFIX + "new_tokens", "Tokens clients reported as accepted since their previous "
-                             "draft (new_tokens: accepted draft tokens plus bonus tokens).", ["rpc"], registry=r)
-        starts = Counter(PREFIX + "session_starts", "Drafts that (re)started a session with a prompt.", ["rpc"],
-                         registry=r)
-        by_rpc = {rpc: _RpcChildren(drafts.labels(rpc, "OK"), seconds.labels(rpc), nodes.labels(rpc),
-                                    new_tokens.labels(rpc), starts.labels(rpc)) for rpc in RPCS}
+        tally = _DraftTally()
+        r.register(tally)
         return cls(
-            r, drafts, seconds, nodes, new_tokens, starts,
+            r, tally,
             Counter(PREFIX + "rejections", "Calls or batch items refused, by RPC, status code and reason (the "
                     "invalid field, or the code).", ["rpc", "code", "reason"], registry=r),
             Counter(PREFIX + "sessions_ended", "Sessions ended: end_session (EndSession) or idle (expiry).",
                     ["reason"], registry=r),
             Gauge(PREFIX + "index_tokens", "Tokens of each loaded corpus datastore.", ["index"], registry=r),
-            by_rpc,
             Histogram(PREFIX + "index_lookup_seconds", "Time of each index query inside a draft (context, tenant, "
                       "reference, corpus:NAME) and of the tree build; one draft in LOOKUP_SAMPLE_EVERY is sampled.",
                       ["source"], registry=r, buckets=LOOKUP_SECONDS_BUCKETS),
@@ -111,15 +134,7 @@ class RetrieverMetrics:
 
     def drafted(self, rpc: str, seconds: float, nodes: int, new_tokens: int, started: bool) -> None:
         """One successful draft of `rpc` (one of RPCS)."""
-        c = self.by_rpc[rpc]
-        c.ok.inc()
-        c.seconds.observe(seconds)
-        if nodes:
-            c.nodes.inc(nodes)
-        if new_tokens:
-            c.new_tokens.inc(new_tokens)
-        if started:
-            c.starts.inc()
+        self.tally.ok(rpc, seconds, nodes, new_tokens, started)
 
     def looked_up(self, lookups: "tuple[tuple[str, float], ...]") -> None:
         """One sampled draft's (source, seconds) per index query and the tree build."""
@@ -128,7 +143,7 @@ class RetrieverMetrics:
 
     def draft_failed(self, rpc: str, code: str, message: str) -> None:
         """One failed draft of `rpc`: counted in drafts{code} and in rejections."""
-        self.drafts.labels(rpc, code).inc()
+        self.tally.failed(rpc, code)
         self.rejected(rpc, code, message)
 
     def rejected(self, rpc: str, code: str, message: str) -> None:

@@ -410,3 +410,24 @@ def test_verifier_counts_steps_without_a_draft_when_the_retriever_is_down(engine
         assert 1 <= fallbacks <= last.stats.steps and last.stats.draft_nodes == 0
     finally:
         server.stop(0).wait()
+
+
+def test_draft_tally_exposes_counters_and_a_cumulative_histogram():
+    """The hot path's plain-number tally reads like prometheus_client instruments: le buckets
+    count values <= their bound, cumulatively; failures count per code."""
+    from retriever.metrics import RetrieverMetrics
+
+    m = RetrieverMetrics.create()
+    for seconds, nodes, new, started in ((1e-5, 3, 0, True), (3e-5, 0, 2, False), (2.0, 5, 1, False)):
+        m.drafted("draft", seconds, nodes, new, started)
+    m.draft_failed("stream", "NOT_FOUND", "session must be started with a prompt first, got x")
+    value = m.registry.get_sample_value
+    assert [value("specdraft_retriever_draft_duration_seconds_bucket", {"rpc": "draft", "le": le})
+            for le in ("1e-05", "2.5e-05", "5e-05", "0.01", "+Inf")] == [1, 1, 2, 2, 3]
+    assert value("specdraft_retriever_draft_duration_seconds_count", {"rpc": "draft"}) == 3
+    assert abs(value("specdraft_retriever_draft_duration_seconds_sum", {"rpc": "draft"}) - 2.00004) < 1e-9
+    assert value("specdraft_retriever_drafts_total", {"rpc": "draft", "code": "OK"}) == 3
+    assert value("specdraft_retriever_drafts_total", {"rpc": "stream", "code": "NOT_FOUND"}) == 1
+    assert value("specdraft_retriever_drafts_total", {"rpc": "batch", "code": "OK"}) == 0
+    assert [value(f"specdraft_retriever_{n}_total", {"rpc": "draft"})
+            for n in ("draft_nodes", "new_tokens", "session_starts")] == [8, 3, 1]
