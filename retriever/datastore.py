@@ -18,7 +18,8 @@ A datastore is a directory of three files:
   seconds}.
 
 Writes are atomic: the files go to a sibling `.OUT.tmp-<pid>` directory that is
-renamed into place once the manifest is in it. `open_datastore` checks every field,
+renamed into place once the manifest is in it; the next build of OUT cleans up after a
+killed one (`recover_killed_builds`). `open_datastore` checks every field,
 size and checksum before memory-mapping the files into a `_core.CorpusIndex`.
 Pure module: imports neither grpc nor torch.
 """
@@ -139,8 +140,9 @@ def staged_index(out: Path, overwrite: bool, index_files: frozenset[str] = INDEX
     """A fresh sibling directory `.OUT.tmp-<pid>` to write an index into: renamed to `out`
     (`move_into_place`) when the block completes, removed in every case. Checks the target
     first (`check_target`: InvalidArgument)."""
-    check_target(out, overwrite, index_files)
     out.parent.mkdir(parents=True, exist_ok=True)
+    recover_killed_builds(out)
+    check_target(out, overwrite, index_files)
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
@@ -149,6 +151,35 @@ def staged_index(out: Path, overwrite: bool, index_files: frozenset[str] = INDEX
         move_into_place(tmp, out, overwrite, index_files)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def recover_killed_builds(out: Path) -> list[Path]:
+    """Cleans up after builds of `out` killed mid-way (the PID in the name is gone): a staging
+    `.OUT.tmp-PID` is removed; a moved-aside `.OUT.old-PID` is put back when `out` is missing
+    (killed between the two renames of `move_into_place`), else removed. Returns what it touched."""
+    touched = []
+    for path in sorted(out.parent.glob(f".{out.name}.*-*")):
+        stem, _, pid = path.name.rpartition("-")
+        if stem not in (f".{out.name}.tmp", f".{out.name}.old") or not pid.isdigit() or _alive(int(pid)):
+            continue
+        if stem.endswith(".old") and not out.exists():
+            os.replace(path, out)
+        else:
+            shutil.rmtree(path, ignore_errors=True)
+        touched.append(path)
+    return touched
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
 
 
 def move_into_place(tmp: Path, out: Path, overwrite: bool, index_files: frozenset[str] = INDEX_FILES) -> None:

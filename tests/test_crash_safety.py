@@ -5,7 +5,10 @@ leaves no index (or the complete old one) at its output path, and a rerun succee
 
 from __future__ import annotations
 
+import os
 import signal
+import subprocess
+import sys
 import threading
 import time
 
@@ -73,9 +76,6 @@ write_datastore(sys.argv[1], docs, TokenizerInfo("toy", "0" * 64, 1000), "crash"
 
 
 def test_index_build_killed_at_any_point_leaves_no_half_built_index(tmp_path):
-    import subprocess
-    import sys
-
     from retriever.datastore import open_datastore
     from retriever.errors import IndexFormatError
 
@@ -94,3 +94,21 @@ def test_index_build_killed_at_any_point_leaves_no_half_built_index(tmp_path):
                 open_datastore(staging)
     done = subprocess.run([sys.executable, "-c", BUILD, str(out)], capture_output=True, timeout=120)
     assert done.returncode == 0 and open_datastore(out).manifest.num_tokens == 15 * 200_000
+    assert not list(tmp_path.glob(".index.*-*"))  # the rerun cleaned up after the killed builds
+
+
+def test_a_build_killed_between_its_renames_gets_the_old_index_back(tmp_path):
+    """`.OUT.old-PID` of a dead process with OUT missing is put back; a live process's staging
+    directory is left alone; a dead one's is removed."""
+    from retriever.datastore import recover_killed_builds
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    out = tmp_path / "index"
+    old, stale, live = (tmp_path / f".index.old-{dead.pid}", tmp_path / f".index.tmp-{dead.pid}",
+                        tmp_path / f".index.tmp-{os.getppid()}")
+    for d in (old, stale, live):
+        d.mkdir()
+    (old / "manifest.json").write_text("{}")
+    assert recover_killed_builds(out) == [old, stale]
+    assert (out / "manifest.json").read_text() == "{}" and live.is_dir() and not old.exists() and not stale.exists()
