@@ -1,9 +1,10 @@
 """Graceful shutdown under load (issue 6): a real `specdraft retriever serve` subprocess with the
 file output log, Draft/EndSession calls from client threads and an open DraftStream; on SIGTERM
 a Health.Watch sees NOT_SERVING, the in-flight stream still gets answers, new calls get
-UNAVAILABLE (or CANCELLED: one grpc core had received but not handed over), the process exits 0 within the grace period, and the output of every session ended
-before or during the shutdown, and of the stream's session left open (ended at shutdown), is
-in the SQLite log afterwards."""
+UNAVAILABLE (or CANCELLED: one grpc core had received but not handed over), the process exits
+0 within the grace period, and the output of every session that reached the server is in the
+SQLite log afterwards, once and whole: those ended by EndSession, and those still open (the
+stream's, and any whose EndSession was refused), which the server ends at shutdown."""
 
 from __future__ import annotations
 
@@ -39,6 +40,7 @@ class Caller(threading.Thread):
         self.channel = grpc.insecure_channel(target)
         self.stub, self.name = pb_grpc.RetrieverStub(self.channel), name
         self.ended: list[str] = []
+        self.extended: list[str] = []  # sessions whose output reached the server (ended or still open)
         self.failure: grpc.StatusCode | None = None
         self.failed_call_sent_s = 0.0  # time.monotonic() when the failed call was sent
 
@@ -48,13 +50,15 @@ class Caller(threading.Thread):
             calls = [(self.stub.Draft, pb.DraftRequest(tenant="t", session_id=sid, prompt=PROMPT)),
                      (self.stub.Draft, pb.DraftRequest(tenant="t", session_id=sid, new_tokens=output_of(sid))),
                      (self.stub.EndSession, pb.EndSessionRequest(tenant="t", session_id=sid))]
-            for rpc, request in calls:
+            for k, (rpc, request) in enumerate(calls):
                 self.failed_call_sent_s = time.monotonic()
                 try:
                     rpc(request, timeout=5)
                 except grpc.RpcError as e:
                     self.failure = (e.code(), e.details())
                     return
+                if k == 1:
+                    self.extended.append(sid)
             self.ended.append(sid)
 
 
@@ -103,5 +107,7 @@ def test_sigterm_under_load_drains_in_flight_calls_refuses_new_ones_and_loses_no
     finally:
         server.stop()
     logged = logged_outputs(tmp_path)
-    want = [output_of(sid) for c in callers for sid in c.ended] + [output_of("stream")]
-    assert sorted(map(tuple, logged)) == sorted(map(tuple, want))  # each once, whole
+    # every session whose output reached the server, each once and whole: those ended by
+    # EndSession and those left open when their EndSession was refused (ended at shutdown)
+    want = [output_of(sid) for c in callers for sid in c.extended] + [output_of("stream")]
+    assert sorted(map(tuple, logged)) == sorted(map(tuple, want))
