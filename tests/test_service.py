@@ -427,10 +427,10 @@ def test_without_indexes_any_24_bit_id_goes():
 class FaultyDrafter(Drafter):
     """A real Drafter that fails unexpectedly for tenant "boom" (a bug stand-in)."""
 
-    def draft(self, tenant, session_id, prompt, new_tokens, max_nodes, verified_nodes=None):
+    def draft(self, tenant, session_id, prompt, new_tokens, max_nodes):
         if tenant == "boom":
             raise RuntimeError("simulated bug")
-        return super().draft(tenant, session_id, prompt, new_tokens, max_nodes, verified_nodes)
+        return super().draft(tenant, session_id, prompt, new_tokens, max_nodes)
 
 
 def test_unexpected_errors_are_internal_logged_and_the_server_lives_on(caplog):
