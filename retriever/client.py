@@ -71,7 +71,6 @@ class DraftCall:
     prompt: Sequence[int] | None = None
     new_tokens: Sequence[int] = ()
     max_nodes: int = 0
-    verified_nodes: int | None = None  # nodes of the previous draft verified; None: all
 
 
 @dataclass(frozen=True)
@@ -136,12 +135,10 @@ class RetrieverClient:
         return DraftStreamSession(self, tenant, session_id or uuid.uuid4().hex)
 
     def draft(self, tenant: str, session_id: str, prompt: Sequence[int] | None = None,
-              new_tokens: Sequence[int] = (), max_nodes: int = 0, timeout_s: float | None = None,
-              verified_nodes: int | None = None) -> DraftReply:
-        """One unary step (deadline: timeout_s, default deadline_s); verified_nodes: how many of
-        the previous draft's nodes the caller verified (None: all)."""
+              new_tokens: Sequence[int] = (), max_nodes: int = 0, timeout_s: float | None = None) -> DraftReply:
+        """One unary step (deadline: timeout_s, default deadline_s)."""
         try:
-            r = self.stub.Draft(draft_request(tenant, session_id, prompt, new_tokens, max_nodes, verified_nodes),
+            r = self.stub.Draft(draft_request(tenant, session_id, prompt, new_tokens, max_nodes),
                                 timeout=timeout_s or self.deadline_s)
         except grpc.RpcError as e:
             raise _raise_from(e) from None
@@ -151,8 +148,7 @@ class RetrieverClient:
                     ) -> list[DraftReply | errors.SpecdraftError]:
         """Many sessions' steps; a failed item is its domain error, in place."""
         req = pb.DraftBatchRequest(requests=[
-            draft_request(c.tenant, c.session_id, c.prompt, c.new_tokens, c.max_nodes, c.verified_nodes)
-            for c in calls])
+            draft_request(c.tenant, c.session_id, c.prompt, c.new_tokens, c.max_nodes) for c in calls])
         try:
             r = self.stub.DraftBatch(req, timeout=timeout_s or self.deadline_s)
         except grpc.RpcError as e:

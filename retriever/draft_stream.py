@@ -56,14 +56,9 @@ def to_verifier_draft(tree: DraftTree) -> "Draft | None":
 
 
 def draft_request(tenant: str, session_id: str, prompt: Sequence[int] | None, new_tokens: Sequence[int],
-                  max_nodes: int, verified_nodes: int | None = None) -> pb.DraftRequest:
-    """The request of one step; verified_nodes None leaves the field unset (all verified)."""
-    request = pb.DraftRequest(tenant=tenant, session_id=session_id,
-                              prompt=list(prompt) if prompt is not None else [], new_tokens=list(new_tokens),
-                              max_nodes=max(0, int(max_nodes)))
-    if verified_nodes is not None:
-        request.verified_nodes = max(0, int(verified_nodes))
-    return request
+             max_nodes: int) -> pb.DraftRequest:
+    return pb.DraftRequest(tenant=tenant, session_id=session_id, prompt=list(prompt) if prompt is not None else [],
+                           new_tokens=list(new_tokens), max_nodes=max(0, int(max_nodes)))
 
 
 @dataclass(frozen=True)
@@ -123,7 +118,6 @@ class DraftStreamSession:
         self._unsent: list[int] = []  # output not sent on the current stream yet
         self._stream: _Stream | None = None
         self._synced = False  # the server got this session on the current stream
-        self._verified: int | None = None  # nodes of the server's last draft the caller verified
         self._sent_at = 0.0
         self._retry_at = 0.0
         self._backoff = client.backoff_s[0]
@@ -144,12 +138,10 @@ class DraftStreamSession:
         self._prompt, self._output, self._unsent = [int(t) for t in prompt_ids], [], []
         self._open_if_due()
 
-    def draft(self, new_tokens: Sequence[int], max_nodes: int, verified_nodes: int | None = None) -> "Draft | None":
-        """Reports the tokens emitted since the last call and how many nodes of the last draft were
-        verified (None: all; a step that got no draft reports 0); the draft, or None (no draft this step)."""
+    def draft(self, new_tokens: Sequence[int], max_nodes: int) -> "Draft | None":
+        """Reports the tokens emitted since the last call; the draft, or None (no draft this step)."""
         if self._ended:
             return None
-        self._verified = verified_nodes
         tokens = [int(t) for t in new_tokens]
         self._output += tokens
         self._unsent += tokens
@@ -209,7 +201,7 @@ class DraftStreamSession:
 
     def _send(self, max_nodes: int) -> None:
         if self._synced:
-            request = draft_request(self.tenant, self.session_id, None, self._unsent, max_nodes, self._verified)
+            request = draft_request(self.tenant, self.session_id, None, self._unsent, max_nodes)
         else:  # (re)start: the prompt, and the output so far as output
             self.restarts += self._sent_at > 0
             request = draft_request(self.tenant, self.session_id, self._prompt, self._output, max_nodes)
@@ -253,7 +245,7 @@ class DraftStreamSession:
                 stream.cancel()
             return False
         if self._unsent:
-            stream.send(draft_request(self.tenant, self.session_id, None, self._unsent, 1, 0))  # last step: unknown
+            stream.send(draft_request(self.tenant, self.session_id, None, self._unsent, 1))
         stream.close()
         deadline = time.monotonic() + timeout_s
         while True:

@@ -121,11 +121,8 @@ class Drafter:
             t.calibration = Calibration(self._prior, self._config.calibration)
 
     def draft(self, tenant: str, session_id: str, prompt: np.ndarray | None, new_tokens: np.ndarray,
-              max_nodes: int, verified_nodes: int | None = None) -> DraftResult:
+              max_nodes: int) -> DraftResult:
         """Advance the session by `prompt` (restart) and/or `new_tokens`, then draft.
-
-        `new_tokens` report on the first `verified_nodes` nodes of the session's previous draft
-        (None: all): the caller verified those, and only they teach the learned scoring.
 
         Raises NotFound for new_tokens alone on an unknown session, ResourceExhausted when
         the context would exceed `max_context_tokens`.
@@ -147,9 +144,8 @@ class Drafter:
             self._refresh_reference(session, state, new_tokens)
         tenant_index = state.index if self._use_tenant else None
         self._last_used = (tenant_index is not None, session.reference is not None)
-        verified = -1 if verified_nodes is None else verified_nodes
-        arrays = _core.session_draft(session.core, new_tokens, verified, tenant_index, session.reference,
-                                     self._plan, *state.calibration.buffers, max_nodes)
+        arrays = _core.session_draft(session.core, new_tokens, tenant_index, session.reference, self._plan,
+                                     *state.calibration.buffers, max_nodes)
         return DraftResult(DraftTree(*arrays), session.core.length)
 
     def last_lookup_s(self) -> tuple[tuple[str, float], ...]:

@@ -249,11 +249,9 @@ class RetrieverServicer(pb_grpc.RetrieverServicer):
         return self._limits
 
     def _draft(self, request: pb.DraftRequest) -> pb.DraftResponse:
-        verified = request.verified_nodes if request.HasField("verified_nodes") else None
         v = validate_draft(request.tenant, request.session_id, request.prompt, request.new_tokens,
-                           request.max_nodes, self._require_limits(), verified)
-        return encode_result(self._drafter.draft(v.tenant, v.session_id, v.prompt, v.new_tokens, v.max_nodes,
-                                                 v.verified_nodes))
+                           request.max_nodes, self._require_limits())
+        return encode_result(self._drafter.draft(v.tenant, v.session_id, v.prompt, v.new_tokens, v.max_nodes))
 
     def _draft_measured(self, request: pb.DraftRequest, rpc: str = "draft") -> pb.DraftResponse:
         """`_draft`, counted in the metrics (its time, nodes and reported tokens, or its failure)."""

@@ -26,7 +26,6 @@ class ValidatedDraft:
     prompt: np.ndarray | None  # [k >= 1] int32, ids in [0, vocab); None: continue the session
     new_tokens: np.ndarray  # [k >= 0] int32, ids in [0, vocab)
     max_nodes: int  # in [1, max_nodes_cap]
-    verified_nodes: int | None = None  # nodes of the previous draft the client verified; None: all
 
 
 def check_name(value: str, what: str) -> str:
@@ -80,11 +79,10 @@ def _raise_first_bad(ids: np.ndarray, what: str, vocab_size: int) -> None:
 
 def validate_draft(tenant: str, session_id: str, prompt: Sequence[int] | np.ndarray,
                    new_tokens: Sequence[int] | np.ndarray,
-                   max_nodes: int, limits: Limits, verified_nodes: int | None = None) -> ValidatedDraft:
+                   max_nodes: int, limits: Limits) -> ValidatedDraft:
     """The checked request; an empty prompt means none (continue the session).
 
-    At least one of prompt and new_tokens must be non-empty; max_nodes 0 takes the default;
-    verified_nodes None (unset) means all of the previous draft's nodes were verified.
+    At least one of prompt and new_tokens must be non-empty; max_nodes 0 takes the default.
     """
     check_name(tenant, "tenant")
     check_name(session_id, "session_id")
@@ -97,7 +95,4 @@ def validate_draft(tenant: str, session_id: str, prompt: Sequence[int] | np.ndar
         raise InvalidArgument(f"max_nodes must be >= 0 (0: the default {limits.default_max_nodes}), got {max_nodes}")
     if max_nodes > limits.max_nodes_cap:
         raise InvalidArgument(f"max_nodes must be at most {limits.max_nodes_cap}, got {max_nodes}")
-    if verified_nodes is not None and verified_nodes < 0:
-        raise InvalidArgument(f"verified_nodes must be >= 0 (or unset: all), got {verified_nodes}")
-    return ValidatedDraft(tenant, session_id, prompt_ids, new_ids, max_nodes or limits.default_max_nodes,
-                          verified_nodes)
+    return ValidatedDraft(tenant, session_id, prompt_ids, new_ids, max_nodes or limits.default_max_nodes)

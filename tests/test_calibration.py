@@ -114,11 +114,9 @@ def test_session_steps_match_observe_then_stateless_draft(tmp_path, seed):
     last, new = None, EMPTY
     for _ in range(8):
         max_nodes = rng.choice([1, 8, 64])
-        verified = rng.choice([-1, -1, 0, 1, 5, 1000])  # -1: all
-        got = _core.session_draft(session, new, verified, tenant, None, plan, *got_cal, prior, max_nodes)
+        got = _core.session_draft(session, new, tenant, None, plan, *got_cal, prior, max_nodes)
         if calibrate and last is not None and len(new):
-            v = len(last[0]) if verified < 0 else min(verified, len(last[0]))
-            _core.calib_observe(last[0][:v], last[1][:v], last[4][:v], new, *want_cal, prior, 3.0, 0.9)
+            _core.calib_observe(last[0], last[1], last[4], new, *want_cal, prior, 3.0, 0.9)
         mirror.append(new)
         context += new.tolist()
         online = [(ix, cfg, row) for ix, cfg, row in ((mirror, cfgs[0], 0), (tenant, cfgs[1], 1))
@@ -143,11 +141,10 @@ def test_session_draft_checks_its_calibration_table(tmp_path):
     plan = _core.DraftPlan(cfg, cfg, cfg, True, [], [], 0.0, True, 3.0, 0.9)
     session, small = _core.Session(ids(1, 2, 1), 100), np.zeros(2 * CALIB_CELLS, np.float32)
     with pytest.raises(ValueError, match=f"calibration table must have {3 * CALIB_CELLS} cells, got {2 * CALIB_CELLS}"):
-        _core.session_draft(session, EMPTY, -1, None, None, plan, np.zeros(small.size), np.zeros(small.size),
-                            small, small, 8)
+        _core.session_draft(session, EMPTY, None, None, plan, np.zeros(small.size), np.zeros(small.size), small,
+                            small, 8)
     with pytest.raises(ValueError, match="one length"):
-        _core.session_draft(session, EMPTY, -1, None, None, plan, np.zeros(3), np.zeros(small.size), small, small,
-                            8)
+        _core.session_draft(session, EMPTY, None, None, plan, np.zeros(3), np.zeros(small.size), small, small, 8)
     with pytest.raises(ValueError, match="one SourceConfig"):
         _core.DraftPlan(cfg, cfg, cfg, True, [], [cfg], 0.0, True, 3.0, 0.9)
 
@@ -243,20 +240,3 @@ def test_prior_outputs_rank_by_similarity_and_cap():
     assert prior.top(ids(5, 6, 7), 2).tolist()[0] == 0
     assert prior.top(ids(1, 2, 3), 5).tolist()[0] == 1
     assert PriorOutputs(ReferenceParams()).select(ids(1)) is None
-
-
-def test_only_verified_nodes_teach_the_calibration():
-    """A report covers the first verified_nodes nodes of the last draft: nodes the client did not
-    verify are neither accepted nor rejected (0: nothing learned; None: every tested node)."""
-    tokens = np.array([5, 6, 7, 8] * 8, np.int32)
-
-    def trials(verified):
-        d = Drafter(DrafterConfig())
-        first = d.draft("t", "s", tokens, EMPTY, 16).tree
-        assert first.token_ids[:3].tolist() == [5, 6, 7] and first.parents[:3].tolist() == [-1, 0, 1]
-        d.draft("t", "s", None, ids(5, 6, 9), 16, verified)  # 5, 6 accepted, 7 rejected
-        return d._tenants["t"].calibration.trials
-
-    counts = [trials(v) for v in (0, 1, 2, None, 1000)]  # decayed counts: 0.99 per earlier one of a cell
-    assert counts[0] == 0 and counts[1] == 1 and counts[3] == counts[4]
-    assert counts[2] == pytest.approx(2, abs=0.02) and counts[3] == pytest.approx(3, abs=0.04)

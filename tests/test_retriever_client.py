@@ -187,18 +187,3 @@ def test_closing_the_client_while_a_session_ends_is_quiet(retriever):
     session.end([7])
     c.close()  # the ending thread may still be running: it logs instead of raising
     assert session.closed.wait(5)
-
-
-def test_stream_session_reports_how_many_nodes_were_verified(retriever, client):
-    """verified_nodes travels with the next request: the server's learned scoring learns from
-    those nodes only (0: nothing; unset: every node the new tokens tested)."""
-    drafter = retriever[0]._inner.servicer._drafter
-    for tenant, verified in (("verified-none", 0), ("verified-two", 2), ("verified-all", None)):
-        session = client.session(tenant)
-        session.start(PROMPT)
-        assert best_path(session.draft([], 8))[:3] == [7, 8, 9]
-        session.draft([7, 8, 1], 8, verified)  # 7, 8 accepted, 9 rejected (then EndSession: processed)
-        session.end()
-        assert session.closed.wait(5)
-    trials = [drafter._tenants[t].calibration.trials for t in ("verified-none", "verified-two", "verified-all")]
-    assert trials[0] == 0 and 0 < trials[1] < trials[2]

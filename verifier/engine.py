@@ -33,7 +33,7 @@ import torch
 from verifier.accept import (Acceptance, SamplingParams, UniformStream, accept_greedy, accept_sampling,
                              accept_typical)
 from verifier.cache import commit, new_cache, truncate
-from verifier.tree import Draft, TreeInputs, build_tree_inputs, kept_nodes, prefix_by_score
+from verifier.tree import Draft, TreeInputs, build_tree_inputs, prefix_by_score, prune
 
 if TYPE_CHECKING:
     from retriever.drafter import Drafter
@@ -50,9 +50,8 @@ class DraftSource(Protocol):
 
     def start(self, prompt_ids: list[int]) -> None: ...
 
-    def draft(self, new_tokens: list[int], max_nodes: int, verified_nodes: int | None = None) -> Draft | None:
-        """A tree continuing the context + new_tokens (emitted since the last call); None: no draft.
-        `verified_nodes`: how many of the previous draft's nodes (its first ones) were verified."""
+    def draft(self, new_tokens: list[int], max_nodes: int) -> Draft | None:
+        """A tree continuing the context + new_tokens (emitted since the last call); None: no draft."""
 
     def end(self) -> None: ...
 
@@ -205,7 +204,6 @@ class Engine:
         seq = self.prefill(prompt)
         seq.uniforms = None if sampling.greedy else UniformStream(sampling.seed)
         unreported: list[int] = []  # emitted tokens the drafter has not been told of yet
-        verified: int | None = None  # nodes of the drafter's last tree that the last step verified
         if drafter is not None:
             drafter.start(list(prompt))
         try:
@@ -213,9 +211,9 @@ class Engine:
                 left = max_new_tokens - seq.emitted
                 max_depth = min(left, self.loaded.max_positions - seq.cache_len) - 1  # deepest node worth verifying
                 t0 = time.perf_counter_ns()
-                draft = self._draft(drafter, unreported, max_depth, verified)
+                draft = self._draft(drafter, unreported, max_depth)
                 t1 = time.perf_counter_ns()
-                tree, verified = self._verified_prefix(draft, max_depth)
+                tree = self._verified_prefix(draft, max_depth)
                 inputs = build_tree_inputs(seq.root, tree, seq.cache_len, self.loaded.dtype, self.loaded.device)
                 logits = self.forward(seq, inputs)  # [1+n, V]
                 acceptance = self.accept(logits, inputs, tree, sampling, seq)
@@ -247,30 +245,26 @@ class Engine:
             raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
         return prompt
 
-    def _draft(self, drafter: DraftSource | None, unreported: list[int], max_depth: int,
-               verified: int | None) -> Draft | None:
-        """The drafter's tree (told of, and clearing, `unreported`, and of how many nodes of its
-        last tree were `verified`), or None; a failure costs only the draft."""
+    def _draft(self, drafter: DraftSource | None, unreported: list[int], max_depth: int) -> Draft | None:
+        """The drafter's tree (told of, and clearing, `unreported`), or None; a failure costs only the draft."""
         if drafter is None or max_depth < 1:
             return None
         new_tokens = unreported.copy()
         unreported.clear()
         try:
-            return drafter.draft(new_tokens, self.max_nodes, verified)
+            return drafter.draft(new_tokens, self.max_nodes)
         except Exception:  # noqa: BLE001 - drafting is an optimization: never fail the generation
             log.warning("draft source failed; decoding this step without a draft", exc_info=True)
             return None
 
-    def _verified_prefix(self, draft: Draft | None, max_depth: int) -> tuple[Draft, int]:
-        """The nodes worth verifying: valid, at most max_depth deep, the best prefix under the cost
-        model; and how many of the drafter's nodes (its first ones) that covers (0: no draft)."""
+    def _verified_prefix(self, draft: Draft | None, max_depth: int) -> Draft:
+        """The nodes worth verifying: valid, at most max_depth deep, the best prefix under the cost model."""
         if draft is None or len(draft) == 0 or max_depth < 1:
-            return Draft.empty(), 0
-        keep = kept_nodes(draft, self.loaded.vocab_size, max_depth)  # [n] bool
-        pruned = prefix_by_score(draft if keep.all() else draft.select(keep), self.max_nodes)
-        scores = self.calibration(pruned.scores) if self.calibration is not None else pruned.scores
-        tree = prefix_by_score(pruned, self.cost_model.best_prefix(scores))
-        return tree, int(np.flatnonzero(keep)[len(tree) - 1]) + 1 if len(tree) else 0
+            return Draft.empty()
+        draft = prune(draft, self.loaded.vocab_size, max_depth)
+        draft = prefix_by_score(draft, self.max_nodes)
+        scores = self.calibration(draft.scores) if self.calibration is not None else draft.scores
+        return prefix_by_score(draft, self.cost_model.best_prefix(scores))
 
     @torch.inference_mode()
     def prefill(self, prompt: list[int]) -> _Sequence:
@@ -326,10 +320,10 @@ class LocalDraftSource:
     def start(self, prompt_ids: list[int]) -> None:
         self._prompt = np.asarray(prompt_ids, np.int32)
 
-    def draft(self, new_tokens: list[int], max_nodes: int, verified_nodes: int | None = None) -> Draft | None:
+    def draft(self, new_tokens: list[int], max_nodes: int) -> Draft | None:
         prompt, self._prompt = self._prompt, None  # the first call (re)starts the session
         tree = self.drafter.draft(self.tenant, self.session_id, prompt, np.asarray(new_tokens, np.int32),
-                                  max_nodes, verified_nodes).tree
+                                  max_nodes).tree
         return Draft(tree.token_ids, tree.parents, tree.scores, tree.sources) if len(tree) else None
 
     def end(self) -> None:

@@ -130,13 +130,13 @@ class _DeferredEnd:
     def start(self, prompt_ids: list[int]) -> None:
         self._session.start(prompt_ids)
 
-    def draft(self, new_tokens: list[int], max_nodes: int, verified_nodes: int | None = None):
+    def draft(self, new_tokens: list[int], max_nodes: int):
         self.reported += len(new_tokens)
         if self._metrics is None:
-            return self._session.draft(new_tokens, max_nodes, verified_nodes)
+            return self._session.draft(new_tokens, max_nodes)
         timeouts = getattr(self._session, "timeouts", 0)
         try:
-            draft = self._session.draft(new_tokens, max_nodes, verified_nodes)
+            draft = self._session.draft(new_tokens, max_nodes)
         except Exception:
             self._metrics.draft_fallback("error")
             raise

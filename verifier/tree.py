@@ -90,17 +90,11 @@ def prefix_by_score(draft: Draft, k: int) -> Draft:
 
 def prune(draft: Draft, vocab_size: int, max_depth: int) -> Draft:
     """Drops nodes with a token outside [0, vocab_size) or deeper than max_depth, and their subtrees."""
-    keep = kept_nodes(draft, vocab_size, max_depth)
-    return draft if keep.all() else draft.select(keep)
-
-
-def kept_nodes(draft: Draft, vocab_size: int, max_depth: int) -> np.ndarray:
-    """[n] bool: the nodes `prune` keeps (valid token, at most max_depth deep, ancestors kept)."""
     ok = (draft.token_ids >= 0) & (draft.token_ids < vocab_size) & (depths(draft.parents) <= max_depth)
     keep = ok.copy()
     for i, p in enumerate(draft.parents.tolist()):  # parents precede children: one pass
         keep[i] = ok[i] and (p < 0 or keep[p])
-    return keep
+    return draft if keep.all() else draft.select(keep)
 
 
 @dataclass(frozen=True)

@@ -86,7 +86,7 @@ using Flat64 = nb::ndarray<double, nb::ndim<1>, nb::c_contig, nb::device::cpu>;
 using Flat32 = nb::ndarray<float, nb::ndim<1>, nb::c_contig, nb::device::cpu>;
 using Prior32 = nb::ndarray<const float, nb::ndim<1>, nb::c_contig, nb::device::cpu>;
 
-TreeArrays session_draft(Session& session, TokensIn new_tokens, int64_t verified_nodes, const OnlineIndex* tenant,
+TreeArrays session_draft(Session& session, TokensIn new_tokens, const OnlineIndex* tenant,
                          const OnlineIndex* reference, const DraftPlan& plan, Flat64 hits, Flat64 trials,
                          Flat32 table, Prior32 prior, int max_nodes) {
   const size_t size = table.shape(0);
@@ -95,8 +95,8 @@ TreeArrays session_draft(Session& session, TokensIn new_tokens, int64_t verified
   TenantInputs in{tenant, reference,
                   CalibState{hits.data(), trials.data(), table.data(), prior.data(), static_cast<int64_t>(size),
                              plan.prior_strength, plan.decay}};
-  return tree_to_numpy(draft_step(session, new_tokens.data(), new_tokens.shape(0), verified_nodes, in, plan,
-                                  max_nodes, &thread_draft_ns()));
+  return tree_to_numpy(draft_step(session, new_tokens.data(), new_tokens.shape(0), in, plan, max_nodes,
+                                  &thread_draft_ns()));
 }
 
 TreeArrays draft(TokensIn context, const std::vector<const OnlineIndex*>& online,
@@ -280,10 +280,9 @@ NB_MODULE(_core, m) {
              return to_numpy(std::vector<int32_t>(t.begin() + static_cast<std::ptrdiff_t>(start), t.end()));
            }, "start"_a, "int32 [length - start]: the context from position start on");
 
-  m.def("session_draft", &session_draft, "session"_a, "new_tokens"_a, "verified_nodes"_a, "tenant"_a.none(),
-        "reference"_a.none(), "plan"_a, "hits"_a, "trials"_a, "table"_a, "prior"_a, "max_nodes"_a,
-        "One drafting step (core.h draft_step): new_tokens (int32) report on the first verified_nodes nodes "
-        "(-1: all) of the session's last draft to the "
+  m.def("session_draft", &session_draft, "session"_a, "new_tokens"_a, "tenant"_a.none(), "reference"_a.none(),
+        "plan"_a, "hits"_a, "trials"_a, "table"_a, "prior"_a, "max_nodes"_a,
+        "One drafting step (core.h draft_step): new_tokens (int32) report on the session's last draft to the "
         "calibration (hits, trials float64 and table float32 [R * CALIB_CELLS], updated in place; prior "
         "float32 likewise), extend the context; returns the draft's arrays (as draft). Holds the GIL.");
   m.def("draft_tree_wire", [](TokensIn tokens, TokensIn parents,

@@ -70,18 +70,16 @@ void Session::extend(const int32_t* tokens, size_t n) {
   tokens_.insert(tokens_.end(), tokens, tokens + n);
 }
 
-DraftTree draft_step(Session& session, const int32_t* new_tokens, size_t k, int64_t verified,
-                     const TenantInputs& tenant, const DraftPlan& plan, int max_nodes,
-                     std::vector<int64_t>* lookup_ns) {
+DraftTree draft_step(Session& session, const int32_t* new_tokens, size_t k, const TenantInputs& tenant,
+                     const DraftPlan& plan, int max_nodes, std::vector<int64_t>* lookup_ns) {
   const CalibState& cal = tenant.calib;
   const int64_t rows_needed = (kCorpusRow + static_cast<int64_t>(plan.corpora.size())) * kCalibCells;
   if (plan.calibrate && cal.size < rows_needed)
     throw std::invalid_argument("calibration table must have " + std::to_string(rows_needed) + " cells, got " +
                                 std::to_string(cal.size));
   const DraftTree& last = session.last;
-  const size_t reported = verified < 0 ? last.tokens.size() : std::min<size_t>(last.tokens.size(), verified);
-  if (plan.calibrate && k > 0 && reported > 0)  // a prefix of a best-first draft is a subtree
-    calib_observe(last.tokens.data(), last.parents.data(), last.cells.data(), reported, new_tokens, k, cal);
+  if (plan.calibrate && k > 0 && !last.tokens.empty())
+    calib_observe(last.tokens.data(), last.parents.data(), last.cells.data(), last.tokens.size(), new_tokens, k, cal);
   if (k > 0) session.extend(new_tokens, k);
 
   std::vector<IndexSource>& sources = step_scratch().sources;
