@@ -16,7 +16,6 @@
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 from typing import AsyncIterator, Sequence
 
 import grpc
@@ -25,6 +24,7 @@ from protos.specdraft.v1 import retriever_pb2 as pb
 from protos.specdraft.v1 import retriever_pb2_grpc as pb_grpc
 from retriever import errors
 from retriever.auth_tokens import Principal, TokenTable
+from retriever.channel import read_pem
 from retriever.metrics import RetrieverMetrics
 from retriever.settings import RetrieverSettings, env_name
 
@@ -128,13 +128,7 @@ def guard(servicer: pb_grpc.RetrieverServicer, tokens: TokenTable | None,
 
 
 def _read(path: str, field: str) -> bytes:
-    try:
-        data = Path(path).read_bytes()
-    except OSError as e:
-        raise ValueError(f"{env_name(field)} must be a readable PEM file, got {path} ({e.strerror})") from None
-    if b"-----BEGIN" not in data:
-        raise ValueError(f"{env_name(field)} must be a PEM file, got {path} without a '-----BEGIN' block")
-    return data
+    return read_pem(path, env_name(field))
 
 
 def server_credentials(settings: RetrieverSettings) -> grpc.ServerCredentials | None:

@@ -83,13 +83,19 @@ class _Bearer(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientIntercepto
         return continuation(self._details(details), requests)
 
 
-def _read(path: str | None, what: str) -> bytes | None:
-    if path is None:
-        return None
+def read_pem(path: str, name: str) -> bytes:
+    """The bytes of a PEM file; ValueError naming `name` (its setting) when unreadable or not PEM."""
     try:
-        return Path(path).read_bytes()
+        data = Path(path).read_bytes()
     except OSError as e:
-        raise ValueError(f"{what} must be a readable PEM file, got {path} ({e.strerror})") from None
+        raise ValueError(f"{name} must be a readable PEM file, got {path} ({e.strerror})") from None
+    if b"-----BEGIN" not in data:
+        raise ValueError(f"{name} must be a PEM file, got {path} without a '-----BEGIN' block")
+    return data
+
+
+def _read(path: str | None, what: str) -> bytes | None:
+    return None if path is None else read_pem(path, what)
 
 
 def open_channel(target: str, security: ChannelSecurity | None,

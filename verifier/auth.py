@@ -22,13 +22,13 @@ from __future__ import annotations
 import logging
 import ssl
 from dataclasses import dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING, Sequence
 
 import grpc
 
 from retriever import errors
 from retriever.auth_tokens import Principal, TokenGrant, TokenTable, load_tokens, token_digest
+from retriever.channel import read_pem
 from verifier.openai_wire import ApiError
 from verifier.settings import VerifierSettings, env_name
 
@@ -87,13 +87,7 @@ class ServerTls:
 
 
 def _pem(path: str, field: str) -> bytes:
-    try:
-        data = Path(path).read_bytes()
-    except OSError as e:
-        raise ValueError(f"{env_name(field)} must be a readable PEM file, got {path} ({e.strerror})") from None
-    if b"-----BEGIN" not in data:
-        raise ValueError(f"{env_name(field)} must be a PEM file, got {path} without a '-----BEGIN' block")
-    return data
+    return read_pem(path, env_name(field))
 
 
 def server_tls(settings: VerifierSettings) -> ServerTls | None:
