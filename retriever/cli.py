@@ -59,9 +59,12 @@ def run_serve(args: argparse.Namespace) -> int:
     """Serves until SIGINT/SIGTERM; 2 on bad settings, 1 when binding or loading the indexes fails."""
     from specdraft.logs import configure_logging, log_format
 
+    from retriever.event_loop import loop_kind, new_event_loop
+
     try:
         settings = settings_from_args(args)
         fmt = log_format(args.log_format)
+        loop_kind(settings.event_loop)
     except ValueError as e:
         print(f"specdraft retriever serve: error: {e}", file=sys.stderr)
         return 2
@@ -69,7 +72,8 @@ def run_serve(args: argparse.Namespace) -> int:
     from retriever.server import serve
 
     try:
-        return asyncio.run(serve(settings))
+        with asyncio.Runner(loop_factory=lambda: new_event_loop(settings.event_loop)) as runner:
+            return runner.run(serve(settings))
     except OSError as e:
         print(f"specdraft retriever serve: error: {e}", file=sys.stderr)
         return 1

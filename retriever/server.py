@@ -42,6 +42,7 @@ from retriever.metrics import RetrieverMetrics, bound_port, serve_metrics
 from retriever.outputlog import LogUnavailable
 from retriever.service import RetrieverServicer
 from retriever.settings import RetrieverSettings
+from retriever.event_loop import new_event_loop
 from retriever.wire import add_retriever
 
 if TYPE_CHECKING:
@@ -304,8 +305,8 @@ async def start(settings: RetrieverSettings, loader: Loader = load_indexes,
         log_health = asyncio.create_task(_report_log_health(sync, health_servicer))
         log.info("output log: %s (replica %s), warm-up gate %s", sync.log.name, sync.replica_id,
                  settings.log_warmup_gate)
-    log.info("retriever listening on %s (%d index dirs to load)", _address(settings.host, port),
-             len(settings.indexes))
+    log.info("retriever listening on %s (%d index dirs to load, %s event loop)", _address(settings.host, port),
+             len(settings.indexes), type(asyncio.get_running_loop()).__module__.split(".")[0])
     if metrics_server is not None:
         log.info("retriever metrics on http://%s/metrics", _address(settings.host, bound_port(metrics_server)))
     loaded = asyncio.create_task(_load(settings, loader, servicer, health_servicer, sync))
@@ -375,7 +376,7 @@ def _run_loop(loop: asyncio.AbstractEventLoop, stopped: threading.Event) -> None
 def create_server(settings: RetrieverSettings, *, loader: Loader = load_indexes,
                   drafter: "Drafter | None" = None) -> tuple[RetrieverServer, int]:
     """A started server (see `start`) on a new event-loop thread and its bound port."""
-    loop = asyncio.new_event_loop()
+    loop = new_event_loop(settings.event_loop)
     stopped = threading.Event()
     threading.Thread(target=_run_loop, args=(loop, stopped), name="retriever-aio", daemon=True).start()
     try:
@@ -393,11 +394,11 @@ def create_server(settings: RetrieverSettings, *, loader: Loader = load_indexes,
 async def serve(settings: RetrieverSettings, loader: Loader = load_indexes, drafter: "Drafter | None" = None) -> int:
     """Serves until SIGINT/SIGTERM (then stops with `settings.grace_s`); 1 if the indexes fail to load."""
     server = await start(settings, loader, drafter)
-    print(f"retriever listening on {_address(settings.host, server.port)}", flush=True)
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
+    print(f"retriever listening on {_address(settings.host, server.port)}", flush=True)  # signals handled from here
     try:
         stopping = asyncio.create_task(stop.wait())
         await asyncio.wait((server.loaded, stopping), return_when=asyncio.FIRST_COMPLETED)
