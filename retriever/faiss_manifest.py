@@ -8,14 +8,14 @@ IndexFormatError with the file and field named (the "must be X, got Y" style of
 
 from __future__ import annotations
 
-import json
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from retriever.errors import IndexFormatError
-from retriever.manifest import (MANIFEST_FILE, SEPARATOR_U24, TOKEN_WIDTH_BYTES, BuildInfo, FileInfo, TokenizerInfo,
-                                _Fields, _is_hex64, load_manifest_json)
+from retriever.manifest import (MANIFEST_FILE, TOKEN_WIDTH_BYTES, BuildInfo, FileInfo, TokenizerInfo, _Fields,
+                                check_header, load_manifest_json, manifest_json, parse_build, parse_files,
+                                parse_sources, parse_tokenizer)
 
 FAISS_FORMAT = "specdraft-faiss"
 FAISS_FORMAT_VERSION = 1
@@ -75,9 +75,7 @@ class FaissManifest:
     build: BuildInfo
 
     def to_json(self) -> str:
-        d = asdict(self)
-        d["sources"] = list(self.sources)
-        return json.dumps(d, indent=2) + "\n"
+        return manifest_json(self)
 
 
 def read_faiss_manifest(root: Path) -> FaissManifest:
@@ -87,26 +85,18 @@ def read_faiss_manifest(root: Path) -> FaissManifest:
 
 def parse_faiss_manifest(raw: Any, mpath: Path) -> FaissManifest:
     f = _Fields(raw, str(mpath))
-    f.get("format", str, lambda v: v == FAISS_FORMAT, f"'{FAISS_FORMAT}'")
-    f.get("format_version", int, lambda v: v == FAISS_FORMAT_VERSION, f"{FAISS_FORMAT_VERSION}")
-    f.get("kind", str, lambda v: v == FAISS_KIND, f"'{FAISS_KIND}'")
-    f.get("token_width_bytes", int, lambda v: v == TOKEN_WIDTH_BYTES, f"{TOKEN_WIDTH_BYTES}")
+    check_header(f, FAISS_FORMAT, FAISS_FORMAT_VERSION, FAISS_KIND)
     m = FaissManifest(
         format=FAISS_FORMAT, format_version=FAISS_FORMAT_VERSION, kind=FAISS_KIND, name=f.get("name", str),
-        tokenizer=_tokenizer(f.sub("tokenizer")), embedder=_embedder(f.sub("embedder")),
+        tokenizer=parse_tokenizer(f.sub("tokenizer")), embedder=_embedder(f.sub("embedder")),
         index=_index(f.sub("index")), windows=_windows(f.sub("windows")),
         num_passages=f.count("num_passages"), num_tokens=f.count("num_tokens"),
         num_documents=f.count("num_documents"), num_positions=f.count("num_positions"),
-        token_width_bytes=TOKEN_WIDTH_BYTES, files=_files(f.sub("files")),
-        sources=tuple(f.get("sources", list, lambda v: all(isinstance(s, str) for s in v), "a list of strings")),
-        build=_build(f.sub("build")))
+        token_width_bytes=TOKEN_WIDTH_BYTES,
+        files=parse_files(f.sub("files"), (INDEX_FILE, TOKENS_FILE, PASSAGES_FILE, EMBEDDER_FILE)),
+        sources=parse_sources(f), build=parse_build(f.sub("build")))
     _check_counts(m, str(mpath))
     return m
-
-
-def _tokenizer(t: _Fields) -> TokenizerInfo:
-    return TokenizerInfo(t.get("name", str), t.get("sha256", str, _is_hex64, "a sha256 hex digest"),
-                         t.get("vocab_size", int, lambda v: 0 < v <= SEPARATOR_U24, "in [1, 16777215]"))
 
 
 def _embedder(e: _Fields) -> EmbedderInfo:
@@ -123,19 +113,6 @@ def _index(i: _Fields) -> IndexInfo:
 def _windows(w: _Fields) -> WindowParams:
     pos = (int, lambda v: v >= 1, "a positive integer")
     return WindowParams(w.get("window", *pos), w.get("stride", *pos), w.count("continuation"))
-
-
-def _files(fs: _Fields) -> dict[str, FileInfo]:
-    files = {}
-    for fname in (INDEX_FILE, TOKENS_FILE, PASSAGES_FILE, EMBEDDER_FILE):
-        e = fs.sub(fname)
-        files[fname] = FileInfo(e.count("bytes"), e.get("sha256", str, _is_hex64, "a sha256 hex digest"))
-    return files
-
-
-def _build(b: _Fields) -> BuildInfo:
-    return BuildInfo(b.get("created_at", str), b.get("specdraft_version", str),
-                     float(b.get("seconds", (int, float), want="a number")))
 
 
 def _check_counts(m: FaissManifest, where: str) -> None:

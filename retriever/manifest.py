@@ -69,9 +69,14 @@ class Manifest:
     build: BuildInfo
 
     def to_json(self) -> str:
-        d = asdict(self)
-        d["sources"] = list(self.sources)
-        return json.dumps(d, indent=2) + "\n"
+        return manifest_json(self)
+
+
+def manifest_json(manifest: Any) -> str:
+    """A manifest dataclass (either index kind) as the indented JSON written last by a build."""
+    d = asdict(manifest)
+    d["sources"] = list(manifest.sources)
+    return json.dumps(d, indent=2) + "\n"
 
 
 def check_tokenizer(manifest: Manifest, root: Path, expect: TokenizerInfo) -> None:
@@ -147,31 +152,50 @@ def _is_hex64(v: str) -> bool:
     return len(v) == 64 and all(c in "0123456789abcdef" for c in v)
 
 
+def check_header(f: _Fields, fmt: str, version: int, kind: str) -> None:
+    """The fields every index kind pins: format, format_version, kind and token_width_bytes."""
+    f.get("format", str, lambda v: v == fmt, f"'{fmt}'")
+    f.get("format_version", int, lambda v: v == version, f"{version}")
+    f.get("kind", str, lambda v: v == kind, f"'{kind}'")
+    f.get("token_width_bytes", int, lambda v: v == TOKEN_WIDTH_BYTES, f"{TOKEN_WIDTH_BYTES}")
+
+
+def parse_tokenizer(t: _Fields) -> TokenizerInfo:
+    return TokenizerInfo(t.get("name", str), t.get("sha256", str, _is_hex64, "a sha256 hex digest"),
+                         t.get("vocab_size", int, lambda v: 0 < v <= SEPARATOR_U24, "in [1, 16777215]"))
+
+
+def parse_files(fs: _Fields, names: tuple[str, ...]) -> dict[str, FileInfo]:
+    """{name: FileInfo} of the files `names`, each with its size and sha256."""
+    files = {}
+    for name in names:
+        e = fs.sub(name)
+        files[name] = FileInfo(e.count("bytes"), e.get("sha256", str, _is_hex64, "a sha256 hex digest"))
+    return files
+
+
+def parse_build(b: _Fields) -> BuildInfo:
+    return BuildInfo(b.get("created_at", str), b.get("specdraft_version", str),
+                     float(b.get("seconds", (int, float), want="a number")))
+
+
+def parse_sources(f: _Fields) -> tuple[str, ...]:
+    return tuple(f.get("sources", list, lambda v: all(isinstance(s, str) for s in v), "a list of strings"))
+
+
 def _parse_manifest(raw: Any, mpath: Path) -> Manifest:
     f = _Fields(raw, str(mpath))
-    f.get("format", str, lambda v: v == FORMAT, f"'{FORMAT}'")
-    f.get("format_version", int, lambda v: v == FORMAT_VERSION, f"{FORMAT_VERSION}")
-    f.get("kind", str, lambda v: v == KIND, f"'{KIND}'")
-    f.get("token_width_bytes", int, lambda v: v == TOKEN_WIDTH_BYTES, f"{TOKEN_WIDTH_BYTES}")
-    t = f.sub("tokenizer")
-    tokenizer = TokenizerInfo(t.get("name", str), t.get("sha256", str, _is_hex64, "a sha256 hex digest"),
-                              t.get("vocab_size", int, lambda v: 0 < v <= SEPARATOR_U24, "in [1, 16777215]"))
-    files = {}
-    fs = f.sub("files")
-    for fname in (TOKENS_FILE, SA_FILE):
-        e = fs.sub(fname)
-        files[fname] = FileInfo(e.count("bytes"), e.get("sha256", str, _is_hex64, "a sha256 hex digest"))
-    b = f.sub("build")
-    build = BuildInfo(b.get("created_at", str), b.get("specdraft_version", str),
-                      float(b.get("seconds", (int, float), want="a number")))
-    sources = f.get("sources", list, lambda v: all(isinstance(s, str) for s in v), "a list of strings")
+    check_header(f, FORMAT, FORMAT_VERSION, KIND)
+    tokenizer = parse_tokenizer(f.sub("tokenizer"))
+    files = parse_files(f.sub("files"), (TOKENS_FILE, SA_FILE))
+    build, sources = parse_build(f.sub("build")), parse_sources(f)
     m = Manifest(format=FORMAT, format_version=FORMAT_VERSION, kind=KIND, name=f.get("name", str),
                  tokenizer=tokenizer, num_tokens=f.count("num_tokens"), num_documents=f.count("num_documents"),
                  num_positions=f.count("num_positions"), num_suffixes=f.count("num_suffixes"),
                  token_width_bytes=TOKEN_WIDTH_BYTES,
                  sorted_depth=f.get("sorted_depth", int, lambda v: 1 <= v <= MAX_POSITIONS,  # a C int in the core
                                     f"an integer in [1, {MAX_POSITIONS}]"),
-                 files=files, sources=tuple(sources), build=build)
+                 files=files, sources=sources, build=build)
     _check_counts(m, str(mpath))
     return m
 
