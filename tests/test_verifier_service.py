@@ -50,17 +50,6 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def retriever_target():
-    from retriever.server import create_server
-    from retriever.settings import RetrieverSettings
-
-    server, port = create_server(RetrieverSettings(host="127.0.0.1", port=0, output_log="off"))
-    assert server.wait_ready(10)
-    yield f"127.0.0.1:{port}"
-    server.stop(0).wait()
-
-
 @contextlib.contextmanager
 def verifier(engine, retriever: str):
     from verifier.server import create_server
