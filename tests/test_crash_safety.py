@@ -9,13 +9,12 @@ import os
 import signal
 import subprocess
 import sys
-import threading
 import time
 
 import numpy as np
 import pytest
 
-from specdraft.bench.overload import ServerProcess
+from specdraft.bench.server import ServerProcess
 from tests.redis_fixtures import redis_server  # noqa: F401 - fixture
 from tests.test_shutdown import Caller, logged_outputs, output_of
 

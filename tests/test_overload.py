@@ -19,7 +19,8 @@ import pytest
 from retriever.admission import BUSY_GAP_S, Admission, AdmissionStats, DeadlineExceeded, Overloaded, check_deadline
 from retriever.service import RetrieverServicer
 from retriever.settings import RetrieverSettings
-from specdraft.bench.overload import ServerProcess, cancelled_streams, run_load
+from specdraft.bench.overload import cancelled_streams, run_load
+from specdraft.bench.server import ServerProcess
 from specdraft.bench.server import wait_serving
 from tests.test_service import PROMPT, Running, error_of, req, settings
 

@@ -21,7 +21,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from protos.specdraft.v1 import retriever_pb2 as pb
 from protos.specdraft.v1 import retriever_pb2_grpc as pb_grpc
 from retriever.file_log import log_path
-from specdraft.bench.overload import ServerProcess
+from specdraft.bench.server import ServerProcess
 
 GRACE_S = 3.0
 PROMPT = [5, 6, 7, 8, 9, 5, 6, 7, 8, 9, 5, 6]

@@ -19,7 +19,7 @@ import numpy as np
 
 from specdraft.bench.backends import Backend, GrpcBackend, InProcessBackend, open_indexes
 from specdraft.bench.replay import Trace, replay
-from specdraft.bench.server import server_process
+from specdraft.bench.server import ServerProcess
 
 IN_PROCESS_P50_US, IN_PROCESS_P99_US, UNARY_P50_US = 50.0, 500.0, 1000.0
 
@@ -120,7 +120,9 @@ def run_latency(
                  f"p50 <= {IN_PROCESS_P50_US:g}, p99 <= {IN_PROCESS_P99_US:g}",
                  lambda p50, p99: p50 <= IN_PROCESS_P50_US and p99 <= IN_PROCESS_P99_US)]
     del in_proc
-    with server_process(indexes, max_nodes) if target is None else nullcontext(target) as addr:
+    args = ("--output-log", "off", "--max-nodes", str(max_nodes), *(a for ix in indexes for a in ("--index", ix)))
+    with ServerProcess({}, args, start_timeout_s=300.0) if target is None else nullcontext() as server:
+        addr = target if server is None else server.target
         floor_ns = transport_floor(addr)
         unary = GrpcBackend(addr, "unary")
         unary.wait_ready()

@@ -18,16 +18,12 @@ from __future__ import annotations
 
 import asyncio
 import multiprocessing
-import os
-import re
-import signal
-import subprocess
-import sys
 import time
-import urllib.request
 from dataclasses import dataclass, field
 
 import numpy as np
+
+from specdraft.bench.server import ServerProcess
 
 PROMPT = [5, 6, 7, 8, 9, 5, 6, 7, 8, 9, 5, 6]
 
@@ -49,50 +45,6 @@ class LoadResult:
         for code, n in more.other.items():
             other[code] = other.get(code, 0) + n
         return LoadResult(self.ok_ns + more.ok_ns, self.exhausted_ns + more.exhausted_ns, other)
-
-
-class ServerProcess:
-    """`specdraft retriever serve` on 127.0.0.1 in a subprocess; `env`: extra SPECDRAFT_* settings.
-
-    `target` once started; `rss_mb()`, `sessions()` (the /metrics gauge), `stop()` (SIGTERM)."""
-
-    def __init__(self, env: dict[str, str], args: tuple[str, ...] = ("--output-log", "off"),
-                 start_timeout_s: float = 60.0) -> None:
-        from specdraft.bench.redis_proc import free_port
-        from specdraft.bench.server import wait_serving
-
-        self.metrics_port = free_port()
-        cmd = [sys.executable, "-m", "specdraft.cli", "retriever", "serve", "--host", "127.0.0.1", "--port", "0",
-               "--metrics-port", str(self.metrics_port), *args]
-        self.proc = subprocess.Popen(cmd, env={**os.environ, **env}, stdout=subprocess.PIPE,
-                                     stderr=subprocess.DEVNULL, text=True)
-        line = self.proc.stdout.readline() if self.proc.stdout else ""
-        match = re.search(r"listening on \S+:(\d+)", line)
-        if match is None:
-            self.proc.kill()
-            raise RuntimeError(f"retriever serve must print its address, got {line!r}")
-        self.port = int(match.group(1))
-        self.target = f"127.0.0.1:{self.port}"
-        wait_serving(self.target, start_timeout_s)
-
-    def rss_mb(self) -> float:
-        with open(f"/proc/{self.proc.pid}/status") as f:
-            kb = next(int(line.split()[1]) for line in f if line.startswith("VmRSS:"))
-        return kb / 1024
-
-    def sessions(self) -> int:
-        with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=5) as reply:
-            text = reply.read().decode()
-        return int(float(re.search(r"^specdraft_retriever_sessions (\S+)$", text, re.M).group(1)))
-
-    def stop(self, timeout_s: float = 30.0) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-        try:
-            return self.proc.wait(timeout_s)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            return self.proc.wait()
 
 
 # ---------------------------------------------------------------- load, in other processes

@@ -1,13 +1,15 @@
 """A real retriever server for the benchmarks on loopback: in this process (`local_server`)
-or, as deployed, in a process of its own (`server_process`)."""
+or, as deployed, in a process of its own (`ServerProcess`)."""
 
 from __future__ import annotations
 
 import os
+import re
+import signal
 import subprocess
 import sys
-import tempfile
 import time
+import urllib.request
 from contextlib import contextmanager
 from typing import Iterator, Sequence
 
@@ -57,31 +59,51 @@ def local_server(indexes: Sequence[str] = (), max_nodes: int = 64) -> Iterator[s
         server.stop(0).wait()
 
 
-@contextmanager
-def server_process(indexes: Sequence[str] = (), max_nodes: int = 64) -> Iterator[str]:
-    """`specdraft retriever serve` in a child process on a free 127.0.0.1 port, configured as
-    `local_server`'s; yields "host:port" once it is SERVING. Stopped by SIGTERM on exit
-    (killed after 30 s). Raises RuntimeError with the child's stderr if it does not start."""
-    args = [sys.executable, "-m", "specdraft.cli", "retriever", "serve", "--port", "0", "--max-nodes", str(max_nodes),
-            "--output-log", "off", *(a for ix in indexes for a in ("--index", ix))]
-    with tempfile.TemporaryFile("w+") as log:  # its stderr: never a full pipe blocking it
-        proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=log, text=True,
-                                env={**os.environ, "SPECDRAFT_HOST": "127.0.0.1"})
+class ServerProcess:
+    """`specdraft retriever serve` on 127.0.0.1 in a subprocess; `env`: extra SPECDRAFT_* settings.
+
+    `target` once started; `rss_mb()`, `sessions()` (the /metrics gauge), `stop()` (SIGTERM; also
+    on leaving a `with` block)."""
+
+    def __init__(self, env: dict[str, str], args: tuple[str, ...] = ("--output-log", "off"),
+                 start_timeout_s: float = 60.0) -> None:
+        from specdraft.bench.redis_proc import free_port
+
+        self.metrics_port = free_port()
+        cmd = [sys.executable, "-m", "specdraft.cli", "retriever", "serve", "--host", "127.0.0.1", "--port", "0",
+               "--metrics-port", str(self.metrics_port), *args]
+        self.proc = subprocess.Popen(cmd, env={**os.environ, **env}, stdout=subprocess.PIPE,
+                                     stderr=subprocess.DEVNULL, text=True)
+        line = self.proc.stdout.readline() if self.proc.stdout else ""
+        match = re.search(r"listening on \S+:(\d+)", line)
+        if match is None:
+            self.proc.kill()
+            raise RuntimeError(f"retriever serve must print its address, got {line!r}")
+        self.port = int(match.group(1))
+        self.target = f"127.0.0.1:{self.port}"
+        wait_serving(self.target, start_timeout_s)
+
+    def __enter__(self) -> "ServerProcess":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def rss_mb(self) -> float:
+        with open(f"/proc/{self.proc.pid}/status") as f:
+            kb = next(int(line.split()[1]) for line in f if line.startswith("VmRSS:"))
+        return kb / 1024
+
+    def sessions(self) -> int:
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=5) as reply:
+            text = reply.read().decode()
+        return int(float(re.search(r"^specdraft_retriever_sessions (\S+)$", text, re.M).group(1)))
+
+    def stop(self, timeout_s: float = 30.0) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
         try:
-            line = proc.stdout.readline() if proc.stdout else ""
-            if not line.startswith("retriever listening on "):
-                proc.wait(30)
-                log.seek(0)
-                raise RuntimeError(f"retriever must start, got {line!r}: {log.read()[-2000:]}")
-            target = line.split()[-1]
-            wait_serving(target)
-            yield target
-        finally:
-            proc.terminate()
-            try:
-                proc.wait(30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-            if proc.stdout:
-                proc.stdout.close()
+            return self.proc.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            return self.proc.wait()
