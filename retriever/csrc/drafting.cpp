@@ -14,30 +14,27 @@ inline int64_t now_ns() {
              std::chrono::steady_clock::now().time_since_epoch()).count();
 }
 
-// The calling thread's candidate tries, reused across calls (they keep their capacity).
-__attribute__((noinline)) std::vector<Candidates>& thread_candidates() {
-  thread_local std::vector<Candidates> found;
-  return found;
-}
-
-// The calling thread's source list and inputs for draft_step, reused likewise.
-struct StepScratch {
+// The calling thread's buffers, reused across calls (they keep their capacity): the candidate
+// tries, a step's source list and the inputs of a tree build.
+struct Scratch {
+  std::vector<Candidates> found;
   std::vector<IndexSource> sources;
+  std::vector<SourceInput> inputs;
 };
 
-__attribute__((noinline)) StepScratch& step_scratch() {
-  thread_local StepScratch scratch;
-  return scratch;
+__attribute__((noinline)) Scratch& scratch() {
+  thread_local Scratch buffers;
+  return buffers;
 }
 
 }  // namespace
 
 DraftTree draft_from(const int32_t* context, size_t n, const std::vector<IndexSource>& sources, int max_nodes,
                      float min_score, std::vector<int64_t>* lookup_ns) {
-  std::vector<Candidates>& found = thread_candidates();
+  std::vector<Candidates>& found = scratch().found;
   if (found.size() < sources.size()) found.resize(sources.size());
-  std::vector<SourceInput> inputs;
-  inputs.reserve(sources.size());
+  std::vector<SourceInput>& inputs = scratch().inputs;
+  inputs.clear();
   if (lookup_ns) lookup_ns->assign(sources.size() + 1, 0);
   int64_t t = lookup_ns ? now_ns() : 0;
   for (size_t i = 0; i < sources.size(); ++i) {
@@ -82,7 +79,7 @@ DraftTree draft_step(Session& session, const int32_t* new_tokens, size_t k, cons
     calib_observe(last.tokens.data(), last.parents.data(), last.cells.data(), last.tokens.size(), new_tokens, k, cal);
   if (k > 0) session.extend(new_tokens, k);
 
-  std::vector<IndexSource>& sources = step_scratch().sources;
+  std::vector<IndexSource>& sources = scratch().sources;
   sources.clear();
   auto row = [&](int32_t r) { return plan.calibrate ? cal.table + static_cast<int64_t>(r) * kCalibCells : nullptr; };
   if (plan.use_context)
