@@ -27,6 +27,7 @@ Pure module: imports neither grpc nor torch.
 from __future__ import annotations
 
 import contextlib
+import glob
 import hashlib
 import mmap
 import os
@@ -158,7 +159,7 @@ def recover_killed_builds(out: Path) -> list[Path]:
     `.OUT.tmp-PID` is removed; a moved-aside `.OUT.old-PID` is put back when `out` is missing
     (killed between the two renames of `move_into_place`), else removed. Returns what it touched."""
     touched = []
-    for path in sorted(out.parent.glob(f".{out.name}.*-*")):
+    for path in sorted(out.parent.glob(f".{glob.escape(out.name)}.*-*")):
         stem, _, pid = path.name.rpartition("-")
         if stem not in (f".{out.name}.tmp", f".{out.name}.old") or not pid.isdigit() or _alive(int(pid)):
             continue

@@ -111,3 +111,6 @@ def test_a_build_killed_between_its_renames_gets_the_old_index_back(tmp_path):
     (old / "manifest.json").write_text("{}")
     assert recover_killed_builds(out) == [old, stale]
     assert (out / "manifest.json").read_text() == "{}" and live.is_dir() and not old.exists() and not stale.exists()
+    odd = tmp_path / f".idx[1].tmp-{dead.pid}"  # glob characters in the index name match literally
+    odd.mkdir()
+    assert recover_killed_builds(tmp_path / "idx[1]") == [odd] and not odd.exists()
