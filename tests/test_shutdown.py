@@ -87,6 +87,8 @@ def test_sigterm_under_load_drains_in_flight_calls_refuses_new_ones_and_loses_no
         assert next(watch).status == health_pb2.HealthCheckResponse.NOT_SERVING
         requests.put(pb.DraftRequest(tenant="t", session_id="stream", new_tokens=output_of("stream")))
         assert next(replies).context_tokens == len(PROMPT) + len(output_of("stream"))  # in flight: still answered
+        requests.put(None)  # the stream ends normally, well inside the grace period; its session stays open
+        assert list(replies) == []
         for c in callers:
             c.join(GRACE_S + 5)
             assert not c.is_alive() and len(c.ended) > 5
@@ -100,8 +102,6 @@ def test_sigterm_under_load_drains_in_flight_calls_refuses_new_ones_and_loses_no
                 raise AssertionError("a new call must be refused during shutdown")
             except grpc.RpcError as e:
                 assert e.code() == grpc.StatusCode.UNAVAILABLE
-        requests.put(None)  # the stream ends normally, its session stays open
-        assert list(replies) == []
         assert server.proc.wait(GRACE_S + 5) == 0 and time.monotonic() - t0 < GRACE_S + 3
         channel.close()
     finally:
