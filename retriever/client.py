@@ -7,6 +7,9 @@
   `retriever.drafter.DraftTree`).
 - `client.session(tenant)` -> `DraftStreamSession` (`retriever.draft_stream`): the verifier's
   `DraftSource` over one `DraftStream` per generation; it never fails a generation.
+- `client.close()`: waits for the sessions' background ends, then for the calls in flight, then
+  closes the channel (grpc crashes the process when a channel closes while another thread starts a
+  call on it); later calls raise errors.Unavailable.
 - `client.refusals` (`retriever.channel.Refusals`): the retriever's UNAUTHENTICATED /
   PERMISSION_DENIED answers to the sessions, logged once; drafting for a refused tenant (every
   tenant after UNAUTHENTICATED) holds off for `auth_retry_s`, generations decode plainly meanwhile.
@@ -16,9 +19,12 @@ No torch here: the verifier's `Draft` is imported lazily by `to_verifier_draft`.
 
 from __future__ import annotations
 
+import contextlib
+import logging
+import threading
 import uuid
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import grpc
 
@@ -43,6 +49,7 @@ _ERROR_BY_STATUS = {
     grpc.StatusCode.PERMISSION_DENIED: errors.PermissionDenied,
 }
 _CODE_BY_VALUE = {c.value[0]: c for c in grpc.StatusCode}
+log = logging.getLogger(__name__)
 
 
 def error_from_status(code: grpc.StatusCode | int, message: str) -> errors.SpecdraftError:
@@ -105,6 +112,51 @@ class Description:
     ready: bool
 
 
+class _Lifecycle:
+    """A client's open -> closing -> closed: counts the calls in flight and the sessions ending in the
+    background, so that the channel closes only once no thread can still start a call on it."""
+
+    def __init__(self, target: str) -> None:
+        self.target = target
+        self._cond = threading.Condition()
+        self._calls = self._ends = 0
+        self._closing = self._closed = False
+
+    @contextlib.contextmanager
+    def call(self) -> Iterator[None]:
+        """Around the start (or the whole) of a call; raises errors.Unavailable once closed."""
+        with self._cond:
+            if self._closed:
+                raise errors.Unavailable(f"retriever client of {self.target} must be open, got a call after close()")
+            self._calls += 1
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._calls -= 1
+                self._cond.notify_all()
+
+    def ending(self) -> bool:
+        """Registers a session end run in the background (False once closing: the end is skipped)."""
+        with self._cond:
+            if self._closing:
+                return False
+            self._ends += 1
+            return True
+
+    def ended(self) -> None:
+        with self._cond:
+            self._ends -= 1
+            self._cond.notify_all()
+
+    def close(self, timeout_s: float) -> bool:
+        """Waits (each phase up to timeout_s) for the ends, then the calls; True when none is left."""
+        with self._cond:
+            self._closing = True
+            self._cond.wait_for(lambda: self._ends == 0, timeout_s)
+            self._closed = True
+            return self._cond.wait_for(lambda: self._calls == 0, timeout_s)
+
 
 class RetrieverClient:
     """A channel to one retriever; see the module docstring. Thread-safe."""
@@ -122,12 +174,14 @@ class RetrieverClient:
             ("grpc.initial_reconnect_backoff_ms", int(backoff_s[0] * 1000)),
             ("grpc.min_reconnect_backoff_ms", int(backoff_s[0] * 1000)),
             ("grpc.max_reconnect_backoff_ms", int(backoff_s[1] * 1000))])
-        self.stub = pb_grpc.RetrieverStub(self._channel)
+        self._stub = pb_grpc.RetrieverStub(self._channel)
+        self.lifecycle = _Lifecycle(target)
 
     def wait_ready(self, timeout_s: float = 30.0) -> None:
         """Blocks until the channel connects; raises errors.Unavailable after timeout_s."""
         try:
-            grpc.channel_ready_future(self._channel).result(timeout=timeout_s)
+            with self.lifecycle.call():
+                grpc.channel_ready_future(self._channel).result(timeout=timeout_s)
         except grpc.FutureTimeoutError:
             raise errors.Unavailable(f"retriever at {self.target} must be reachable, got no connection in {timeout_s} s")
 
@@ -138,8 +192,9 @@ class RetrieverClient:
               new_tokens: Sequence[int] = (), max_nodes: int = 0, timeout_s: float | None = None) -> DraftReply:
         """One unary step (deadline: timeout_s, default deadline_s)."""
         try:
-            r = self.stub.Draft(draft_request(tenant, session_id, prompt, new_tokens, max_nodes),
-                                timeout=timeout_s or self.deadline_s)
+            with self.lifecycle.call():
+                r = self._stub.Draft(draft_request(tenant, session_id, prompt, new_tokens, max_nodes),
+                                     timeout=timeout_s or self.deadline_s)
         except grpc.RpcError as e:
             raise _raise_from(e) from None
         return DraftReply(tree_from_proto(r.tree), int(r.context_tokens))
@@ -150,7 +205,8 @@ class RetrieverClient:
         req = pb.DraftBatchRequest(requests=[
             draft_request(c.tenant, c.session_id, c.prompt, c.new_tokens, c.max_nodes) for c in calls])
         try:
-            r = self.stub.DraftBatch(req, timeout=timeout_s or self.deadline_s)
+            with self.lifecycle.call():
+                r = self._stub.DraftBatch(req, timeout=timeout_s or self.deadline_s)
         except grpc.RpcError as e:
             raise _raise_from(e) from None
         return [error_from_status(x.error.code, x.error.message) if x.HasField("error") and x.error.code
@@ -159,15 +215,17 @@ class RetrieverClient:
     def end_session(self, tenant: str, session_id: str) -> int:
         """Ends a session; returns the output tokens handed to the tenant."""
         try:
-            r = self.stub.EndSession(pb.EndSessionRequest(tenant=tenant, session_id=session_id),
-                                     timeout=self.call_timeout_s)
+            with self.lifecycle.call():
+                r = self._stub.EndSession(pb.EndSessionRequest(tenant=tenant, session_id=session_id),
+                                          timeout=self.call_timeout_s)
         except grpc.RpcError as e:
             raise _raise_from(e) from None
         return int(r.output_tokens)
 
     def describe(self) -> Description:
         try:
-            r = self.stub.Describe(pb.DescribeRequest(), timeout=self.call_timeout_s)
+            with self.lifecycle.call():
+                r = self._stub.Describe(pb.DescribeRequest(), timeout=self.call_timeout_s)
         except grpc.RpcError as e:
             raise _raise_from(e) from None
         indexes = tuple(IndexDescription(i.name, i.kind, i.tokens, i.documents, i.tokenizer_name,
@@ -177,5 +235,15 @@ class RetrieverClient:
                                  lim.max_new_tokens, lim.max_batch, lim.max_sessions, lim.tenant_token_budget)
         return Description(r.version, indexes, limits, r.ready)
 
-    def close(self) -> None:
-        self._channel.close()
+    def open_stream(self, requests: Iterator[pb.DraftRequest]) -> Iterator[pb.DraftResponse]:
+        """A DraftStream call over `requests`; raises errors.Unavailable once closed."""
+        with self.lifecycle.call():
+            return self._stub.DraftStream(requests)
+
+    def close(self, timeout_s: float | None = None) -> None:
+        """See the module docstring; each wait is bounded by timeout_s (default: three call timeouts, the
+        longest a session end takes). Calls still running then leave the channel open (logged), never a crash."""
+        if self.lifecycle.close(3 * self.call_timeout_s if timeout_s is None else timeout_s):
+            self._channel.close()
+        else:
+            log.warning("retriever client of %s: calls still running at close(); channel left open", self.target)

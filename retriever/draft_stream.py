@@ -28,7 +28,6 @@ import grpc
 import numpy as np
 
 from protos.specdraft.v1 import retriever_pb2 as pb
-from protos.specdraft.v1 import retriever_pb2_grpc as pb_grpc
 from retriever import errors
 from retriever.channel import REFUSAL_CODES
 from retriever.drafter import DraftTree
@@ -76,11 +75,12 @@ class _Closed:
 class _Stream:
     """One DraftStream call: requests through a queue, responses read by a daemon thread."""
 
-    def __init__(self, stub: pb_grpc.RetrieverStub) -> None:
+    def __init__(self, client: RetrieverClient) -> None:
+        """Raises errors.Unavailable when the client is closed."""
         self._requests: queue.SimpleQueue = queue.SimpleQueue()
         self.responses: queue.SimpleQueue = queue.SimpleQueue()
         self.outstanding = 0  # requests sent whose response was not read yet
-        self._call = stub.DraftStream(iter(self._requests.get, None))
+        self._call = client.open_stream(iter(self._requests.get, None))
         threading.Thread(target=self._read, daemon=True, name="draft-stream").start()
 
     def _read(self) -> None:
@@ -171,6 +171,12 @@ class DraftStreamSession:
         self._ended = True
         self._output += [int(t) for t in new_tokens]
         self._unsent += [int(t) for t in new_tokens]
+        if not self._client.lifecycle.ending():
+            log.info("draft session %s not ended: the retriever client is closing", self.session_id)
+            if self._stream is not None:
+                self._stream.cancel()
+            self.closed.set()
+            return
         threading.Thread(target=self._finish, daemon=True, name="draft-session-end").start()
 
     # ------------------------------------------------------------ internals
@@ -180,7 +186,10 @@ class DraftStreamSession:
             return True
         if time.monotonic() < self._retry_at or self._client.refusals.held(self.tenant):
             return False
-        self._stream, self._synced = _Stream(self._client.stub), False
+        try:
+            self._stream, self._synced = _Stream(self._client), False
+        except errors.Unavailable:  # the client is closed
+            return False
         return True
 
     def _behind(self) -> bool:
@@ -271,7 +280,6 @@ class DraftStreamSession:
             self._client.refusals.refused(self.tenant, code, str(e))
         except errors.SpecdraftError as e:
             log.info("ending draft session %s failed: %s", self.session_id, e)
-        except ValueError as e:  # the client was closed first (grpc: "Cannot invoke RPC on closed channel")
-            log.info("draft session %s not ended: %s", self.session_id, e)
         finally:
+            self._client.lifecycle.ended()
             self.closed.set()

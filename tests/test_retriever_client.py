@@ -5,6 +5,7 @@ reconnection once the server is back."""
 from __future__ import annotations
 
 import socket
+import threading
 import time
 import uuid
 
@@ -179,11 +180,48 @@ def test_session_is_a_draft_source():
 
 
 @pytest.mark.filterwarnings("error::pytest.PytestUnhandledThreadExceptionWarning")
-def test_closing_the_client_while_a_session_ends_is_quiet(retriever):
+def test_close_waits_for_a_session_ending_in_the_background(retriever):
     c = RetrieverClient(f"127.0.0.1:{retriever[1]}", deadline_s=DEADLINE_S, call_timeout_s=5.0)
     session = c.session("t", "closing")
     session.start([5, 6, 7, 5, 6])
     session.draft([], 4)
-    session.end([7])
-    c.close()  # the ending thread may still be running: it logs instead of raising
-    assert session.closed.wait(5)
+    session.end([7, 5])
+    c.close()  # the ending thread is still running: close waits for it, the output is handed over
+    assert session.closed.is_set() and session.output_tokens == 2
+
+
+@pytest.mark.filterwarnings("error::pytest.PytestUnhandledThreadExceptionWarning")
+def test_close_under_concurrent_calls_waits_for_them_and_refuses_later_ones(retriever):
+    """grpc crashes the process (SIGSEGV) when a channel closes while a thread starts a call on it:
+    the client must let the calls in flight leave first, then refuse new ones with a domain error."""
+    for round_ in range(20):
+        c = RetrieverClient(f"127.0.0.1:{retriever[1]}", deadline_s=1.0, call_timeout_s=5.0)
+        c.wait_ready(10)
+        refusals: list[str] = []
+
+        def hammer(i: int) -> None:
+            while True:
+                try:
+                    c.end_session("t", f"{round_}-{i}")
+                except errors.NotFound:
+                    pass
+                except errors.Unavailable as e:
+                    refusals.append(str(e))
+                    return
+
+        threads = [threading.Thread(target=hammer, args=(i,)) for i in range(4)]
+        for t in threads:
+            t.start()
+        time.sleep(0.02)
+        c.close()
+        for t in threads:
+            t.join(10)
+        assert not any(t.is_alive() for t in threads)
+        assert refusals == [f"retriever client of 127.0.0.1:{retriever[1]} must be open, got a call after close()"] * 4
+    session = c.session("t", "after-close")
+    session.start(PROMPT)
+    assert session.draft([], 8) is None  # no stream on a closed client: plain decoding
+    session.end([1])
+    assert session.closed.is_set() and session.output_tokens is None
+    with pytest.raises(errors.Unavailable, match="must be open, got a call after close"):
+        c.draft("t", "s", PROMPT)
