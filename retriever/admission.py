@@ -15,11 +15,13 @@
    to the loop once, so calls that arrived in the same loop turn are counted together; an
    idle server drafts at once (a loop turn costs ~0.1 ms of latency on a small machine).
 
-What neither bound can do (measured by `specdraft bench overload`): drafting runs on the one
-event loop, and grpc takes a call into Python only when the loop asks for the next one, so
-under saturation the backlog waits inside grpc core, unseen by Python; a refusal then comes
-after that wait like an answer would. Accepted calls stay fast only when refused callers back
-off (a speculative-decoding client simply decodes that step without a draft).
+3. `QueueWait` (this module), for the backlog neither bound sees: drafting runs on the one
+   event loop, and grpc takes a call into Python only when the loop asks for the next one, so
+   under saturation calls wait inside grpc core, and every one of them would be answered after
+   that wait. A request that carries its send time (`DraftRequest.sent_unix_us`) and waited longer
+   than `max_queue_wait_ms` is refused (RESOURCE_EXHAUSTED, "overloaded") as soon as it is read,
+   before anything else is done for it. Accepted calls stay fast when refused callers back off
+   (a speculative-decoding client simply decodes that step without a draft): the backlog drains.
 - `check_deadline(time_remaining)`: raises `DeadlineExceeded` when a call's deadline has
   passed by the time it gets its turn (the call is then not drafted, no state changes).
 """
@@ -29,7 +31,7 @@ from __future__ import annotations
 import asyncio
 import math
 import time
-from collections import deque
+from collections import OrderedDict, deque
 from dataclasses import dataclass
 
 from retriever import errors
@@ -114,6 +116,51 @@ class Admission:
             self._waiters.remove(turn)
         except ValueError:
             pass
+
+
+class QueueWait:
+    """How long requests waited before the server read them, from the clients' send times.
+
+    A request's one-way delay is the server's wall clock minus its `sent_unix_us`; its wait is
+    that delay less the smallest delay seen from the same peer (connection) over the last one to
+    two windows, so a constant clock skew between the hosts cancels out and slow drift is followed.
+    Remembers at most `max_peers` peers (the least recently seen is forgotten). Not thread-safe.
+
+    Example: from a peer whose clock runs 3 s behind, requests seen 3.0001 s, 3.0002 s and 3.0121 s
+    late waited 0, 0.1 and 12 ms: `wait_us` returns 0, 100 and 12_000.
+    """
+
+    def __init__(self, max_wait_us: int, window_s: float = 10.0, max_peers: int = 4096) -> None:
+        if max_wait_us < 0 or window_s <= 0 or max_peers < 1:
+            raise ValueError(f"max_wait_us must be >= 0, window_s > 0 and max_peers >= 1, got {max_wait_us}, "
+                             f"{window_s} and {max_peers}")
+        self.max_wait_us, self._window_us, self._max_peers = max_wait_us, int(window_s * 1e6), max_peers
+        self._peers: OrderedDict[str, list[int]] = OrderedDict()  # peer -> [window start, min now, min before] (us)
+
+    def wait_us(self, peer: str, sent_unix_us: int, now_unix_us: int) -> int:
+        """The request's wait (us, >= 0); records its delay as the peer's baseline when it is the fastest."""
+        delay = now_unix_us - sent_unix_us
+        seen = self._peers.get(peer)
+        if seen is None:
+            self._peers[peer] = [now_unix_us, delay, delay]
+            if len(self._peers) > self._max_peers:
+                self._peers.popitem(last=False)
+            return 0
+        self._peers.move_to_end(peer)
+        if now_unix_us - seen[0] >= self._window_us:
+            seen[:] = [now_unix_us, delay, seen[1]]
+        elif delay < seen[1]:
+            seen[1] = delay
+        return delay - min(seen[1], seen[2])
+
+    def check(self, peer: str, sent_unix_us: int) -> None:
+        """Raises Overloaded when a request sent at `sent_unix_us` (0: unknown, never refused) waited too long."""
+        if not sent_unix_us or not self.max_wait_us:
+            return
+        wait = self.wait_us(peer, sent_unix_us, time.time_ns() // 1000)
+        if wait > self.max_wait_us:
+            raise Overloaded(f"request must wait at most {self.max_wait_us / 1e3:g} ms before the server reads it, "
+                             f"got {wait / 1e3:.1f} ms: the server is overloaded, retry after a backoff")
 
 
 def check_deadline(time_remaining: float | None) -> None:

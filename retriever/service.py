@@ -23,7 +23,7 @@ import specdraft
 from protos.specdraft.v1 import retriever_pb2 as pb
 from protos.specdraft.v1 import retriever_pb2_grpc as pb_grpc
 from retriever import _core, errors
-from retriever.admission import Admission, DeadlineExceeded, Overloaded, check_deadline
+from retriever.admission import Admission, DeadlineExceeded, Overloaded, QueueWait, check_deadline
 from retriever.drafter import Drafter, DraftResult
 from retriever.faiss_manifest import FAISS_KIND
 from retriever.metrics import LOOKUP_SAMPLE_EVERY, RetrieverMetrics
@@ -122,6 +122,7 @@ class RetrieverServicer(pb_grpc.RetrieverServicer):
         self._limits: Limits | None = None  # None: not ready
         self._unavailable = LOADING
         self.admission = Admission(settings.max_inflight, settings.max_queued)
+        self.queue_wait = QueueWait(round(settings.max_queue_wait_ms * 1000))
 
     @property
     def ready(self) -> bool:
@@ -160,7 +161,7 @@ class RetrieverServicer(pb_grpc.RetrieverServicer):
     # ------------------------------------------------------------ RPCs
 
     async def Draft(self, request: pb.DraftRequest, context: grpc.aio.ServicerContext) -> pb.DraftResponse:
-        await self._admit(context, "draft")
+        await self._admit(context, "draft", request.sent_unix_us)
         try:
             return await _answer(context, self._draft_measured, request)
         finally:
@@ -177,7 +178,7 @@ class RetrieverServicer(pb_grpc.RetrieverServicer):
         code, message = None, ""
         try:
             async for request in request_iterator:
-                await self._admit(context, "stream")
+                await self._admit(context, "stream", request.sent_unix_us)
                 try:
                     response = self._draft_measured(request, "stream")
                 except Exception as e:  # noqa: BLE001
@@ -199,7 +200,7 @@ class RetrieverServicer(pb_grpc.RetrieverServicer):
 
     async def DraftBatch(self, request: pb.DraftBatchRequest,
                          context: grpc.aio.ServicerContext) -> pb.DraftBatchResponse:
-        await self._admit(context, "batch")
+        await self._admit(context, "batch", request.requests[0].sent_unix_us if request.requests else 0)
         try:
             return await _answer(context, self._rejections(self._draft_batch, "batch"), request)
         finally:
@@ -216,9 +217,15 @@ class RetrieverServicer(pb_grpc.RetrieverServicer):
 
     # ------------------------------------------------------------ admission (retriever.admission)
 
-    async def _admit(self, context: grpc.aio.ServicerContext, rpc: str) -> None:
-        """Takes an admission slot, then checks the deadline; a refused call is counted and
-        aborted (RESOURCE_EXHAUSTED "overloaded" at once, or DEADLINE_EXCEEDED) holding no slot."""
+    async def _admit(self, context: grpc.aio.ServicerContext, rpc: str, sent_unix_us: int) -> None:
+        """Checks the request's wait, takes an admission slot, then checks the deadline; a refused
+        call is counted and aborted (RESOURCE_EXHAUSTED "queue_wait" or "overloaded" at once, or
+        DEADLINE_EXCEEDED) holding no slot."""
+        try:
+            self.queue_wait.check(context.peer(), sent_unix_us)
+        except Overloaded as e:
+            self.metrics.rejections.labels(rpc, "RESOURCE_EXHAUSTED", "queue_wait").inc()
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(e))
         try:
             await self.admission.enter()
             check_deadline(context.time_remaining())

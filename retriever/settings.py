@@ -59,6 +59,7 @@ class RetrieverSettings:
     expire_interval_s: float = 30.0  # how often idle sessions are looked for
     max_inflight: int = 256  # calls drafting at once (a DraftStream while it handles a message)
     max_queued: int = 1024  # calls waiting for a slot; beyond it RESOURCE_EXHAUSTED at once
+    max_queue_wait_ms: float = 5.0  # a request (with sent_unix_us) read later than this is refused; 0: off
     event_loop: str = "auto"  # auto (uvloop if installed), uvloop, asyncio (retriever.event_loop)
     # The shared output log (docs/OUTPUT_LOG.md): auto = Redis if redis_url is set, else the file log.
     output_log: str = "auto"  # auto, redis, file or off
@@ -178,6 +179,7 @@ _RULES: dict[str, tuple[Callable[[object], bool], str]] = {
     "expire_interval_s": (_seconds(0, False), "a finite number of seconds > 0"),
     "max_inflight": (_int(1), "an integer >= 1"),
     "max_queued": (_int(0), "an integer >= 0"),
+    "max_queue_wait_ms": (_seconds(0, True), "a finite number of milliseconds >= 0 (0: off)"),
     "event_loop": (lambda v: v in ("auto", "uvloop", "asyncio"), "one of auto, uvloop, asyncio"),
     "output_log": (lambda v: v in ("auto", "redis", "file", "off"), "one of auto, redis, file, off"),
     "redis_url": (lambda v: isinstance(v, str) and (not v or v.split("://", 1)[0] in ("redis", "rediss", "unix")),

@@ -5,23 +5,30 @@ sessions or tasks (2000 here; `specdraft bench overload` runs 10k: most sessions
 the few whose cancel the server sees only as the end of requests end by idle expiry), and
 `Admission` itself, and a real `specdraft retriever serve` subprocess at 10x its gRPC RPC bound
 under load from other processes (refusals, no other errors, no crash, healthy after).
+`QueueWait` against a slow reference and through a real server (a request that waited too long
+is refused at once and counted as "queue_wait", a client with a skewed clock is not).
 Idle expiry through the real server is tested in test_service.py."""
 
 from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import random
+import re
 import time
 
 import grpc
 import pytest
 
-from retriever.admission import BUSY_GAP_S, Admission, AdmissionStats, DeadlineExceeded, Overloaded, check_deadline
+from retriever.admission import (BUSY_GAP_S, Admission, AdmissionStats, DeadlineExceeded, Overloaded, QueueWait,
+                                 check_deadline)
 from retriever.service import RetrieverServicer
 from retriever.settings import RetrieverSettings
 from specdraft.bench.overload import cancelled_streams, run_load
 from specdraft.bench.server import ServerProcess
 from specdraft.bench.server import wait_serving
+from protos.specdraft.v1 import retriever_pb2 as pb
+from protos.specdraft.v1 import retriever_pb2_grpc as pb_grpc
 from tests.test_service import PROMPT, Running, error_of, req, settings
 
 CANCELLED_STREAMS = 2000  # the bench runs 10k
@@ -120,6 +127,9 @@ class _Context:
     def time_remaining(self) -> float:
         return -0.25
 
+    def peer(self) -> str:
+        return "ipv4:127.0.0.1:1"
+
     async def abort(self, code: grpc.StatusCode, details: str) -> None:
         self.aborted = (code, details)
         raise _Aborted
@@ -216,6 +226,9 @@ def test_check_deadline_and_settings():
         RetrieverSettings(max_inflight=0)
     with pytest.raises(ValueError, match="SPECDRAFT_MAX_QUEUED must be an integer >= 0, got -1"):
         RetrieverSettings(max_queued=-1)
+    assert RetrieverSettings.from_env({"SPECDRAFT_MAX_QUEUE_WAIT_MS": "2.5"}).max_queue_wait_ms == 2.5
+    with pytest.raises(ValueError, match="SPECDRAFT_MAX_QUEUE_WAIT_MS must be a finite number of milliseconds >= 0"):
+        RetrieverSettings(max_queue_wait_ms=-1)
 
 
 def test_subprocess_server_at_10x_its_rpc_bound_refuses_some_and_stays_healthy():
@@ -234,3 +247,95 @@ def test_subprocess_server_at_10x_its_rpc_bound_refuses_some_and_stays_healthy()
                                                         timeout=5).context_tokens == len(PROMPT)
     finally:
         assert server.stop() == 0
+
+
+# ---------------------------------------------------------------- QueueWait
+
+
+class QueueWaitRef:
+    """Every peer's whole history: its windows' start times and (time, delay) records; the baseline is
+    the smallest delay since the previous window's start. A peer beyond `max_peers` (least recently
+    seen) is forgotten."""
+
+    def __init__(self, window_us: int, max_peers: int) -> None:
+        self.window_us, self.max_peers = window_us, max_peers
+        self.peers: dict[str, tuple[list[int], list[tuple[int, int]]]] = {}  # insertion order = recency
+
+    def wait_us(self, peer: str, sent: int, now: int) -> int:
+        delay = now - sent
+        starts, records = self.peers.pop(peer, ([], []))
+        if not starts or now - starts[-1] >= self.window_us:
+            starts.append(now)
+        records.append((now, delay))
+        self.peers[peer] = (starts, records)
+        while len(self.peers) > self.max_peers:
+            del self.peers[next(iter(self.peers))]
+        since = starts[-2] if len(starts) >= 2 else starts[-1]
+        return delay - min(d for t, d in records if t >= since)
+
+
+def test_queue_wait_matches_a_slow_reference_on_random_inputs():
+    for seed in range(30):
+        rng = random.Random(seed)
+        window_us, max_peers = rng.choice([1_000, 50_000]), rng.randint(1, 4)
+        fast, ref = QueueWait(1_000, window_s=window_us / 1e6, max_peers=max_peers), QueueWaitRef(window_us, max_peers)
+        skew = {p: rng.randint(-10**7, 10**7) for p in "abcdef"}  # each peer's clock offset (us)
+        now = 1_700_000_000_000_000
+        for _ in range(300):
+            now += rng.randint(0, 2_000)
+            peer = rng.choice("abcdef")
+            sent = now - skew[peer] - rng.choice([50, 60, 80, rng.randint(0, 20_000)])
+            assert fast.wait_us(peer, sent, now) == ref.wait_us(peer, sent, now), seed
+
+
+def test_queue_wait_cancels_skew_and_follows_drift():
+    q = QueueWait(5_000, window_s=10.0)
+    t = 1_700_000_000_000_000
+    behind = 3_000_000  # the client's clock runs 3 s behind
+    assert [q.wait_us("p", t + k - behind - d, t + k) for k, d in ((0, 100), (1, 200), (2, 12_100))] == [0, 100, 12_000]
+    assert q.wait_us("other", t - 50, t) == 0  # each peer has its own baseline
+    # the peer's clock drifts 2 ms further behind: within two windows the new baseline is learned
+    late = [q.wait_us("p", t + k * 1_000_000 - behind - 2_100, t + k * 1_000_000) for k in (11, 21, 22)]
+    assert late == [2_000, 0, 0]
+    q.check("p", 0)  # no send time: never refused
+    QueueWait(0).check("p", 1)  # off: never refused
+    with pytest.raises(Overloaded, match=r"request must wait at most 5 ms before the server reads it, got 99[0-9]\.[0-9] ms: the server is overloaded"):
+        q.check("p", time.time_ns() // 1000 - behind - 1_000_000)
+    with pytest.raises(ValueError, match="max_wait_us must be >= 0"):
+        QueueWait(-1)
+
+
+def _stamped(session_id: str, age_s: float = 0.0, **fields) -> "pb.DraftRequest":
+    r = req(session_id=session_id, **fields)
+    r.sent_unix_us = int((time.time() - age_s) * 1e6)
+    return r
+
+
+def test_a_request_that_waited_too_long_is_refused_at_once_and_counted():
+    running = Running(settings(max_queue_wait_ms=50))
+    try:
+        assert running.server.wait_ready(30)
+        servicer = servicer_of(running)
+        assert running.stub.Draft(_stamped("a", prompt=PROMPT), timeout=5).context_tokens == len(PROMPT)  # baseline
+        e = error_of(running.stub.Draft, _stamped("late", 0.5, prompt=PROMPT))
+        assert e.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert re.fullmatch(r"request must wait at most 50 ms before the server reads it, got 49[0-9]\.[0-9] ms: the "
+                            r"server is overloaded, retry after a backoff", e.details()), e.details()
+        assert rejections(servicer, "draft", "RESOURCE_EXHAUSTED", "queue_wait") == 1
+        assert error_of(running.stub.Draft, req(session_id="late", new_tokens=[1])).code() == grpc.StatusCode.NOT_FOUND
+        with pytest.raises(grpc.RpcError) as info:
+            list(running.stub.DraftStream(iter([_stamped("st", prompt=PROMPT), _stamped("st", 0.5, new_tokens=[7])]),
+                                          timeout=5))
+        assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert rejections(servicer, "stream", "RESOURCE_EXHAUSTED", "queue_wait") == 1
+        batch = pb.DraftBatchRequest(requests=[_stamped("b", 0.5, prompt=PROMPT)])
+        assert error_of(running.stub.DraftBatch, batch).code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert running.stub.Draft(req(session_id="unstamped", prompt=PROMPT), timeout=5).context_tokens == len(PROMPT)
+        with grpc.insecure_channel(f"127.0.0.1:{running.port}",  # another connection (peer), its clock 3 s behind
+                                   options=[("grpc.use_local_subchannel_pool", 1)]) as channel:
+            stub = pb_grpc.RetrieverStub(channel)
+            for k in range(3):
+                assert stub.Draft(_stamped(f"skewed{k}", 3.0, prompt=PROMPT), timeout=5).context_tokens == len(PROMPT)
+        assert on_loop(running, servicer.admission.stats) == AdmissionStats(0, 0)
+    finally:
+        running.close()

@@ -225,3 +225,12 @@ def test_close_under_concurrent_calls_waits_for_them_and_refuses_later_ones(retr
     assert session.closed.is_set() and session.output_tokens is None
     with pytest.raises(errors.Unavailable, match="must be open, got a call after close"):
         c.draft("t", "s", PROMPT)
+
+
+def test_requests_are_stamped_with_their_send_time():
+    from retriever.draft_stream import draft_request
+
+    before = time.time_ns() // 1000
+    r = draft_request("t", "s", None, [1, 2], -3)
+    assert before <= r.sent_unix_us <= time.time_ns() // 1000
+    assert (list(r.prompt), list(r.new_tokens), r.max_nodes) == ([], [1, 2], 0)

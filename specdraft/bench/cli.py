@@ -69,6 +69,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--queued", type=int, default=64, help="server max_queued (default %(default)s)")
     p.add_argument("--seconds", type=float, default=10.0, help="overload soak length (default %(default)s)")
     p.add_argument("--streams", type=int, default=10_000, help="cancelled DraftStreams (default %(default)s)")
+    p.add_argument("--max-queue-wait-ms", type=float, default=2.0,
+                   help="server max_queue_wait_ms, near the unloaded p99 (0: off; default %(default)s; "
+                        "the server's own default, 5, leaves room for a noisy host)")
     p.add_argument("--json", metavar="PATH", help="also write the result as JSON")
     p.set_defaults(run=run_overload)
 
@@ -183,5 +186,6 @@ def run_index(args: argparse.Namespace) -> int:
 def run_overload(args: argparse.Namespace) -> int:
     from specdraft.bench.overload import run_overload as overload
 
-    _emit(overload(args.cap, args.queued, args.seconds, streams=args.streams), args.json)
+    _emit(overload(args.cap, args.queued, args.seconds, streams=args.streams, max_queue_wait_ms=args.max_queue_wait_ms),
+          args.json)
     return 0

@@ -2,12 +2,14 @@
 
 The server runs alone in a subprocess (`specdraft retriever serve`, no indexes: drafts from the
 session context only, output log off) with `max_inflight=cap`, `max_queued=queued` (so grpc
-holds at most cap + queued RPCs, see `retriever.admission`); the load comes from other
-processes (spawned, one grpc.aio channel each). Phases, each bounded in count and time:
+holds at most cap + queued RPCs) and `max_queue_wait_ms` (see `retriever.admission`); the load
+comes from other processes (spawned, one grpc.aio channel each), every request stamped with
+its send time as `RetrieverClient` does. Phases, each bounded in count and time:
 1. unloaded: one sequential caller, `unloaded_calls` Draft calls -> p50/p99;
 2. overload (the soak): `10 * cap` closed-loop callers for `seconds` (at most `max_calls`
-   calls each); a refused caller backs off `backoff_s` (a speculative-decoding client decodes
-   that step without a draft) -> sent, OK, RESOURCE_EXHAUSTED (and how long a refusal took),
+   calls each); a refused caller backs off, jittered, from `backoff_s` doubling up to
+   MAX_BACKOFF_S, reset by an accepted call (a speculative-decoding client decodes those steps
+   without a draft) -> sent, OK, RESOURCE_EXHAUSTED (and how long a refusal took),
    other errors, accepted p50/p99 vs unloaded p99, server RSS (/proc/<pid>/status) at start
    and end;
 3. cancelled streams: `streams` DraftStreams cancelled after their first answer -> the
@@ -18,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import multiprocessing
+import random
 import time
 from dataclasses import dataclass, field
 
@@ -26,6 +29,7 @@ import numpy as np
 from specdraft.bench.server import ServerProcess
 
 PROMPT = [5, 6, 7, 8, 9, 5, 6, 7, 8, 9, 5, 6]
+MAX_BACKOFF_S = 5.0  # a refused caller's backoff doubles up to this (reset by an accepted call)
 
 
 @dataclass(frozen=True)
@@ -63,19 +67,23 @@ async def _callers(target: str, callers: int, seconds: float, max_calls: int, ba
 
         async def caller(i: int) -> None:
             request = pb.DraftRequest(tenant="o", session_id=f"{tag}-{i}", prompt=PROMPT)
+            backoff = backoff_s
             for _ in range(max_calls):
                 if time.monotonic() >= end:
                     return
                 t0 = time.perf_counter_ns()
+                request.sent_unix_us = time.time_ns() // 1000
                 try:
                     await stub.Draft(request, timeout=30)
                     result.ok_ns.append(time.perf_counter_ns() - t0)
+                    backoff = backoff_s
                 except grpc.aio.AioRpcError as e:
                     if e.code() == grpc.StatusCode.RESOURCE_EXHAUSTED:
                         result.exhausted_ns.append(time.perf_counter_ns() - t0)
                     else:
                         result.other[e.code().name] = result.other.get(e.code().name, 0) + 1
-                    await asyncio.sleep(backoff_s)
+                    await asyncio.sleep(backoff * (0.5 + random.random()))  # jittered exponential backoff
+                    backoff = min(2 * backoff, MAX_BACKOFF_S)
 
         await asyncio.gather(*(caller(i) for i in range(callers)))
     return result
@@ -160,6 +168,7 @@ class OverloadResult:
     queued: int
     callers: int
     backoff_ms: float
+    max_queue_wait_ms: float
     unloaded_p50_us: float
     unloaded_p99_us: float
     sent: int
@@ -186,7 +195,7 @@ class OverloadResult:
     def table(self) -> str:
         rows = [("unloaded Draft p50 / p99 (us)", f"{self.unloaded_p50_us:.0f} / {self.unloaded_p99_us:.0f}"),
                 (f"overload {self.seconds:.0f} s: {self.callers} callers (10x cap {self.cap}), queue {self.queued}, "
-                 f"backoff {self.backoff_ms:.0f} ms", ""),
+                 f"max queue wait {self.max_queue_wait_ms:g} ms, backoff {self.backoff_ms:.0f} ms doubling", ""),
                 ("  sent / OK / RESOURCE_EXHAUSTED / other", f"{self.sent} / {self.ok} / {self.resource_exhausted}"
                  f" / {self.other_errors}"),
                 ("  RESOURCE_EXHAUSTED p50 (us)", f"{self.exhausted_p50_us:.0f}"),
@@ -207,9 +216,11 @@ def _us(values: list[int], q: float) -> float:
 
 
 def run_overload(cap: int = 8, queued: int = 8, seconds: float = 10.0, unloaded_calls: int = 2000,
-                 streams: int = 10_000, backoff_s: float = 0.02, processes: int = 2) -> OverloadResult:
+                 streams: int = 10_000, backoff_s: float = 0.02, processes: int = 2,
+                 max_queue_wait_ms: float = 2.0) -> OverloadResult:
     """Runs the three phases against a server subprocess; see the module doc."""
     server = ServerProcess({"SPECDRAFT_MAX_INFLIGHT": str(cap), "SPECDRAFT_MAX_QUEUED": str(queued),
+                            "SPECDRAFT_MAX_QUEUE_WAIT_MS": str(max_queue_wait_ms),
                             "SPECDRAFT_SESSION_IDLE_S": "1", "SPECDRAFT_EXPIRE_INTERVAL_S": "0.5"})
     try:
         unloaded = run_load(server.target, 1, 600, processes=1, max_calls=unloaded_calls)
@@ -224,7 +235,7 @@ def run_overload(cap: int = 8, queued: int = 8, seconds: float = 10.0, unloaded_
         expired = server.sessions()
     finally:
         code = server.stop()
-    return OverloadResult(cap, queued, 10 * cap, backoff_s * 1e3, _us(unloaded.ok_ns, 50), _us(unloaded.ok_ns, 99),
+    return OverloadResult(cap, queued, 10 * cap, backoff_s * 1e3, max_queue_wait_ms, _us(unloaded.ok_ns, 50), _us(unloaded.ok_ns, 99),
                           load.sent, len(load.ok_ns), len(load.exhausted_ns), sum(load.other.values()),
                           _us(load.exhausted_ns, 50), _us(load.ok_ns, 50), _us(load.ok_ns, 99), seconds,
                           rss_start, rss_end, streams, refused, before, after, expired, code)

@@ -21,18 +21,20 @@ SOURCE_CORPUS: Source
 SOURCE_REFERENCE: Source
 
 class DraftRequest(_message.Message):
-    __slots__ = ("tenant", "session_id", "prompt", "new_tokens", "max_nodes")
+    __slots__ = ("tenant", "session_id", "prompt", "new_tokens", "max_nodes", "sent_unix_us")
     TENANT_FIELD_NUMBER: _ClassVar[int]
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     PROMPT_FIELD_NUMBER: _ClassVar[int]
     NEW_TOKENS_FIELD_NUMBER: _ClassVar[int]
     MAX_NODES_FIELD_NUMBER: _ClassVar[int]
+    SENT_UNIX_US_FIELD_NUMBER: _ClassVar[int]
     tenant: str
     session_id: str
     prompt: _containers.RepeatedScalarFieldContainer[int]
     new_tokens: _containers.RepeatedScalarFieldContainer[int]
     max_nodes: int
-    def __init__(self, tenant: _Optional[str] = ..., session_id: _Optional[str] = ..., prompt: _Optional[_Iterable[int]] = ..., new_tokens: _Optional[_Iterable[int]] = ..., max_nodes: _Optional[int] = ...) -> None: ...
+    sent_unix_us: int
+    def __init__(self, tenant: _Optional[str] = ..., session_id: _Optional[str] = ..., prompt: _Optional[_Iterable[int]] = ..., new_tokens: _Optional[_Iterable[int]] = ..., max_nodes: _Optional[int] = ..., sent_unix_us: _Optional[int] = ...) -> None: ...
 
 class DraftTree(_message.Message):
     __slots__ = ("token_ids", "parents", "scores", "sources")
