@@ -12,9 +12,11 @@
   (SERVING: replayed and reachable). With `settings.metrics_port` >= 0, Prometheus metrics
   (`retriever.metrics`) are served at http://host:metrics_port/metrics from the same loop.
 - `create_server(settings) -> (RetrieverServer, port)`: the same on its own event-loop
-  thread, driven like a `grpc.Server` from synchronous code (`stop(grace)` returns an Event).
-- `serve(settings)`: runs until SIGINT/SIGTERM, then stops gracefully; exit code 1 when the
-  indexes fail to load.
+  thread, driven like a `grpc.Server` from synchronous code (`stop(grace, drain_s=0)` returns
+  an Event).
+- `serve(settings)`: runs until SIGINT/SIGTERM, then stops gracefully (`drain_s`: new calls
+  answered UNAVAILABLE by the server itself first, then `grace_s` for the calls in flight);
+  exit code 1 when the indexes fail to load.
 """
 
 from __future__ import annotations
@@ -206,11 +208,16 @@ class AioRetrieverServer:
         self._metrics_server = metrics_server
         self.metrics_port = bound_port(metrics_server) if metrics_server is not None else None  # None: off
 
-    async def stop(self, grace: float | None) -> None:
+    async def stop(self, grace: float | None, drain_s: float = 0.0) -> None:
         """Health NOT_SERVING, new calls UNAVAILABLE, in-flight calls get `grace` seconds (None:
         forever); then, with an output log, every session still open is ended and the log is
-        flushed (at most FLUSH_S), so no finished output is lost."""
+        flushed (at most FLUSH_S), so no finished output is lost. For `drain_s` before that the
+        server still takes calls in and answers new ones UNAVAILABLE itself: calls grpc has already
+        received then get that answer, where stopping at once would cancel them (CANCELLED)."""
         await self._health.enter_graceful_shutdown()
+        if drain_s > 0:
+            self.servicer.drain()
+            await asyncio.sleep(drain_s)
         self._expiry.cancel()
         self.loaded.cancel()
         await self.server.stop(grace)
@@ -335,12 +342,12 @@ class RetrieverServer:
         """The bound /metrics port; None when off."""
         return self._inner.metrics_port
 
-    def stop(self, grace: float | None) -> threading.Event:
+    def stop(self, grace: float | None, drain_s: float = 0.0) -> threading.Event:
         """Stops gracefully (see AioRetrieverServer.stop); the Event is set once it has stopped."""
         with self._stopping:
             if not self._stop_called:
                 self._stop_called = True
-                future = asyncio.run_coroutine_threadsafe(self._inner.stop(grace), self._loop)
+                future = asyncio.run_coroutine_threadsafe(self._inner.stop(grace, drain_s), self._loop)
                 future.add_done_callback(lambda _: self._loop.call_soon_threadsafe(self._loop.stop))
         return self._stopped
 
@@ -392,7 +399,7 @@ def create_server(settings: RetrieverSettings, *, loader: Loader = load_indexes,
 
 
 async def serve(settings: RetrieverSettings, loader: Loader = load_indexes, drafter: "Drafter | None" = None) -> int:
-    """Serves until SIGINT/SIGTERM (then stops with `settings.grace_s`); 1 if the indexes fail to load."""
+    """Serves until SIGINT/SIGTERM (then stops with `settings.drain_s` and `grace_s`); 1 if the indexes fail to load."""
     server = await start(settings, loader, drafter)
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
@@ -405,8 +412,8 @@ async def serve(settings: RetrieverSettings, loader: Loader = load_indexes, draf
         failed = server.loaded.done() and not server.loaded.result()
         if not failed:
             await stopping
-            log.info("retriever stopping (grace %.1f s)", settings.grace_s)
-        await server.stop(0 if failed else settings.grace_s)
+            log.info("retriever stopping (drain %.2f s, grace %.1f s)", settings.drain_s, settings.grace_s)
+        await server.stop(0 if failed else settings.grace_s, 0 if failed else settings.drain_s)
         stopping.cancel()
     finally:
         for sig in (signal.SIGINT, signal.SIGTERM):

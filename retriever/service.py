@@ -123,6 +123,7 @@ class RetrieverServicer(pb_grpc.RetrieverServicer):
         self._unavailable = LOADING
         self.admission = Admission(settings.max_inflight, settings.max_queued)
         self.queue_wait = QueueWait(round(settings.max_queue_wait_ms * 1000))
+        self._draining = False  # shutting down: new calls (but EndSession) are refused
 
     @property
     def ready(self) -> bool:
@@ -144,6 +145,11 @@ class RetrieverServicer(pb_grpc.RetrieverServicer):
         """Loading failed: calls answer UNAVAILABLE with `reason` instead of "still loading"."""
         self._unavailable = f"indexes failed to load: {reason}"
 
+    def drain(self) -> None:
+        """Shutting down: from now on new Draft, DraftStream, DraftBatch and Describe calls get
+        UNAVAILABLE; open DraftStreams and EndSession go on."""
+        self._draining = True
+
     def expire_idle(self) -> int:
         """Ends the idle sessions (their output goes to their tenants); returns how many."""
         ended = self._drafter.expire_idle()
@@ -161,6 +167,8 @@ class RetrieverServicer(pb_grpc.RetrieverServicer):
     # ------------------------------------------------------------ RPCs
 
     async def Draft(self, request: pb.DraftRequest, context: grpc.aio.ServicerContext) -> pb.DraftResponse:
+        if self._draining:
+            await self._refuse_draining(context, "draft")
         await self._admit(context, "draft", request.sent_unix_us)
         try:
             return await _answer(context, self._draft_measured, request)
@@ -173,6 +181,8 @@ class RetrieverServicer(pb_grpc.RetrieverServicer):
         Each message takes an admission slot while it is drafted (an idle stream holds none).
         A cancelled stream (client cancel, deadline) ends the sessions it drafted for (their
         output goes to their tenants); anything missed still ends by idle expiry."""
+        if self._draining:
+            await self._refuse_draining(context, "stream")
         stream = _StreamSessions()
         context.add_done_callback(lambda _: None if stream.closed else self._end_cancelled(stream.drafted))
         code, message = None, ""
@@ -200,6 +210,8 @@ class RetrieverServicer(pb_grpc.RetrieverServicer):
 
     async def DraftBatch(self, request: pb.DraftBatchRequest,
                          context: grpc.aio.ServicerContext) -> pb.DraftBatchResponse:
+        if self._draining:
+            await self._refuse_draining(context, "batch")
         await self._admit(context, "batch", request.requests[0].sent_unix_us if request.requests else 0)
         try:
             return await _answer(context, self._rejections(self._draft_batch, "batch"), request)
@@ -213,6 +225,8 @@ class RetrieverServicer(pb_grpc.RetrieverServicer):
         return response
 
     async def Describe(self, request: pb.DescribeRequest, context: grpc.aio.ServicerContext) -> pb.DescribeResponse:
+        if self._draining:
+            await self._refuse_draining(context, "describe")
         return await _answer(context, self._describe, request)
 
     # ------------------------------------------------------------ admission (retriever.admission)
@@ -236,6 +250,11 @@ class RetrieverServicer(pb_grpc.RetrieverServicer):
             self.admission.leave()
             self.metrics.rejected(rpc, "DEADLINE_EXCEEDED", str(e))
             await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, str(e))
+
+    async def _refuse_draining(self, context: grpc.aio.ServicerContext, rpc: str) -> None:
+        message = "retriever must be serving, got a new call while it shuts down"
+        self.metrics.rejected(rpc, "UNAVAILABLE", message)
+        await context.abort(grpc.StatusCode.UNAVAILABLE, message)
 
     def _end_cancelled(self, drafted: set[tuple[str, str]]) -> None:
         """Ends the sessions a cancelled DraftStream drafted for (their output goes to their tenants)."""

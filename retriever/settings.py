@@ -56,6 +56,7 @@ class RetrieverSettings:
     reflection: bool = False  # gRPC server reflection
     tokenizer: str = ""  # tokenizer dir or tokenizer.json; when set, every index must match its hash
     grace_s: float = 5.0  # graceful stop: in-flight calls get this long
+    drain_s: float = 0.25  # at SIGTERM/SIGINT, new calls get UNAVAILABLE this long before the server stops
     expire_interval_s: float = 30.0  # how often idle sessions are looked for
     max_inflight: int = 256  # calls drafting at once (a DraftStream while it handles a message)
     max_queued: int = 1024  # calls waiting for a slot; beyond it RESOURCE_EXHAUSTED at once
@@ -176,6 +177,7 @@ _RULES: dict[str, tuple[Callable[[object], bool], str]] = {
     "reference_set": (lambda v: isinstance(v, bool), "a boolean"),
     "tokenizer": (lambda v: isinstance(v, str), "a path or empty"),
     "grace_s": (_seconds(0, True), "a finite number of seconds >= 0"),
+    "drain_s": (_seconds(0, True), "a finite number of seconds >= 0"),
     "expire_interval_s": (_seconds(0, False), "a finite number of seconds > 0"),
     "max_inflight": (_int(1), "an integer >= 1"),
     "max_queued": (_int(0), "an integer >= 0"),

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import queue
 import random
 import re
 import time
@@ -337,5 +338,38 @@ def test_a_request_that_waited_too_long_is_refused_at_once_and_counted():
             for k in range(3):
                 assert stub.Draft(_stamped(f"skewed{k}", 3.0, prompt=PROMPT), timeout=5).context_tokens == len(PROMPT)
         assert on_loop(running, servicer.admission.stats) == AdmissionStats(0, 0)
+    finally:
+        running.close()
+
+
+def test_while_draining_new_calls_get_unavailable_and_open_streams_and_end_session_go_on():
+    running = Running(settings())
+    try:
+        assert running.server.wait_ready(30)
+        servicer = servicer_of(running)
+        assert running.stub.Draft(req(session_id="open", prompt=PROMPT), timeout=5).context_tokens == len(PROMPT)
+        requests: "queue.SimpleQueue" = queue.SimpleQueue()
+        requests.put(req(session_id="st", prompt=PROMPT))
+        replies = running.stub.DraftStream(iter(requests.get, None), timeout=10)
+        assert next(replies).context_tokens == len(PROMPT)
+        stopped = running.server.stop(5, drain_s=2.0)
+        assert wait_until(lambda: servicer._draining)
+        message = "retriever must be serving, got a new call while it shuts down"
+        for call, request in [(running.stub.Draft, req(session_id="new", prompt=PROMPT)),
+                              (running.stub.DraftBatch, pb.DraftBatchRequest(requests=[req(prompt=PROMPT)])),
+                              (running.stub.Describe, pb.DescribeRequest())]:
+            e = error_of(call, request)
+            assert (e.code(), e.details()) == (grpc.StatusCode.UNAVAILABLE, message)
+        with pytest.raises(grpc.RpcError) as info:
+            next(running.stub.DraftStream(iter([req(session_id="st2", prompt=PROMPT)]), timeout=5))
+        assert (info.value.code(), info.value.details()) == (grpc.StatusCode.UNAVAILABLE, message)
+        assert rejections(servicer, "draft", "UNAVAILABLE", "unavailable") == 1
+        requests.put(req(session_id="st", new_tokens=[7, 8]))
+        assert next(replies).context_tokens == len(PROMPT) + 2  # the open stream goes on
+        requests.put(None)
+        assert list(replies) == []
+        assert running.stub.EndSession(pb.EndSessionRequest(tenant="t", session_id="open"), timeout=5).output_tokens == 0
+        assert not stopped.is_set()  # still draining
+        assert stopped.wait(10)
     finally:
         running.close()
