@@ -34,7 +34,7 @@ import numpy as np
 from retriever import _core
 from retriever.calibration import Calibration, prior_row
 from retriever.draft_types import (ALL_SOURCES, DEFAULT_SOURCES, DraftingParams, DrafterConfig, DrafterStats, DraftResult,
-                                   DraftTree, ReferenceParams, Source, SourceWeights)
+                                   DraftTree, EncodedDraft, ReferenceParams, Source, SourceWeights)
 from retriever.errors import NotFound, ResourceExhausted
 from retriever.reference_set import PriorOutputs, store_passages
 
@@ -43,7 +43,7 @@ if TYPE_CHECKING:
     from retriever.faiss_store import FaissStore
 
 __all__ = ["ALL_SOURCES", "DEFAULT_SOURCES", "DraftingParams", "DrafterConfig", "DrafterStats", "DraftResult", "DraftTree", "Drafter",
-           "ReferenceParams", "Source", "SourceWeights"]
+           "EncodedDraft", "ReferenceParams", "Source", "SourceWeights"]
 
 
 class _Session:
@@ -127,6 +127,19 @@ class Drafter:
         Raises NotFound for new_tokens alone on an unknown session, ResourceExhausted when
         the context would exceed `max_context_tokens`.
         """
+        step = self._step(tenant, session_id, prompt, new_tokens)
+        arrays = _core.session_draft(*step, max_nodes)
+        return DraftResult(DraftTree(*arrays), step[0].length)
+
+    def draft_response(self, tenant: str, session_id: str, prompt: np.ndarray | None, new_tokens: np.ndarray,
+                       max_nodes: int) -> EncodedDraft:
+        """As `draft`, the draft encoded by the core as a specdraft.v1.DraftResponse (the service's
+        answer, without numpy arrays or a protobuf message in between)."""
+        return EncodedDraft(*_core.session_draft_response(*self._step(tenant, session_id, prompt, new_tokens),
+                                                          max_nodes))
+
+    def _step(self, tenant: str, session_id: str, prompt: np.ndarray | None, new_tokens: np.ndarray) -> tuple:
+        """The session (started or advanced) and the arguments of its core step but max_nodes."""
         now_s = time.monotonic()
         key = (tenant, session_id)
         if prompt is not None:
@@ -144,9 +157,7 @@ class Drafter:
             self._refresh_reference(session, state, new_tokens)
         tenant_index = state.index if self._use_tenant else None
         self._last_used = (tenant_index is not None, session.reference is not None)
-        arrays = _core.session_draft(session.core, new_tokens, tenant_index, session.reference, self._plan,
-                                     *state.calibration.buffers, max_nodes)
-        return DraftResult(DraftTree(*arrays), session.core.length)
+        return (session.core, new_tokens, tenant_index, session.reference, self._plan, *state.calibration.buffers)
 
     def last_lookup_s(self) -> tuple[tuple[str, float], ...]:
         """(label, seconds) of the last draft on this thread: each index query ("context", "tenant",

@@ -8,6 +8,9 @@ request that fails to parse is answered INVALID_ARGUMENT "request must be a vali
 specdraft.v1.DraftRequest, got N bytes that do not parse (REASON)" before the servicer
 (and its auth guard) sees it, so it leaves no state behind. In a DraftStream the requests
 before the bad one are answered, then the stream ends with that status.
+
+Handlers may answer with bytes, a response already serialized (the core encodes drafts:
+`Drafter.draft_response`); `encode_batch` joins serialized DraftResponses into a DraftBatchResponse.
 """
 
 from __future__ import annotations
@@ -47,6 +50,25 @@ def parser(message_class: Any) -> Callable[[bytes], Any]:
     return parse
 
 
+def serialize(response: Any) -> bytes:
+    """A response's wire bytes: bytes as they are, a protobuf message serialized."""
+    return response if type(response) is bytes else response.SerializeToString()
+
+
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while value >= 0x80:
+        out.append(value & 0x7F | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
+
+
+def encode_batch(responses: list[bytes]) -> bytes:
+    """The bytes of a DraftBatchResponse holding these serialized DraftResponses, in order."""
+    return b"".join(b"\x0a" + _varint(len(r)) + r for r in responses)  # field 1, length-delimited
+
+
 def _unary(behavior: Callable[..., Any], label: str, on_reject: OnReject | None) -> Callable[..., Any]:
     async def handle(request: Any, context: grpc.aio.ServicerContext) -> Any:
         if isinstance(request, Malformed):
@@ -81,10 +103,9 @@ def method_handlers(servicer: Any, on_reject: OnReject | None = None) -> dict[st
     """The handler of every Retriever method (unary-unary or stream-stream, as the proto says)."""
     handlers = {}
     for method in SERVICE.methods:
-        request_class, response_class = (getattr(pb, t.name) for t in (method.input_type, method.output_type))
+        request_class = getattr(pb, method.input_type.name)
         behavior, label = getattr(servicer, method.name), RPC_LABELS.get(method.name, method.name.lower())
-        options = dict(request_deserializer=parser(request_class),
-                       response_serializer=response_class.SerializeToString)
+        options = dict(request_deserializer=parser(request_class), response_serializer=serialize)
         if method.client_streaming and method.server_streaming:
             handlers[method.name] = grpc.stream_stream_rpc_method_handler(_stream(behavior, label, on_reject),
                                                                           **options)

@@ -429,10 +429,10 @@ def test_without_indexes_any_24_bit_id_goes():
 class FaultyDrafter(Drafter):
     """A real Drafter that fails unexpectedly for tenant "boom" (a bug stand-in)."""
 
-    def draft(self, tenant, session_id, prompt, new_tokens, max_nodes):
+    def draft_response(self, tenant, session_id, prompt, new_tokens, max_nodes):
         if tenant == "boom":
             raise RuntimeError("simulated bug")
-        return super().draft(tenant, session_id, prompt, new_tokens, max_nodes)
+        return super().draft_response(tenant, session_id, prompt, new_tokens, max_nodes)
 
 
 def test_unexpected_errors_are_internal_logged_and_the_server_lives_on(caplog):
@@ -573,33 +573,43 @@ def test_cli_exit_codes(args, env, code, message):
     assert proc.returncode == code and message in err, err
 
 
-@pytest.mark.parametrize("n", [0, 1, 64, 200])
-def test_encode_result_matches_plain_proto_fields(n):
-    """encode_result packs scores and sources as wire bytes: the same message as plain fields."""
-    from retriever.drafter import DraftResult, DraftTree
-    from retriever.service import encode_result
+@pytest.mark.parametrize("seed", range(6))
+def test_draft_response_is_the_draft_serialized_by_protobuf(seed):
+    """Twin drafters step for step on random sessions: the core's DraftResponse bytes equal protobuf's
+    serialization of the arrays `draft` returns (empty trees, -1 parents and long trees included)."""
+    from retriever.drafter import Drafter
 
-    rng = np.random.default_rng(n)
-    tree = DraftTree(rng.integers(0, 2**24 - 2, n).astype(np.int32),
-                     np.array([-1] + [int(rng.integers(-1, i)) for i in range(1, n)], np.int32)[:n],
-                     rng.random(n).astype(np.float32), rng.integers(1, 4, n).astype(np.uint8))
-    want = pb.DraftResponse(tree=pb.DraftTree(token_ids=tree.token_ids.tolist(), parents=tree.parents.tolist(),
-                                              scores=tree.scores.tolist(), sources=tree.sources.tolist()),
-                            context_tokens=n + 3)
-    got = encode_result(DraftResult(tree, n + 3))
-    assert got == want and got.HasField("tree")
-    assert got.SerializeToString() == want.SerializeToString()
+    rng = np.random.default_rng(seed)
+    s = settings(max_nodes_cap=256)
+    arrays, wire = Drafter(s.drafter_config()), Drafter(s.drafter_config())
+    for session in range(4):
+        vocab = int(rng.integers(3, 40)) if session < 3 else 2**24 - 2  # a huge vocabulary: no repeats, empty trees
+        prompt = rng.integers(0, vocab, int(rng.integers(1, 200))).astype(np.int32)
+        new = np.empty(0, np.int32)
+        for step in range(12):
+            max_nodes = int(rng.integers(1, 257))
+            first = prompt if step == 0 else None
+            result = arrays.draft("t", str(session), first, new, max_nodes)
+            got = wire.draft_response("t", str(session), first, new, max_nodes)
+            t = result.tree
+            want = pb.DraftResponse(tree=pb.DraftTree(token_ids=t.token_ids.tolist(), parents=t.parents.tolist(),
+                                                      scores=t.scores.tolist(), sources=t.sources.tolist()),
+                                    context_tokens=result.context_tokens)
+            want.tree.SetInParent()  # present even when empty
+            assert got.response == want.SerializeToString() and got.nodes == len(t)
+            new = rng.integers(0, vocab, int(rng.integers(0, 6))).astype(np.int32)
+            if not len(new):
+                new = t.token_ids[:1].copy() if len(t) else np.array([1], np.int32)
 
 
-def test_draft_tree_wire_is_the_serialized_message_and_checks_lengths():
-    from retriever import _core
+def test_encode_batch_is_the_serialized_batch_response():
+    from retriever.wire import encode_batch
 
-    rng = np.random.default_rng(7)
-    for n in (0, 1, 200):
-        args = (rng.integers(0, 2**24 - 2, n).astype(np.int32), rng.integers(-1, max(n, 1), n).astype(np.int32),
-                rng.random(n).astype(np.float32), rng.integers(0, 5, n).astype(np.uint8))
-        want = pb.DraftTree(token_ids=args[0].tolist(), parents=args[1].tolist(), scores=args[2].tolist(),
-                            sources=args[3].tolist())
-        assert _core.draft_tree_wire(*args) == want.SerializeToString()
-    with pytest.raises(ValueError, match="one length"):
-        _core.draft_tree_wire(args[0], args[1][:1], args[2], args[3])
+    rng = np.random.default_rng(3)
+    for n in (1, 2, 7):
+        items = [pb.DraftResponse(tree=pb.DraftTree(token_ids=rng.integers(0, 2**24, k).tolist(),
+                                                    parents=[-1] * k), context_tokens=k)
+                 if k else pb.DraftResponse(error=pb.DraftError(code=5, message="x" * 300))
+                 for k in rng.integers(0, 100, n)]  # lengths of one and two varint bytes
+        assert encode_batch([r.SerializeToString() for r in items]) == pb.DraftBatchResponse(
+            responses=items).SerializeToString()

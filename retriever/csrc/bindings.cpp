@@ -86,17 +86,29 @@ using Flat64 = nb::ndarray<double, nb::ndim<1>, nb::c_contig, nb::device::cpu>;
 using Flat32 = nb::ndarray<float, nb::ndim<1>, nb::c_contig, nb::device::cpu>;
 using Prior32 = nb::ndarray<const float, nb::ndim<1>, nb::c_contig, nb::device::cpu>;
 
-TreeArrays session_draft(Session& session, TokensIn new_tokens, const OnlineIndex* tenant,
-                         const OnlineIndex* reference, const DraftPlan& plan, Flat64 hits, Flat64 trials,
-                         Flat32 table, Prior32 prior, int max_nodes) {
+DraftTree step(Session& session, TokensIn new_tokens, const OnlineIndex* tenant, const OnlineIndex* reference,
+               const DraftPlan& plan, Flat64 hits, Flat64 trials, Flat32 table, Prior32 prior, int max_nodes) {
   const size_t size = table.shape(0);
   if (hits.shape(0) != size || trials.shape(0) != size || prior.shape(0) != size)
     throw std::invalid_argument("hits, trials, table and prior must have one length");
   TenantInputs in{tenant, reference,
                   CalibState{hits.data(), trials.data(), table.data(), prior.data(), static_cast<int64_t>(size),
                              plan.prior_strength, plan.decay}};
-  return tree_to_numpy(draft_step(session, new_tokens.data(), new_tokens.shape(0), in, plan, max_nodes,
-                                  &thread_draft_ns()));
+  return draft_step(session, new_tokens.data(), new_tokens.shape(0), in, plan, max_nodes, &thread_draft_ns());
+}
+
+TreeArrays session_draft(Session& session, TokensIn new_tokens, const OnlineIndex* tenant,
+                         const OnlineIndex* reference, const DraftPlan& plan, Flat64 hits, Flat64 trials,
+                         Flat32 table, Prior32 prior, int max_nodes) {
+  return tree_to_numpy(step(session, new_tokens, tenant, reference, plan, hits, trials, table, prior, max_nodes));
+}
+
+std::pair<nb::bytes, size_t> session_draft_response(Session& session, TokensIn new_tokens, const OnlineIndex* tenant,
+                                                   const OnlineIndex* reference, const DraftPlan& plan, Flat64 hits,
+                                                   Flat64 trials, Flat32 table, Prior32 prior, int max_nodes) {
+  const DraftTree tree = step(session, new_tokens, tenant, reference, plan, hits, trials, table, prior, max_nodes);
+  const std::string wire = encode_draft_response(tree, static_cast<int64_t>(session.tokens().size()));
+  return {nb::bytes(wire.data(), wire.size()), tree.tokens.size()};
 }
 
 TreeArrays draft(TokensIn context, const std::vector<const OnlineIndex*>& online,
@@ -285,16 +297,10 @@ NB_MODULE(_core, m) {
         "One drafting step (core.h draft_step): new_tokens (int32) report on the session's last draft to the "
         "calibration (hits, trials float64 and table float32 [R * CALIB_CELLS], updated in place; prior "
         "float32 likewise), extend the context; returns the draft's arrays (as draft). Holds the GIL.");
-  m.def("draft_tree_wire", [](TokensIn tokens, TokensIn parents,
-                              nb::ndarray<const float, nb::ndim<1>, nb::c_contig, nb::device::cpu> scores,
-                              nb::ndarray<const uint8_t, nb::ndim<1>, nb::c_contig, nb::device::cpu> sources) {
-          const size_t n = tokens.shape(0);
-          if (parents.shape(0) != n || scores.shape(0) != n || sources.shape(0) != n)
-            throw std::invalid_argument("tokens, parents, scores and sources must have one length");
-          const std::string wire = encode_draft_tree(tokens.data(), parents.data(), scores.data(), sources.data(), n);
-          return nb::bytes(wire.data(), wire.size());
-        }, "tokens"_a, "parents"_a, "scores"_a, "sources"_a,
-        "bytes: the draft (int32, int32, float32, uint8 [n]) as a serialized specdraft.v1.DraftTree.");
+  m.def("session_draft_response", &session_draft_response, "session"_a, "new_tokens"_a, "tenant"_a.none(),
+        "reference"_a.none(), "plan"_a, "hits"_a, "trials"_a, "table"_a, "prior"_a, "max_nodes"_a,
+        "session_draft, its draft returned as (bytes of a specdraft.v1.DraftResponse with the tree and the "
+        "context length, number of nodes). Holds the GIL.");
   m.attr("TAIL_TOKENS") = kTailTokens;
   m.attr("CALIB_ROW_CONTEXT") = kContextRow;
   m.attr("CALIB_ROW_TENANT") = kTenantRow;

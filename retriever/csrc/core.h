@@ -308,9 +308,8 @@ DraftTree draft_step(Session& session, const int32_t* new_tokens, size_t k, cons
 
 // ---------------------------------------------------------------- wire format (wire_format.cpp)
 
-// The draft's arrays ([n] each) as the bytes of a specdraft.v1.DraftTree message: packed
-// token_ids, parents, scores (float32) and sources; an empty draft is the empty message.
-std::string encode_draft_tree(const int32_t* tokens, const int32_t* parents, const float* scores,
-                              const uint8_t* sources, size_t n);
+// The bytes of a specdraft.v1.DraftResponse: `tree` (always present; packed token_ids,
+// parents, scores as float32 and sources) and `context_tokens` (absent when 0).
+std::string encode_draft_response(const DraftTree& tree, int64_t context_tokens);
 
 }  // namespace specdraft

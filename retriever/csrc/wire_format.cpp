@@ -1,5 +1,5 @@
-// Wire encoding of a draft as a specdraft.v1.DraftTree message (proto3, packed repeated
-// fields), so the service sends a draft without building it field by field in Python.
+// Wire encoding of a draft as a specdraft.v1.DraftResponse message (proto3, packed repeated
+// fields), so the service sends a draft without building a protobuf message in Python.
 #include <cstring>
 
 #include "core.h"
@@ -35,25 +35,31 @@ void put_packed_int32(std::string& out, uint8_t tag, const int32_t* v, size_t n)
 
 }  // namespace
 
-std::string encode_draft_tree(const int32_t* tokens, const int32_t* parents, const float* scores,
-                              const uint8_t* sources, size_t n) {
-  std::string out;
-  out.reserve(16 + n * 16);
-  put_packed_int32(out, 0x0A, tokens, n);   // field 1: token_ids
-  put_packed_int32(out, 0x12, parents, n);  // field 2: parents
-  if (n == 0) return out;
-  out.push_back(0x1A);  // field 3: scores, little-endian float32
-  put_varint(out, 4 * n);
-  for (size_t i = 0; i < n; ++i) {
-    char b[4];
-    std::memcpy(b, &scores[i], 4);  // x86-64 and aarch64 are little-endian
-    out.append(b, 4);
+std::string encode_draft_response(const DraftTree& tree, int64_t context_tokens) {
+  const size_t n = tree.tokens.size();
+  std::string body;  // the DraftTree message
+  body.reserve(16 + n * 16);
+  put_packed_int32(body, 0x0A, tree.tokens.data(), n);   // field 1: token_ids
+  put_packed_int32(body, 0x12, tree.parents.data(), n);  // field 2: parents
+  if (n > 0) {
+    body.push_back(0x1A);  // field 3: scores, little-endian float32
+    put_varint(body, 4 * n);
+    for (size_t i = 0; i < n; ++i) {
+      char b[4];
+      std::memcpy(b, &tree.scores[i], 4);  // x86-64 and aarch64 are little-endian
+      body.append(b, 4);
+    }
+    put_packed_int32(body, 0x22, tree.sources.data(), n);  // field 4: sources (enum values)
   }
-  out.push_back(0x22);  // field 4: sources (enum varints, < 128: one byte each)
-  size_t bytes = 0;
-  for (size_t i = 0; i < n; ++i) bytes += varint_size(sources[i]);
-  put_varint(out, bytes);
-  for (size_t i = 0; i < n; ++i) put_varint(out, sources[i]);
+  std::string out;
+  out.reserve(body.size() + 16);
+  out.push_back(0x0A);  // DraftResponse field 1: tree, present even when empty
+  put_varint(out, body.size());
+  out += body;
+  if (context_tokens != 0) {
+    out.push_back(0x10);  // field 2: context_tokens
+    put_varint(out, static_cast<uint64_t>(context_tokens));
+  }
   return out;
 }
 
