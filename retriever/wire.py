@@ -55,7 +55,8 @@ def serialize(response: Any) -> bytes:
     return response if type(response) is bytes else response.SerializeToString()
 
 
-def _varint(value: int) -> bytes:
+def varint(value: int) -> bytes:
+    """The protobuf base-128 varint of a non-negative integer."""
     out = bytearray()
     while value >= 0x80:
         out.append(value & 0x7F | 0x80)
@@ -66,7 +67,7 @@ def _varint(value: int) -> bytes:
 
 def encode_batch(responses: list[bytes]) -> bytes:
     """The bytes of a DraftBatchResponse holding these serialized DraftResponses, in order."""
-    return b"".join(b"\x0a" + _varint(len(r)) + r for r in responses)  # field 1, length-delimited
+    return b"".join(b"\x0a" + varint(len(r)) + r for r in responses)  # field 1, length-delimited
 
 
 def _unary(behavior: Callable[..., Any], label: str, on_reject: OnReject | None) -> Callable[..., Any]:

@@ -27,6 +27,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from protos.specdraft.v1 import retriever_pb2 as pb
 from retriever.server import MAX_MESSAGE_BYTES
+from retriever.wire import varint
 from specdraft.cli import main
 from tests.test_service import PROMPT, ROOT, VOCAB, Running, data, req, settings  # noqa: F401
 
@@ -37,15 +38,6 @@ GAUGES = ("sessions", "tenants", "tenant_tokens", "online_index_bytes")
 
 
 # ---------------------------------------------------------------- hand-encoded wire bytes
-
-
-def varint(value: int) -> bytes:
-    out = bytearray()
-    while value >= 0x80:
-        out.append(value & 0x7F | 0x80)
-        value >>= 7
-    out.append(value)
-    return bytes(out)
 
 
 def ld(number: int, payload: bytes) -> bytes:
