@@ -152,6 +152,12 @@ def corpus_query(tokens: list[int], ctx: list[int], sorted_depth: int, max_match
     return trie
 
 
+def per_source(max_nodes: int) -> int:
+    """How many of its best nodes each source brings to the merge: 1.25 * max_nodes, rounded up."""
+    keep = max(max_nodes, 0)
+    return keep + (keep + 3) // 4
+
+
 def build_tree(sources: list[tuple[Trie, float, float, int]], max_nodes: int, min_score: float):
     """build_tree: (tokens, parents, scores, sources) of the best nodes of the merged tries."""
     merged = Trie()
@@ -162,7 +168,7 @@ def build_tree(sources: list[tuple[Trie, float, float, int]], max_nodes: int, mi
         m = trie.match_length  # float32 arithmetic, in the core's order
         scale = f32(f32(f32(reliability) * f32(m)) / f32(f32(m) + f32(half_match))) / f32(trie.root_mass)
         ranked = sorted(range(len(trie.tokens)), key=lambda i: (-trie.mass[i], i))
-        kept = set(ranked[:2 * max(max_nodes, 0)])  # each source's heaviest 2 * max_nodes nodes
+        kept = set(ranked[:per_source(max_nodes)])  # each source's heaviest nodes
         local = []
         for i, (t, p, mass) in enumerate(zip(trie.tokens, trie.parents, trie.mass)):
             if i not in kept or (p >= 0 and local[p] < 0):
@@ -221,7 +227,7 @@ def build_tree_calibrated(sources: list[tuple[Trie, int, int]], calib, max_nodes
             share = f32(f32(mass) / parent_mass) if parent_mass > 0 else f32(0)
             cells.append(calib_cell(trie.match_length + depth[i] - 1, share, trie.occurrences if p < 0 else trie.count[p]))
             prob.append(f32((f32(1) if p < 0 else prob[p]) * f32(calib[row][cells[i]])))
-        kept = set(sorted(range(len(prob)), key=lambda i: (-prob[i], i))[:2 * max(max_nodes, 0)])
+        kept = set(sorted(range(len(prob)), key=lambda i: (-prob[i], i))[:per_source(max_nodes)])
         local: list[int] = []
         for i, (t, p) in enumerate(zip(trie.tokens, trie.parents)):
             if i not in kept or (p >= 0 and local[p] < 0):
