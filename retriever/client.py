@@ -212,12 +212,13 @@ class RetrieverClient:
         return [error_from_status(x.error.code, x.error.message) if x.HasField("error") and x.error.code
                 else DraftReply(tree_from_proto(x.tree), int(x.context_tokens)) for x in r.responses]
 
-    def end_session(self, tenant: str, session_id: str) -> int:
-        """Ends a session; returns the output tokens handed to the tenant."""
+    def end_session(self, tenant: str, session_id: str, new_tokens: Sequence[int] = ()) -> int:
+        """Ends a session after reporting `new_tokens` (accepted since its last draft); returns the
+        output tokens handed to the tenant."""
+        request = pb.EndSessionRequest(tenant=tenant, session_id=session_id, new_tokens=list(new_tokens))
         try:
             with self.lifecycle.call():
-                r = self._stub.EndSession(pb.EndSessionRequest(tenant=tenant, session_id=session_id),
-                                          timeout=self.call_timeout_s)
+                r = self._stub.EndSession(request, timeout=self.call_timeout_s)
         except grpc.RpcError as e:
             raise _raise_from(e) from None
         return int(r.output_tokens)

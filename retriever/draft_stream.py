@@ -9,8 +9,8 @@ meanwhile; a call on a channel in TRANSIENT_FAILURE fails at once), resending th
 (prompt + output so far). A step with nothing new to report is skipped (None). NOT_FOUND (the
 server forgot the session) resends it at once. UNAUTHENTICATED / PERMISSION_DENIED go to the
 client's `Refusals` (`retriever.channel`): logged once there, and no stream is opened for the
-tenant while they hold (`refused`). `end()` hands the last tokens over and calls EndSession on a
-background thread (`closed` is set when done).
+tenant while they hold (`refused`). `end()` closes the stream and calls EndSession with the
+tokens not sent yet on a background thread (`closed` is set when done).
 
 No torch here: the verifier's `Draft` is imported lazily by `to_verifier_draft`.
 """
@@ -248,16 +248,15 @@ class DraftStreamSession:
             self._backoff = min(2 * self._backoff, self._client.backoff_s[1])
         return code
 
-    def _flush_stream(self, timeout_s: float) -> bool:
-        """Sends the unsent tokens and closes the stream; True if the server got all of them."""
+    def _close_stream(self, timeout_s: float) -> bool:
+        """Closes the stream; True if the server has every token but the unsent ones (synced, all
+        answers read, a clean end)."""
         stream = self._stream
         self._stream = None
         if stream is None or not self._synced:
             if stream is not None:
                 stream.cancel()
             return False
-        if self._unsent:
-            stream.send(draft_request(self.tenant, self.session_id, None, self._unsent, 1))
         stream.close()
         deadline = time.monotonic() + timeout_s
         while True:
@@ -275,9 +274,11 @@ class DraftStreamSession:
             if not self._prompt or self.refused:  # the calls would be refused too
                 return
             timeout_s = self._client.call_timeout_s
-            if not self._flush_stream(timeout_s):
+            unsent = self._unsent
+            if not self._close_stream(timeout_s):  # (re)start the session with everything
                 self._client.draft(self.tenant, self.session_id, self._prompt, self._output, 1, timeout_s=timeout_s)
-            self.output_tokens = self._client.end_session(self.tenant, self.session_id)
+                unsent = []
+            self.output_tokens = self._client.end_session(self.tenant, self.session_id, unsent)
         except (errors.Unauthenticated, errors.PermissionDenied) as e:
             code = REFUSAL_CODES[0] if isinstance(e, errors.Unauthenticated) else REFUSAL_CODES[1]
             self._client.refusals.refused(self.tenant, code, str(e))

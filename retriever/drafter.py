@@ -181,12 +181,14 @@ class Drafter:
         session.reference = state.prior_outputs.select(query, store_passages(self._references, query, params.store_k))
         session.reference_at = length
 
-    def end_session(self, tenant: str, session_id: str) -> int:
-        """Hand the session's output to its tenant's index; returns its token count."""
-        session = self._sessions.pop((tenant, session_id), None)
-        if session is None:
+    def end_session(self, tenant: str, session_id: str, new_tokens: np.ndarray | None = None) -> int:
+        """Hand the session's output (with `new_tokens`, int32 [k], reported on its last draft as a
+        draft call would) to its tenant's index; returns its token count."""
+        if (tenant, session_id) not in self._sessions:
             raise NotFound(f"session must exist to be ended, got unknown session {session_id!r}")
-        return self._retire(tenant, session)
+        if new_tokens is not None and new_tokens.shape[0]:
+            _core.session_draft(*self._step(tenant, session_id, None, new_tokens), 0)
+        return self._retire(tenant, self._sessions.pop((tenant, session_id)))
 
     def add_prior_output(self, tenant: str, tokens: np.ndarray) -> None:
         """Add one finished output (int32 [k]) to the tenant's index, e.g. from the shared log."""

@@ -28,7 +28,7 @@ from retriever.drafter import Drafter, EncodedDraft
 from retriever.faiss_manifest import FAISS_KIND
 from retriever.metrics import LOOKUP_SAMPLE_EVERY, RetrieverMetrics
 from retriever.settings import Limits, RetrieverSettings
-from retriever.validation import check_name, validate_draft
+from retriever.validation import check_name, check_token_ids, validate_draft
 from retriever.wire import encode_batch
 
 if TYPE_CHECKING:
@@ -311,9 +311,10 @@ class RetrieverServicer(pb_grpc.RetrieverServicer):
         return encode_batch([self._draft_or_error(r) for r in request.requests])
 
     def _end_session(self, request: pb.EndSessionRequest) -> pb.EndSessionResponse:
-        self._require_limits()
+        limits = self._require_limits()
         tenant, session_id = check_name(request.tenant, "tenant"), check_name(request.session_id, "session_id")
-        return pb.EndSessionResponse(output_tokens=self._drafter.end_session(tenant, session_id))
+        new = check_token_ids(request.new_tokens, "new_tokens", limits.max_new_tokens, limits.vocab_size)
+        return pb.EndSessionResponse(output_tokens=self._drafter.end_session(tenant, session_id, new))
 
     def _describe(self, request: pb.DescribeRequest) -> pb.DescribeResponse:
         """limits.vocab_size 0: no vocabulary fixed (no indexes, no setting): any 24-bit id goes."""

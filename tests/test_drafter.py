@@ -91,3 +91,24 @@ def test_no_match_gives_an_empty_tree_and_budget_caps_nodes():
     tree = d.draft("a", "s", text, EMPTY, 16).tree
     assert len(tree) == 16 and tree.token_ids.dtype == np.int32 and tree.scores.dtype == np.float32
     assert len(d.draft("a", "s", None, ids(1), 0).tree) == 0
+
+
+def test_ending_with_new_tokens_equals_a_draft_then_an_end():
+    """end_session(new_tokens) reports them on the last draft and adds them to the output, exactly as
+    one more draft call before the end would (twin drafters on random sessions)."""
+    rng = np.random.default_rng(11)
+    one, two = Drafter(DrafterConfig()), Drafter(DrafterConfig())
+    for k in range(8):
+        prompt = rng.integers(0, 12, int(rng.integers(2, 60))).astype(np.int32)
+        middle = rng.integers(0, 12, 3).astype(np.int32)
+        tail = rng.integers(0, 12, int(rng.integers(0, 8))).astype(np.int32)
+        for d in (one, two):
+            d.draft("t", str(k), prompt, np.empty(0, np.int32), 16)
+            d.draft("t", str(k), None, middle, 16)
+        if len(tail):
+            one.draft("t", str(k), None, tail, 16)
+        assert one.end_session("t", str(k)) == two.end_session("t", str(k), tail) == 3 + len(tail)
+        np.testing.assert_array_equal(one._tenants["t"].calibration.table(), two._tenants["t"].calibration.table())
+    probe = rng.integers(0, 12, 30).astype(np.int32)
+    a, b = (d.draft("t", "probe", probe, np.empty(0, np.int32), 16).tree for d in (one, two))
+    np.testing.assert_array_equal(a.token_ids, b.token_ids)

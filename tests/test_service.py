@@ -260,6 +260,18 @@ def test_ended_output_drafts_for_the_same_tenant_only(stub):
         grpc.StatusCode.NOT_FOUND
 
 
+def test_end_session_reports_its_new_tokens_and_hands_them_over(stub):
+    stub.Draft(req(tenant="acme", session_id="last", prompt=[900, 901]), timeout=5)
+    stub.Draft(req(tenant="acme", session_id="last", new_tokens=[20, 21, 22]), timeout=5)
+    ended = stub.EndSession(pb.EndSessionRequest(tenant="acme", session_id="last", new_tokens=[23, 24, 25]), timeout=5)
+    assert ended.output_tokens == 6  # the drafts' 3 and the end's 3
+    later = stub.Draft(req(tenant="acme", session_id="next", prompt=[7, 22, 23]), timeout=5).tree
+    assert best_path(later)[:2] == [24, 25] and set(later.sources) == {pb.SOURCE_TENANT}
+    e = error_of(stub.EndSession, pb.EndSessionRequest(tenant="acme", session_id="ghost", new_tokens=[1]))
+    assert (e.code(), e.details()) == (grpc.StatusCode.NOT_FOUND,
+                                       "session must exist to be ended, got unknown session 'ghost'")
+
+
 def test_end_session_validates_names(stub):
     assert_status(error_of(stub.EndSession, pb.EndSessionRequest(tenant="", session_id="s")),
                   grpc.StatusCode.INVALID_ARGUMENT, "tenant must be non-empty, got ''")

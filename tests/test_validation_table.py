@@ -99,8 +99,8 @@ def batch(*requests) -> pb.DraftBatchRequest:
     return pb.DraftBatchRequest(requests=list(requests))
 
 
-def end(tenant: str = "t", session_id: str = "s") -> pb.EndSessionRequest:
-    return pb.EndSessionRequest(tenant=tenant, session_id=session_id)
+def end(tenant: str = "t", session_id: str = "s", new_tokens: tuple[int, ...] = ()) -> pb.EndSessionRequest:
+    return pb.EndSessionRequest(tenant=tenant, session_id=session_id, new_tokens=list(new_tokens))
 
 
 T_S = (("t", "s"),)
@@ -175,6 +175,14 @@ ROWS = [
     Row("end-unknown-session", "EndSession", end(session_id="ghost"), NF, ended("ghost")),
     Row("end-unknown-tenant", "EndSession", end(tenant="u", session_id="mine"), NF, ended("mine"),
         setup=(("t", "mine", 12),)),
+    Row("end-new-negative", "EndSession", end(session_id="open", new_tokens=(3, -2)), IA, ids_msg("new_tokens", 1, -2),
+        setup=(("t", "open", 12),)),
+    Row("end-new-out-of-vocab", "EndSession", end(session_id="open", new_tokens=(VOCAB,)), IA,
+        ids_msg("new_tokens", 0, VOCAB), setup=(("t", "open", 12),)),
+    Row("end-new-count", "EndSession", end(session_id="open", new_tokens=(1,) * (MAX_NEW + 1)), IA,
+        f"new_tokens must be at most {MAX_NEW} tokens, got {MAX_NEW + 1}", setup=(("t", "open", 12),)),
+    Row("end-new-over-budget", "EndSession", end(session_id="full", new_tokens=(3,) * 7), RE,
+        f"session context must be at most {MAX_CTX} tokens, got {MAX_CTX + 1}", setup=(("t", "full", MAX_CTX - 6),)),
     Row("end-bad-utf8", "EndSession", ld(1, BAD_UTF8) + ld(2, b"s"), IA, undecodable("EndSessionRequest", 7)),
     # Describe takes no input: only corrupt bytes can be wrong (unknown fields are ignored, as proto3 says)
     Row("describe-corrupt-wire", "Describe", CORRUPT, IA, undecodable("DescribeRequest", 3, "Wire format was corrupt")),

@@ -79,12 +79,14 @@ class DraftBatchResponse(_message.Message):
     def __init__(self, responses: _Optional[_Iterable[_Union[DraftResponse, _Mapping]]] = ...) -> None: ...
 
 class EndSessionRequest(_message.Message):
-    __slots__ = ("tenant", "session_id")
+    __slots__ = ("tenant", "session_id", "new_tokens")
     TENANT_FIELD_NUMBER: _ClassVar[int]
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    NEW_TOKENS_FIELD_NUMBER: _ClassVar[int]
     tenant: str
     session_id: str
-    def __init__(self, tenant: _Optional[str] = ..., session_id: _Optional[str] = ...) -> None: ...
+    new_tokens: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, tenant: _Optional[str] = ..., session_id: _Optional[str] = ..., new_tokens: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class EndSessionResponse(_message.Message):
     __slots__ = ("output_tokens",)
