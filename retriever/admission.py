@@ -1,4 +1,4 @@
-"""Overload control of the retriever: two bounds, one per layer, and deadlines.
+"""Overload control of the retriever: three bounds and deadlines.
 
 1. gRPC (`retriever.server.max_rpcs`): the aio server holds at most `max_inflight +
    max_queued` RPCs at once (`maximum_concurrent_rpcs`; open DraftStreams count for their
@@ -19,7 +19,7 @@
    event loop, and grpc takes a call into Python only when the loop asks for the next one, so
    under saturation calls wait inside grpc core, and every one of them would be answered after
    that wait. A request that carries its send time (`DraftRequest.sent_unix_us`) and waited longer
-   than `max_queue_wait_ms` is refused (RESOURCE_EXHAUSTED, "overloaded") as soon as it is read,
+   than `max_queue_wait_ms` is refused (RESOURCE_EXHAUSTED, counted as "queue_wait") as soon as it is read,
    before anything else is done for it. Accepted calls stay fast when refused callers back off
    (a speculative-decoding client simply decodes that step without a draft): the backlog drains.
 - `check_deadline(time_remaining)`: raises `DeadlineExceeded` when a call's deadline has
