@@ -1,6 +1,6 @@
 """Overload control of the retriever: three bounds and deadlines.
 
-1. gRPC (`retriever.server.max_rpcs`): the aio server holds at most `max_inflight +
+1. gRPC (`retriever.server`): the aio server holds at most `max_inflight +
    max_queued` RPCs at once (`maximum_concurrent_rpcs`; open DraftStreams count for their
    whole life). Beyond it grpc itself answers RESOURCE_EXHAUSTED "Concurrent RPC limit
    exceeded!" before any handler runs: tasks and memory stay bounded whatever the load.

@@ -11,6 +11,7 @@
   {rpc, code}. Without tokens (the default) nothing is checked.
 - `server_credentials(settings)`: TLS (`tls_cert` + `tls_key`) and mTLS (`tls_client_ca`:
   client certificates signed by it are required) credentials, or None (plaintext).
+- `load_security(settings)`: both (the tokens None when auth is off); OSError when a file is bad.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ import grpc
 from protos.specdraft.v1 import retriever_pb2 as pb
 from protos.specdraft.v1 import retriever_pb2_grpc as pb_grpc
 from retriever import errors
-from retriever.auth_tokens import Principal, TokenTable
+from retriever.auth_tokens import Principal, TokenTable, load_tokens
 from retriever.channel import read_pem
 from retriever.metrics import RetrieverMetrics
 from retriever.settings import RetrieverSettings, env_name
@@ -138,3 +139,12 @@ def server_credentials(settings: RetrieverSettings) -> grpc.ServerCredentials | 
     pair = (_read(settings.tls_key, "tls_key"), _read(settings.tls_cert, "tls_cert"))
     client_ca = _read(settings.tls_client_ca, "tls_client_ca") if settings.tls_client_ca else None
     return grpc.ssl_server_credentials([pair], root_certificates=client_ca, require_client_auth=client_ca is not None)
+
+
+def load_security(settings: RetrieverSettings) -> tuple[TokenTable | None, grpc.ServerCredentials | None]:
+    """The tokens (None: auth off) and TLS credentials (None: plaintext); OSError when a file is bad."""
+    try:
+        tokens = load_tokens(settings.auth_tokens_file) if settings.auth_tokens_file else None
+        return tokens, server_credentials(settings)
+    except ValueError as e:
+        raise OSError(str(e)) from None

@@ -36,8 +36,7 @@ from grpc_reflection.v1alpha import reflection
 
 from protos.specdraft.v1 import retriever_pb2
 from retriever import errors
-from retriever.auth import guard, server_credentials
-from retriever.auth_tokens import TokenTable, load_tokens
+from retriever.auth import guard, load_security
 from retriever.drafter import Drafter
 from retriever.log_sync import LogSync, open_log
 from retriever.metrics import RetrieverMetrics, bound_port, serve_metrics
@@ -239,30 +238,15 @@ def _address(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host and not host.startswith("[") else f"{host}:{port}"
 
 
-def _security(settings: RetrieverSettings) -> tuple[TokenTable | None, grpc.ServerCredentials | None]:
-    """The tokens (None: auth off) and TLS credentials (None: plaintext); OSError when a file is bad."""
-    try:
-        tokens = load_tokens(settings.auth_tokens_file) if settings.auth_tokens_file else None
-        credentials = server_credentials(settings)
-    except ValueError as e:
-        raise OSError(str(e)) from None
-    log.info("retriever auth %s, transport %s", f"on ({len(tokens.grants)} tokens)" if tokens else "off",
-             "mTLS" if settings.tls_client_ca else "TLS" if credentials else "plaintext")
-    return tokens, credentials
-
-
-def max_rpcs(settings: RetrieverSettings) -> int:
-    """RPCs the server holds at once (open DraftStreams included): beyond it grpc answers
-    RESOURCE_EXHAUSTED "Concurrent RPC limit exceeded!" before any handler runs (retriever.admission)."""
-    return settings.max_inflight + settings.max_queued
-
-
 def _grpc_server(settings: RetrieverSettings, servicer: RetrieverServicer,
                  health_servicer: health.aio.HealthServicer) -> tuple[grpc.aio.Server, int]:
-    tokens, credentials = _security(settings)
+    tokens, credentials = load_security(settings)
+    log.info("retriever auth %s, transport %s", f"on ({len(tokens.grants)} tokens)" if tokens else "off",
+             "mTLS" if settings.tls_client_ca else "TLS" if credentials else "plaintext")
+    # grpc holds at most this many RPCs (open streams included), answering RESOURCE_EXHAUSTED beyond (retriever.admission)
     server = grpc.aio.server(options=[("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
                                       ("grpc.so_reuseport", 0)],
-                             maximum_concurrent_rpcs=max_rpcs(settings))
+                             maximum_concurrent_rpcs=settings.max_inflight + settings.max_queued)
     add_retriever(guard(servicer, tokens), server, servicer.metrics.rejected)  # bad wire bytes: INVALID_ARGUMENT
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     if settings.reflection:
