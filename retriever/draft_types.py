@@ -65,7 +65,10 @@ class DraftingParams:
 
     context: SourceWeights = SourceWeights(reliability=1.0, half_match=2.0)
     tenant: SourceWeights = SourceWeights(reliability=1.0, half_match=0.5)
-    corpus: SourceWeights = SourceWeights(reliability=0.5, half_match=8.0, max_occurrences=16, max_candidates=256)
+    # corpus continuations of 16 tokens: within 256 trie nodes more occurrences fit than with 64, and MAT
+    # on the dev traces rises on all four workloads with both datastores (code 3.85 -> 3.88, chat 2.16 -> 2.23)
+    corpus: SourceWeights = SourceWeights(reliability=0.5, half_match=8.0, max_occurrences=16, max_candidates=256,
+                                          max_depth=16)
     reference: SourceWeights = SourceWeights(reliability=1.0, half_match=0.5)
     min_score: float = 1e-3
 
