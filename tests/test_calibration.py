@@ -113,8 +113,9 @@ def test_session_steps_match_observe_then_stateless_draft(tmp_path, seed):
     mirror.append(ids(*prompt))
     last, new = None, EMPTY
     for _ in range(8):
-        max_nodes = rng.choice([1, 8, 64])
+        max_nodes = rng.choice([0, 1, 8, 64])  # 0: a report only, no draft
         got = _core.session_draft(session, new, tenant, None, plan, *got_cal, prior, max_nodes)
+        assert (len(_core.last_draft_ns()) == 0) == (max_nodes == 0)  # a report only queries no index
         if calibrate and last is not None and len(new):
             _core.calib_observe(last[0], last[1], last[4], new, *want_cal, prior, 3.0, 0.9)
         mirror.append(new)

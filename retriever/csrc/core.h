@@ -301,8 +301,9 @@ struct TenantInputs {
 // One drafting step: new_tokens[0:k] (accepted since the last draft) first report on the
 // session's last draft to the calibration (plan.calibrate), then extend the context; the
 // draft comes from the context tail, the tenant's indexes and the corpora, and becomes the
-// session's last draft. Example: a session over "a b c a b" with k = 0 drafts "c a b" from
-// its own context (the earlier "a b" continued with "c").
+// session's last draft; max_nodes <= 0 reports and extends only (empty draft, no query).
+// Example: a session over "a b c a b" with k = 0 drafts "c a b" from its own context (the
+// earlier "a b" continued with "c").
 DraftTree draft_step(Session& session, const int32_t* new_tokens, size_t k, const TenantInputs& tenant,
                      const DraftPlan& plan, int max_nodes, std::vector<int64_t>* lookup_ns);
 

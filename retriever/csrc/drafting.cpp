@@ -78,6 +78,11 @@ DraftTree draft_step(Session& session, const int32_t* new_tokens, size_t k, cons
   if (plan.calibrate && k > 0 && !last.tokens.empty())
     calib_observe(last.tokens.data(), last.parents.data(), last.cells.data(), last.tokens.size(), new_tokens, k, cal);
   if (k > 0) session.extend(new_tokens, k);
+  if (max_nodes <= 0) {  // a report only (e.g. at a session's end): no index is queried
+    session.last = DraftTree{};
+    if (lookup_ns) lookup_ns->clear();
+    return {};
+  }
 
   std::vector<IndexSource>& sources = scratch().sources;
   sources.clear();
