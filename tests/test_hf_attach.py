@@ -4,30 +4,20 @@ retriever on a free port equals plain greedy `generate` in float64, and refuses 
 import pytest
 import torch
 
-from retriever.server import create_server
-from retriever.settings import RetrieverSettings
 from specdraft.integrations.hf import SpecdraftGenerate
 from verifier.engine import CostModel
 
 PROMPT = "def add(a, b):\n    return a + b\n\n\ndef add(a, b):\n    return a + b\n\n\ndef add("
 
 
-@pytest.fixture(scope="module")
-def retriever():
-    server, port = create_server(RetrieverSettings(host="127.0.0.1", port=0, output_log="off"))
-    assert server.wait_ready(30)
-    yield f"127.0.0.1:{port}"
-    server.stop(0.5).wait()
-
-
 def _ids(smollm2, text=PROMPT):
     return smollm2.tokenizer(text, return_tensors="pt").input_ids  # [1, p] int64
 
 
-def test_greedy_output_equals_plain_generate_and_drafts_are_accepted(smollm2, retriever):
+def test_greedy_output_equals_plain_generate_and_drafts_are_accepted(smollm2, retriever_target):
     ids = _ids(smollm2)
     plain = smollm2.model.generate(ids, max_new_tokens=24, do_sample=False)
-    attach = SpecdraftGenerate(retriever, tenant="hf", max_nodes=16, cost_model=CostModel.flat())
+    attach = SpecdraftGenerate(retriever_target, tenant="hf", max_nodes=16, cost_model=CostModel.flat())
     try:
         ours = smollm2.model.generate(ids, max_new_tokens=24, do_sample=False, custom_generate=attach)
     finally:
@@ -49,8 +39,8 @@ def test_a_retriever_that_is_down_costs_speed_only(smollm2):
     assert torch.equal(ours, plain) and attach.last_run.accepted_draft_tokens == 0
 
 
-def test_unsupported_requests_are_refused_with_clear_messages(smollm2, retriever):
-    attach = SpecdraftGenerate(retriever, cost_model=CostModel.flat())
+def test_unsupported_requests_are_refused_with_clear_messages(smollm2, retriever_target):
+    attach = SpecdraftGenerate(retriever_target, cost_model=CostModel.flat())
     ids = _ids(smollm2, "hello")
     try:
         with pytest.raises(ValueError, match=r"input_ids must be \[1, prompt_len\], got \[2, "):
@@ -67,7 +57,7 @@ def test_unsupported_requests_are_refused_with_clear_messages(smollm2, retriever
         attach.close()
 
 
-def test_sampling_settings_map_to_lossless_sampling(smollm2, retriever):
+def test_sampling_settings_map_to_lossless_sampling(smollm2, retriever_target):
     from transformers import GenerationConfig
 
     from specdraft.integrations.hf import _sampling
@@ -75,7 +65,7 @@ def test_sampling_settings_map_to_lossless_sampling(smollm2, retriever):
     assert _sampling(GenerationConfig(do_sample=False)).greedy
     s = _sampling(GenerationConfig(do_sample=True, temperature=0.7, top_p=0.9, top_k=20))
     assert (s.temperature, s.top_p, s.top_k, s.typical) == (pytest.approx(0.7), pytest.approx(0.9), 20, False)
-    attach = SpecdraftGenerate(retriever, cost_model=CostModel.flat())
+    attach = SpecdraftGenerate(retriever_target, cost_model=CostModel.flat())
     ids = _ids(smollm2)
     try:
         out = smollm2.model.generate(ids, max_new_tokens=6, do_sample=True, temperature=0.7, top_k=20,
