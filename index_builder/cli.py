@@ -8,14 +8,13 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Callable
 
+from index_builder.inspect import inspect
 from retriever.errors import SpecdraftError
 
 EXIT_ERROR = 2
-SAMPLE_TOKENS = 120  # tokens decoded per sample document
 
 
 def register(subparsers) -> None:
@@ -50,7 +49,7 @@ def register(subparsers) -> None:
     i.add_argument("--tokenizer", metavar="DIR_OR_FILE", help="check it matches and decode sample documents")
     i.add_argument("--samples", type=int, default=3, metavar="N", help="sample documents to decode (default 3)")
     i.add_argument("--no-verify", action="store_true", help="skip the sha256 checks")
-    i.set_defaults(run=_guarded(_inspect))
+    i.set_defaults(run=_guarded(inspect))
 
 
 def _faiss_arguments(b: argparse.ArgumentParser) -> None:
@@ -99,7 +98,7 @@ def _guarded(fn: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Name
 
 def _build(args: argparse.Namespace) -> int:
     from index_builder.build import FaissOptions, build
-    from retriever.faiss_manifest import WindowParams
+    from retriever.store.faiss_manifest import WindowParams
 
     faiss = FaissOptions(args.index_type, args.dim, WindowParams(args.window, args.stride, args.continuation))
     report = build(args.inputs, args.tokenizer, args.out, name=args.name, glob=args.glob, exclude=args.exclude,
@@ -109,78 +108,3 @@ def _build(args: argparse.Namespace) -> int:
         print(f"  {summary.describe()}")
     print(report.describe())
     return 0
-
-
-def _inspect(args: argparse.Namespace) -> int:
-    from retriever.datastore import check_files, check_tokenizer, open_datastore, read_manifest
-    from retriever.faiss_manifest import FAISS_FORMAT
-    from retriever.manifest import index_format
-
-    tok = None
-    if args.tokenizer:
-        from index_builder.tokenizer import load_tokenizer
-
-        tok = load_tokenizer(args.tokenizer)
-    if index_format(args.dir) == FAISS_FORMAT:
-        from index_builder.inspect_faiss import inspect_faiss
-
-        return inspect_faiss(args, tok)
-    m = read_manifest(args.dir)
-    for line in manifest_lines(args.dir, m, f"sorted_depth {m.sorted_depth}"):
-        print(line)
-    t0 = time.perf_counter()
-    check_files(args.dir, m, verify_checksums=not args.no_verify)
-    ds = open_datastore(args.dir, verify_checksums=False)
-    what = "sizes ok (checksums not verified)" if args.no_verify else "sha256 ok"
-    print(f"{'files':<11}{what} ({time.perf_counter() - t0:.2f} s)")
-    if tok is not None:
-        check_tokenizer(m, args.dir, tok.info)
-        print(f"{'tokenizer':<11}matches {tok.path}")
-        for pos, doc in sample_documents(ds, args.samples):
-            text = tok.tokenizer.decode(doc[:SAMPLE_TOKENS].tolist(), skip_special_tokens=False)
-            cut = " ..." if doc.size > SAMPLE_TOKENS else ""
-            print(f"--- sample at position {pos:,}\n{text}{cut}")
-    return 0
-
-
-def manifest_lines(path: Path, m, format_detail: str, extra: Sequence[tuple[str, str]] = ()) -> list[str]:
-    """Human summary of either kind's manifest, one "key  value" line each; `format_detail` goes
-    after the kind on the format line, `extra` rows after it."""
-    files = ", ".join(f"{n} {f.bytes / 1e6:,.1f} MB" for n, f in m.files.items())
-    disk = sum(f.bytes for f in m.files.values())
-    rows = [
-        ("index", str(path)),
-        ("name", m.name),
-        ("format", f"{m.format} v{m.format_version} ({m.kind}, {format_detail})"),
-        *extra,
-        ("tokenizer", f"{m.tokenizer.name} (vocab {m.tokenizer.vocab_size:,}, sha256 {m.tokenizer.sha256[:16]})"),
-        ("tokens", f"{m.num_tokens:,} in {m.num_documents:,} documents"),
-        ("data", f"{files} ({disk / max(m.num_tokens, 1):.2f} bytes/token)"),
-        ("built", f"{m.build.created_at} by specdraft {m.build.specdraft_version} in {m.build.seconds:.1f} s"),
-    ]
-    rows += [("source", s) for s in m.sources]
-    return [f"{k:<11}{v}" for k, v in rows]
-
-
-def sample_documents(ds, n: int) -> list[tuple[int, Any]]:
-    """Up to n (position, int32 tokens) document starts spread evenly over the datastore.
-
-    The tokens run to the document's end, or at most SAMPLE_TOKENS + 1 of them.
-    """
-    import numpy as np
-
-    from retriever.datastore import read_tokens
-
-    total, out = ds.manifest.num_positions, []
-    for k in range(max(n, 0)):
-        start = total * k // n
-        window = read_tokens(ds, start, min(total, start + 8192))  # int32[<= 8192]
-        if start > 0:  # move on to the next document start, if one is near
-            seps = np.flatnonzero(window == -1)
-            skip = int(seps[0]) + 1 if seps.size and seps[0] + 1 < window.size else 0
-            start, window = start + skip, window[skip:]
-        ends = np.flatnonzero(window == -1)
-        doc = window[: int(ends[0]) if ends.size else SAMPLE_TOKENS + 1][: SAMPLE_TOKENS + 1]
-        if doc.size and (not out or out[-1][0] != start):
-            out.append((start, doc))
-    return out

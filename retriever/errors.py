@@ -1,12 +1,12 @@
-"""Domain errors of the retriever core.
+"""Domain errors of specdraft, raised by the cores and the shells alike.
 
-The core raises these; the gRPC layer maps them to status codes in one place
-(`retriever.service.STATUS_BY_ERROR`). Messages follow "X must be Y, got Z".
+Every shell answers them through one table (`retriever.status`: gRPC code, HTTP status,
+OpenAI error type). Messages follow "X must be Y, got Z".
 """
 
 
 class SpecdraftError(Exception):
-    """Base class of every error the core raises on purpose."""
+    """Base class of every error raised on purpose."""
 
 
 class InvalidArgument(SpecdraftError):
@@ -25,8 +25,16 @@ class ResourceExhausted(SpecdraftError):
     """A server capacity limit was hit; retrying later may succeed."""
 
 
+class Overloaded(ResourceExhausted):
+    """Too many calls in flight and queued, or a request that waited too long (retry after a backoff)."""
+
+
 class Unavailable(SpecdraftError):
-    """The server is not ready yet (indexes still loading) or shutting down."""
+    """The server is not ready yet (indexes still loading), shutting down, or unreachable."""
+
+
+class DeadlineExceeded(Unavailable):
+    """The call's deadline passed before it was answered."""
 
 
 class IndexFormatError(SpecdraftError):
@@ -34,7 +42,7 @@ class IndexFormatError(SpecdraftError):
 
 
 class Unauthenticated(SpecdraftError):
-    """The call carries no valid credential (auth on, see retriever.auth_tokens)."""
+    """The call carries no valid credential (auth on, see retriever.credentials)."""
 
 
 class PermissionDenied(SpecdraftError):

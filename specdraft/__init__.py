@@ -1,2 +1,5 @@
 """specdraft: retrieval-based drafting for speculative decoding."""
-__version__ = "0.1.0"
+
+from retriever import __version__
+
+__all__ = ["__version__"]

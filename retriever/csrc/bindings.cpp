@@ -7,7 +7,6 @@
 #include <nanobind/stl/tuple.h>
 #include <nanobind/stl/vector.h>
 
-#include <chrono>
 
 #include "core.h"
 
@@ -162,10 +161,6 @@ NB_MODULE(_core, m) {
       .def(nb::init<int64_t>(), "token_budget"_a)
       .def("append", [](OnlineIndex& ix, TokensIn t) { ix.append(t.data(), t.shape(0)); }, "tokens"_a)
       .def("end_document", &OnlineIndex::end_document)
-      .def("query", [](const OnlineIndex& ix, TokensIn ctx, const QueryParams& p) {
-             nb::gil_scoped_release release;
-             return ix.query(ctx.data(), ctx.shape(0), p);
-           }, "context"_a, "params"_a)
       .def_prop_ro("num_tokens", &OnlineIndex::num_tokens)
       .def_prop_ro("num_documents", &OnlineIndex::num_documents)
       .def_prop_ro("memory_bytes", &OnlineIndex::memory_bytes);
@@ -173,14 +168,6 @@ NB_MODULE(_core, m) {
   nb::class_<CorpusIndex>(m, "CorpusIndex")
       .def(nb::init<const std::string&, const std::string&, int64_t, int64_t, int>(), "tokens_path"_a,
            "sa_path"_a, "num_positions"_a, "num_suffixes"_a, "sorted_depth"_a)
-      .def("query", [](const CorpusIndex& ix, TokensIn ctx, const QueryParams& p) {
-             nb::gil_scoped_release release;
-             return ix.query(ctx.data(), ctx.shape(0), p);
-           }, "context"_a, "params"_a)
-      .def("find_range", [](const CorpusIndex& ix, TokensIn pat) { return ix.find_range(pat.data(), pat.shape(0)); },
-           "pattern"_a)
-      .def("token", &CorpusIndex::token, "pos"_a)
-      .def("suffix", &CorpusIndex::suffix, "rank"_a)
       .def_prop_ro("num_positions", &CorpusIndex::num_positions)
       .def_prop_ro("num_suffixes", &CorpusIndex::num_suffixes);
 
@@ -193,31 +180,8 @@ NB_MODULE(_core, m) {
           return to_numpy(std::move(sa));
         }, "tokens"_a, "max_depth"_a);
 
-  m.def("build_tree", [](const std::vector<std::pair<const Candidates*, SourceConfig>>& sources, int max_nodes,
-                         float min_score) {
-          std::vector<SourceInput> inputs;
-          for (const auto& [c, cfg] : sources) inputs.push_back(SourceInput{c, cfg.reliability, cfg.half_match, cfg.source_id});
-          return tree_to_numpy(build_tree(inputs, max_nodes, min_score));
-        }, "sources"_a, "max_nodes"_a, "min_score"_a);
 
-  m.def("build_tree_calibrated", [](const std::vector<std::pair<const Candidates*, SourceConfig>>& sources,
-                                    CalibIn calib, TokensIn rows, int max_nodes, float min_score) {
-          check_rows(calib, rows, sources.size());
-          std::vector<SourceInput> inputs;
-          for (const auto& [c, cfg] : sources) inputs.push_back(SourceInput{c, cfg.reliability, cfg.half_match, cfg.source_id});
-          for (size_t i = 0; i < inputs.size(); ++i) {
-            inputs[i].calib_row = rows.data()[i];
-            inputs[i].calib = calib.data() + static_cast<size_t>(rows.data()[i]) * kCalibCells;
-          }
-          return calibrated_to_numpy(build_tree(inputs, max_nodes, min_score));
-        }, "sources"_a, "calib"_a, "rows"_a, "max_nodes"_a, "min_score"_a,
-        "build_tree with calibrated scoring: source i reads row rows[i] of calib float32 [R, CALIB_CELLS]; "
-        "also returns each node's flat cell (row * CALIB_CELLS + cell of its best source), int32.");
 
-  m.def("draft_calibrated", &draft_calibrated, "context"_a, "online"_a, "online_configs"_a, "corpora"_a,
-        "corpus_configs"_a, "calib"_a, "rows"_a, "max_nodes"_a, "min_score"_a,
-        "draft with calibrated scoring: index i (online, then corpora) reads row rows[i] (int32) of calib "
-        "float32 [R, CALIB_CELLS]; returns draft's arrays and the flat cells (int32). Releases the GIL.");
 
   m.def("calib_observe", [](TokensIn tokens, TokensIn parents, TokensIn cells, TokensIn new_tokens,
                             nb::ndarray<double, nb::ndim<1>, nb::c_contig, nb::device::cpu> hits,
@@ -253,7 +217,6 @@ NB_MODULE(_core, m) {
         "int8 [n]: 1 accepted, 0 rejected, -1 untested, for a draft followed by new_tokens.");
 
   m.attr("CALIB_CELLS") = kCalibCells;
-  m.def("calib_cell", &calib_cell, "e"_a, "share"_a, "support"_a);
   m.def("calib_cell_edges", [](int cell) {
           if (cell < 0 || cell >= kCalibCells) throw std::invalid_argument("cell out of range");
           int e, support;
@@ -302,11 +265,47 @@ NB_MODULE(_core, m) {
         "session_draft, its draft returned as (bytes of a specdraft.v1.DraftResponse with the tree and the "
         "context length, number of nodes). Holds the GIL.");
   m.attr("TAIL_TOKENS") = kTailTokens;
-  m.attr("CALIB_ROW_CONTEXT") = kContextRow;
-  m.attr("CALIB_ROW_TENANT") = kTenantRow;
-  m.attr("CALIB_ROW_REFERENCE") = kReferenceRow;
-  m.attr("CALIB_ROW_CORPUS") = kCorpusRow;
-  m.def("draft", &draft, "context"_a, "online"_a, "online_configs"_a, "corpora"_a, "corpus_configs"_a,
+
+  // Test-only: the core's pieces one at a time, for the slow references in tests/ and `specdraft fuzz tree`.
+  // The service drafts through Session / session_draft alone.
+  nb::module_ testing = m.def_submodule("testing", "Test-only pieces of the core (tests and the tree fuzzer).");
+  testing.def("query", [](const OnlineIndex& ix, TokensIn ctx, const QueryParams& p) {
+                nb::gil_scoped_release release;
+                return ix.query(ctx.data(), ctx.shape(0), p);
+              }, "index"_a, "context"_a, "params"_a);
+  testing.def("query", [](const CorpusIndex& ix, TokensIn ctx, const QueryParams& p) {
+                nb::gil_scoped_release release;
+                return ix.query(ctx.data(), ctx.shape(0), p);
+              }, "index"_a, "context"_a, "params"_a);
+  testing.def("find_range", [](const CorpusIndex& ix, TokensIn pat) { return ix.find_range(pat.data(), pat.shape(0)); },
+              "index"_a, "pattern"_a);
+  testing.def("token", [](const CorpusIndex& ix, int64_t pos) { return ix.token(pos); }, "index"_a, "pos"_a);
+  testing.def("suffix", [](const CorpusIndex& ix, int64_t rank) { return ix.suffix(rank); }, "index"_a, "rank"_a);
+  testing.def("build_tree", [](const std::vector<std::pair<const Candidates*, SourceConfig>>& sources, int max_nodes,
+                         float min_score) {
+          std::vector<SourceInput> inputs;
+          for (const auto& [c, cfg] : sources) inputs.push_back(SourceInput{c, cfg.reliability, cfg.half_match, cfg.source_id});
+          return tree_to_numpy(build_tree(inputs, max_nodes, min_score));
+        }, "sources"_a, "max_nodes"_a, "min_score"_a);
+  testing.def("build_tree_calibrated", [](const std::vector<std::pair<const Candidates*, SourceConfig>>& sources,
+                                    CalibIn calib, TokensIn rows, int max_nodes, float min_score) {
+          check_rows(calib, rows, sources.size());
+          std::vector<SourceInput> inputs;
+          for (const auto& [c, cfg] : sources) inputs.push_back(SourceInput{c, cfg.reliability, cfg.half_match, cfg.source_id});
+          for (size_t i = 0; i < inputs.size(); ++i) {
+            inputs[i].calib_row = rows.data()[i];
+            inputs[i].calib = calib.data() + static_cast<size_t>(rows.data()[i]) * kCalibCells;
+          }
+          return calibrated_to_numpy(build_tree(inputs, max_nodes, min_score));
+        }, "sources"_a, "calib"_a, "rows"_a, "max_nodes"_a, "min_score"_a,
+        "build_tree with calibrated scoring: source i reads row rows[i] of calib float32 [R, CALIB_CELLS]; "
+        "also returns each node's flat cell (row * CALIB_CELLS + cell of its best source), int32.");
+  testing.def("draft_calibrated", &draft_calibrated, "context"_a, "online"_a, "online_configs"_a, "corpora"_a,
+        "corpus_configs"_a, "calib"_a, "rows"_a, "max_nodes"_a, "min_score"_a,
+        "draft with calibrated scoring: index i (online, then corpora) reads row rows[i] (int32) of calib "
+        "float32 [R, CALIB_CELLS]; returns draft's arrays and the flat cells (int32). Releases the GIL.");
+  testing.def("calib_cell", &calib_cell, "e"_a, "share"_a, "support"_a);
+  testing.def("draft", &draft, "context"_a, "online"_a, "online_configs"_a, "corpora"_a, "corpus_configs"_a,
         "max_nodes"_a, "min_score"_a,
         "Query every index with the context tail and merge their tries into one draft tree "
         "(token_ids int32, parents int32, scores float32, sources uint8). Releases the GIL.");

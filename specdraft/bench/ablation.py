@@ -14,7 +14,7 @@ from typing import Sequence
 
 import numpy as np
 
-from retriever.draft_types import DEFAULT_SOURCES, Source
+from retriever.drafting.types import DEFAULT_SOURCES, Source
 from specdraft.bench.backends import InProcessBackend, open_indexes
 from specdraft.bench.latency import _Recorder
 from specdraft.bench.replay import ANCHOR_MAT, Trace, replay
@@ -75,8 +75,8 @@ class AblationResult:
 
 def run_config(config: AblationConfig, corpora: list, traces: dict[str, list[Trace]], max_nodes: int) -> AblationRow:
     """Replays `traces` through a fresh drafter configured as `config`."""
-    from retriever.drafter import Drafter
-    from retriever.settings import RetrieverSettings
+    from retriever.drafting.drafter import Drafter
+    from retriever.service.settings import RetrieverSettings
 
     base = RetrieverSettings().drafter_config()
     drafter = Drafter(dataclasses.replace(base, sources=config.sources, calibrate=config.calibrate), corpora)

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Iterator, Protocol, Sequence
 import numpy as np
 
 if TYPE_CHECKING:
-    from retriever.drafter import Drafter
+    from retriever.drafting.drafter import Drafter
 
 _FLUSH_NODES = 1  # node budget of the call that only hands over the final tokens
 
@@ -66,10 +66,10 @@ class _Context:
 
 
 def open_indexes(paths: Sequence[str]) -> list:
-    """`retriever.datastore.open_datastore` of each path (none: no import at all)."""
+    """`retriever.store.datastore.open_datastore` of each path (none: no import at all)."""
     if not paths:
         return []
-    from retriever.datastore import open_datastore
+    from retriever.store.datastore import open_datastore
 
     return [open_datastore(p) for p in paths]
 
@@ -109,7 +109,7 @@ class InProcessSession:
 
 
 class InProcessBackend:
-    """A `retriever.drafter.Drafter` in this process."""
+    """A `retriever.drafting.drafter.Drafter` in this process."""
 
     name = "in-process"
 
@@ -119,8 +119,8 @@ class InProcessBackend:
     @classmethod
     def open(cls, indexes: Sequence[str] = ()) -> "InProcessBackend":
         """A drafter configured as a default server's, over the datastores at `indexes`."""
-        from retriever.drafter import Drafter
-        from retriever.settings import RetrieverSettings
+        from retriever.drafting.drafter import Drafter
+        from retriever.service.settings import RetrieverSettings
 
         return cls(Drafter(RetrieverSettings().drafter_config(), open_indexes(indexes)))
 

@@ -96,7 +96,7 @@ def _hf(loaded, ids: list[int], max_new_tokens: int, **kwargs) -> tuple[list[int
 def run_workload(engine, loaded, drafter, workload: str, prompts: list[Prompt], max_new_tokens: int,
                  hf: bool) -> WorkloadSpeed:
     """Runs every prompt of one workload (tenant = workload: outputs feed later prompts' drafts)."""
-    from verifier.engine import LocalDraftSource
+    from verifier.drafting import LocalDraftSource
 
     totals = dict(plain=(0, 0.0), draft=(0, 0.0), hf=(0, 0.0), lookup=(0, 0.0))
     steps, same = 0, True
@@ -144,11 +144,12 @@ def write_json(rows: list[WorkloadSpeed], path: str) -> None:
 
 def run(args) -> int:
     """The command: loads the model and the drafter once, then runs each workload."""
-    from retriever.datastore import open_datastore
-    from retriever.drafter import Drafter, DrafterConfig
+    from retriever.drafting.drafter import Drafter
+    from retriever.drafting.types import DrafterConfig
+    from retriever.store.datastore import open_datastore
     from specdraft.bench.replay import load_traces
-    from verifier.engine import Engine
-    from verifier.model import ModelSpec, load_model
+    from verifier.decoding.engine import Engine
+    from verifier.decoding.model import ModelSpec, load_model
 
     workloads = [w for w in args.workloads.split(",") if w]
     traces = load_traces(args.traces, workloads, args.limit)

@@ -121,7 +121,7 @@ def bench_build(inputs: Sequence[str], tokenizer: str, **options) -> BuildResult
 
 def datastore_documents(index_dir: str | Path, max_tokens: int) -> Iterator[np.ndarray]:
     """The first documents (int32 arrays) of a datastore, about `max_tokens` tokens in all."""
-    from retriever.datastore import read_tokens, split_documents
+    from retriever.store.datastore import read_tokens, split_documents
 
     window = read_tokens(index_dir, 0, max_tokens + max_tokens // 4 + 65_536)  # int32, -1 separators
     taken = 0

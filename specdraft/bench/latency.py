@@ -5,7 +5,8 @@ time of every drafting call (`time.perf_counter_ns`): in-process around `Drafter
 over gRPC around one unary `Draft` round trip, or one request/response pair of a
 `DraftStream` (one stream per generation). Targets (issue 2), with a ~20M-token corpus
 loaded: in-process p50 <= 50 us and p99 <= 500 us; `Draft` p50 <= 1 ms; `DraftStream`
-p50 below `Draft` p50. A health Check row shows the loopback gRPC floor of the machine.
+p50 below `Draft` p50; checking one step's request (`validate_draft`) p50 <= 50 us. A health
+Check row shows the loopback gRPC floor of the machine.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from specdraft.bench.replay import Trace, replay
 from specdraft.bench.server import ServerProcess
 
 IN_PROCESS_P50_US, IN_PROCESS_P99_US, UNARY_P50_US = 50.0, 500.0, 1000.0
+VALIDATION_P50_US = 50.0  # checking one step's request, within the in-process budget
 
 
 @dataclass(frozen=True)
@@ -100,6 +102,24 @@ def transport_floor(target: str, calls: int = 2000) -> np.ndarray:
     return np.asarray(out, np.int64)
 
 
+def validation_ns(calls: int = 2000) -> np.ndarray:
+    """ns of `validate_draft` on a typical step's request (5 new tokens), per call."""
+    from protos.specdraft.v1 import retriever_pb2 as pb
+    from retriever.service.settings import RetrieverSettings
+    from retriever.service.validation import validate_draft
+
+    limits = RetrieverSettings().limits(151_936)
+    request = pb.DraftRequest(tenant="tenant-1", session_id="0123456789abcdef", new_tokens=[11, 12, 13, 14, 15])
+    out = []
+    for i in range(calls + 100):  # the first 100 warm up
+        t0 = time.perf_counter_ns()
+        validate_draft(request.tenant, request.session_id, request.prompt, request.new_tokens, request.max_nodes,
+                       limits)
+        if i >= 100:
+            out.append(time.perf_counter_ns() - t0)
+    return np.asarray(out, np.int64)
+
+
 def _row(path: str, ns: np.ndarray, target: str, met) -> LatencyRow:
     p50, p99 = (np.percentile(ns, [50, 99]) / 1e3).tolist() if len(ns) else (float("nan"),) * 2
     return LatencyRow(path, int(len(ns)), p50, p99, target, bool(met(p50, p99)))
@@ -118,7 +138,9 @@ def run_latency(
     in_proc = InProcessBackend.open(indexes)
     rows = [_row("in-process Drafter.draft", measure(in_proc, traces, max_nodes),
                  f"p50 <= {IN_PROCESS_P50_US:g}, p99 <= {IN_PROCESS_P99_US:g}",
-                 lambda p50, p99: p50 <= IN_PROCESS_P50_US and p99 <= IN_PROCESS_P99_US)]
+                 lambda p50, p99: p50 <= IN_PROCESS_P50_US and p99 <= IN_PROCESS_P99_US),
+            _row("request validation (validate_draft)", validation_ns(), f"p50 <= {VALIDATION_P50_US:g}",
+                 lambda p50, p99: p50 <= VALIDATION_P50_US)]
     del in_proc
     args = ("--output-log", "off", "--max-nodes", str(max_nodes), *(a for ix in indexes for a in ("--index", ix)))
     with ServerProcess({}, args, start_timeout_s=300.0) if target is None else nullcontext() as server:

@@ -32,9 +32,10 @@ from typing import Iterator
 
 import numpy as np
 
-from retriever.drafter import Drafter, DrafterConfig
-from retriever.log_sync import LogSync, open_log
-from retriever.outputlog import LogConfig, PendingOutput, encode_tokens
+from retriever.drafting.drafter import Drafter
+from retriever.drafting.types import DrafterConfig
+from retriever.outputlog.contract import LogConfig, PendingOutput, encode_tokens
+from retriever.outputlog.sync import LogSync, open_log
 from specdraft.bench.index import _rss_bytes, trace_documents
 from specdraft.bench.redis_proc import REDIS_SERVER, RedisServer
 from specdraft.bench.replay import DEFAULT_TRACES, Trace, accepted_length, load_traces
@@ -210,8 +211,8 @@ class _ServerThread:
         import grpc
 
         from protos.specdraft.v1 import retriever_pb2_grpc
-        from retriever.service import RetrieverServicer
-        from retriever.settings import RetrieverSettings
+        from retriever.service.servicer import RetrieverServicer
+        from retriever.service.settings import RetrieverSettings
 
         settings = RetrieverSettings(host="127.0.0.1", port=0)
         sync = LogSync(open_log(config), config)

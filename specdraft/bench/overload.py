@@ -2,7 +2,7 @@
 
 The server runs alone in a subprocess (`specdraft retriever serve`, no indexes: drafts from the
 session context only, output log off) with `max_inflight=cap`, `max_queued=queued` (so grpc
-holds at most cap + queued RPCs) and `max_queue_wait_ms` (see `retriever.admission`); the load
+holds at most cap + queued RPCs) and `max_queue_wait_ms` (see `retriever.service.admission`); the load
 comes from other processes (spawned, one grpc.aio channel each), every request stamped with
 its send time as `RetrieverClient` does. Phases, each bounded in count and time:
 1. unloaded: one sequential caller, `unloaded_calls` Draft calls -> p50/p99;

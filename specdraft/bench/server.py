@@ -44,8 +44,8 @@ def local_server(indexes: Sequence[str] = (), max_nodes: int = 64) -> Iterator[s
     `max_nodes` is both the server's default and its cap, so requests get what they ask.
     Stopped (grace 0) on exit.
     """
-    from retriever.server import create_server
-    from retriever.settings import RetrieverSettings
+    from retriever.service.server import create_server
+    from retriever.service.settings import RetrieverSettings
 
     settings = RetrieverSettings(host="127.0.0.1", port=0, indexes=tuple(indexes),
                                  default_max_nodes=max_nodes, max_nodes_cap=max_nodes,

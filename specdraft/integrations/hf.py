@@ -23,11 +23,12 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from verifier.accept import SamplingParams
-from verifier.model import LoadedModel
+from verifier.decoding.accept import SamplingParams
+from verifier.decoding.model import LoadedModel
 
 if TYPE_CHECKING:
-    from verifier.engine import CostModel, Engine
+    from verifier.decoding.cost import CostModel
+    from verifier.decoding.engine import Engine
 
 _EXPRESSIBLE = {"TemperatureLogitsWarper", "TopKLogitsWarper", "TopPLogitsWarper"}
 
@@ -76,7 +77,7 @@ class SpecdraftGenerate:
         return torch.cat([input_ids, tail], dim=1)
 
     def _engine(self, model) -> "Engine":
-        from verifier.engine import Engine
+        from verifier.decoding.engine import Engine
 
         key = id(model)
         if key not in self._engines:

@@ -50,7 +50,6 @@ rows longer than `max_context_tokens` get no draft.
 from __future__ import annotations
 
 import logging
-import os
 import threading
 import time
 import uuid
@@ -60,12 +59,13 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from retriever import errors
+from retriever import config, errors
 from retriever.client import DraftCall, DraftReply, RetrieverClient
-from retriever.drafter import DraftTree
+from retriever.drafting.types import DraftTree
 
 log = logging.getLogger(__name__)
 
+ENV_PREFIX = "SPECDRAFT_VLLM_"
 HEAD = 32  # tokens of a row's start fingerprinting its request
 TAIL = 16  # tokens before the synced point fingerprinting its request
 
@@ -110,19 +110,16 @@ class ProposerSettings:
     end_timeout_s: float = 2.0  # EndSession (background)
 
     @staticmethod
-    def from_sources(additional: Mapping[str, Any] | None, env: Mapping[str, str]) -> "ProposerSettings":
-        """`additional["specdraft"]` entries, else SPECDRAFT_VLLM_<NAME> variables, else defaults."""
+    def from_sources(additional: Mapping[str, Any] | None,
+                     env: Mapping[str, str] | None = None) -> "ProposerSettings":
+        """`additional["specdraft"]` entries, else SPECDRAFT_VLLM_<NAME> variables of `env` (default: the
+        process's; read by `retriever.config.load`), else defaults."""
         given = dict((additional if isinstance(additional, Mapping) else {}).get("specdraft") or {})
         unknown = sorted(set(given) - {f.name for f in fields(ProposerSettings)})
         if unknown:
             raise ValueError(f"additional_config['specdraft'] keys must be ProposerSettings fields, got {unknown}")
-        values: dict[str, Any] = {}
-        for f in fields(ProposerSettings):
-            raw = given.get(f.name, env.get(f"SPECDRAFT_VLLM_{f.name.upper()}"))
-            if raw is not None:
-                kind = type(getattr(ProposerSettings(), f.name))
-                values[f.name] = kind(raw)
-        s = ProposerSettings(**values)
+        typed = {k: type(getattr(ProposerSettings(), k))(v) for k, v in given.items()}
+        s = config.load(ProposerSettings, ENV_PREFIX, env, **typed)
         if s.deadline_ms <= 0 or s.max_nodes <= 0 or s.max_batch <= 0 or not s.tenant:
             raise ValueError(f"specdraft vLLM settings must have deadline_ms, max_nodes, max_batch > 0 and a tenant, "
                              f"got {s}")
@@ -186,8 +183,7 @@ class SpecdraftProposer:
                  client: RetrieverClient | None = None) -> None:
         self.k = int(vllm_config.speculative_config.num_speculative_tokens)
         self.max_model_len = int(vllm_config.model_config.max_model_len)
-        self.settings = settings or ProposerSettings.from_sources(getattr(vllm_config, "additional_config", None),
-                                                                  os.environ)
+        self.settings = settings or ProposerSettings.from_sources(getattr(vllm_config, "additional_config", None))
         s = self.settings
         self.client = client or RetrieverClient(s.target, s.deadline_ms / 1000, call_timeout_s=s.end_timeout_s)
         self.stats = ProposerStats()

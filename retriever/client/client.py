@@ -1,0 +1,231 @@
+"""Python client of the retriever (`specdraft.v1.Retriever`), for the verifier and the adapters.
+
+- `RetrieverClient(target, deadline_s, security=ChannelSecurity(...))`: one channel (TLS, mTLS
+  and a bearer token as `retriever.client.channel` says; default plaintext). Unary helpers `draft`, `draft_batch`,
+  `end_session`, `describe` raise the domain errors of `retriever.errors` (mapped back from
+  status codes by `retriever.status.error_of`); they return typed values (`DraftReply` holds a
+  `retriever.drafting.types.DraftTree`).
+- `client.session(tenant)` -> `DraftStreamSession` (`retriever.client.stream`): one generation's
+  drafts over one `DraftStream`; it never fails a generation.
+- `client.close()`: waits for the sessions' background ends, then for the calls in flight, then
+  closes the channel (grpc crashes the process when a channel closes while another thread starts a
+  call on it); later calls raise errors.Unavailable.
+- `client.refusals` (`retriever.client.channel.Refusals`): the retriever's UNAUTHENTICATED /
+  PERMISSION_DENIED answers to the sessions, logged once; drafting for a refused tenant (every
+  tenant after UNAUTHENTICATED) holds off for `auth_retry_s`, generations decode plainly meanwhile.
+
+Statuses become domain errors through the one table, `retriever.status.error_of`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import threading
+import uuid
+from dataclasses import dataclass
+from typing import Iterator, Sequence
+
+import grpc
+
+from protos.specdraft.v1 import retriever_pb2 as pb
+from protos.specdraft.v1 import retriever_pb2_grpc as pb_grpc
+from retriever import errors
+from retriever.client.channel import ChannelSecurity, Refusals, open_channel
+from retriever.client.conversions import draft_request, tree_from_proto
+from retriever.client.stream import DraftStreamSession
+from retriever.drafting.types import DraftTree
+from retriever.status import error_of
+
+log = logging.getLogger(__name__)
+
+
+def _raise_from(e: grpc.RpcError) -> errors.SpecdraftError:
+    return error_of(e.code(), e.details() or "")
+
+
+@dataclass(frozen=True)
+class DraftReply:
+    tree: DraftTree
+    context_tokens: int
+
+
+@dataclass(frozen=True)
+class DraftCall:
+    """One session step of `draft_batch` (prompt given: (re)start the session)."""
+
+    tenant: str
+    session_id: str
+    prompt: Sequence[int] | None = None
+    new_tokens: Sequence[int] = ()
+    max_nodes: int = 0
+
+
+@dataclass(frozen=True)
+class IndexDescription:
+    name: str
+    kind: str
+    tokens: int
+    documents: int
+    tokenizer_name: str
+    tokenizer_sha256: str
+    vocab_size: int
+    path: str
+
+
+@dataclass(frozen=True)
+class RetrieverLimits:
+    default_max_nodes: int
+    max_nodes_cap: int
+    vocab_size: int
+    max_context_tokens: int
+    max_new_tokens: int
+    max_batch: int
+    max_sessions: int
+    tenant_token_budget: int
+
+
+@dataclass(frozen=True)
+class Description:
+    version: str
+    indexes: tuple[IndexDescription, ...]
+    limits: RetrieverLimits
+    ready: bool
+
+
+class _Lifecycle:
+    """A client's open -> closing -> closed: counts the calls in flight and the sessions ending in the
+    background, so that the channel closes only once no thread can still start a call on it."""
+
+    def __init__(self, target: str) -> None:
+        self.target = target
+        self._cond = threading.Condition()
+        self._calls = self._ends = 0
+        self._closing = self._closed = False
+
+    @contextlib.contextmanager
+    def call(self) -> Iterator[None]:
+        """Around the start (or the whole) of a call; raises errors.Unavailable once closed."""
+        with self._cond:
+            if self._closed:
+                raise errors.Unavailable(f"retriever client of {self.target} must be open, got a call after close()")
+            self._calls += 1
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._calls -= 1
+                self._cond.notify_all()
+
+    def ending(self) -> bool:
+        """Registers a session end run in the background (False once closing: the end is skipped)."""
+        with self._cond:
+            if self._closing:
+                return False
+            self._ends += 1
+            return True
+
+    def ended(self) -> None:
+        with self._cond:
+            self._ends -= 1
+            self._cond.notify_all()
+
+    def close(self, timeout_s: float) -> bool:
+        """Waits (each phase up to timeout_s) for the ends, then the calls; True when none is left."""
+        with self._cond:
+            self._closing = True
+            self._cond.wait_for(lambda: self._ends == 0, timeout_s)
+            self._closed = True
+            return self._cond.wait_for(lambda: self._calls == 0, timeout_s)
+
+
+class RetrieverClient:
+    """A channel to one retriever; see the module docstring. Thread-safe."""
+
+    def __init__(self, target: str, deadline_s: float = 0.05, *, call_timeout_s: float = 5.0,
+                 backoff_s: tuple[float, float] = (0.05, 5.0), security: ChannelSecurity | None = None,
+                 auth_retry_s: float = 30.0) -> None:
+        """`security`: TLS/mTLS files and the bearer token (`retriever.client.channel`); None: plaintext, no token.
+        `auth_retry_s`: how long sessions hold off drafting after the retriever refused the credential."""
+        if deadline_s <= 0:
+            raise ValueError(f"deadline_s must be > 0, got {deadline_s}")
+        self.target, self.deadline_s, self.call_timeout_s, self.backoff_s = target, deadline_s, call_timeout_s, backoff_s
+        self.refusals = Refusals(target, auth_retry_s)
+        self._channel = open_channel(target, security, options=[
+            ("grpc.initial_reconnect_backoff_ms", int(backoff_s[0] * 1000)),
+            ("grpc.min_reconnect_backoff_ms", int(backoff_s[0] * 1000)),
+            ("grpc.max_reconnect_backoff_ms", int(backoff_s[1] * 1000))])
+        self._stub = pb_grpc.RetrieverStub(self._channel)
+        self.lifecycle = _Lifecycle(target)
+
+    def wait_ready(self, timeout_s: float = 30.0) -> None:
+        """Blocks until the channel connects; raises errors.Unavailable after timeout_s."""
+        try:
+            with self.lifecycle.call():
+                grpc.channel_ready_future(self._channel).result(timeout=timeout_s)
+        except grpc.FutureTimeoutError:
+            raise errors.Unavailable(f"retriever at {self.target} must be reachable, got no connection in {timeout_s} s")
+
+    def session(self, tenant: str, session_id: str | None = None) -> DraftStreamSession:
+        return DraftStreamSession(self, tenant, session_id or uuid.uuid4().hex)
+
+    def draft(self, tenant: str, session_id: str, prompt: Sequence[int] | None = None,
+              new_tokens: Sequence[int] = (), max_nodes: int = 0, timeout_s: float | None = None) -> DraftReply:
+        """One unary step (deadline: timeout_s, default deadline_s)."""
+        try:
+            with self.lifecycle.call():
+                r = self._stub.Draft(draft_request(tenant, session_id, prompt, new_tokens, max_nodes),
+                                     timeout=timeout_s or self.deadline_s)
+        except grpc.RpcError as e:
+            raise _raise_from(e) from None
+        return DraftReply(tree_from_proto(r.tree), int(r.context_tokens))
+
+    def draft_batch(self, calls: Sequence[DraftCall], timeout_s: float | None = None
+                    ) -> list[DraftReply | errors.SpecdraftError]:
+        """Many sessions' steps; a failed item is its domain error, in place."""
+        req = pb.DraftBatchRequest(requests=[
+            draft_request(c.tenant, c.session_id, c.prompt, c.new_tokens, c.max_nodes) for c in calls])
+        try:
+            with self.lifecycle.call():
+                r = self._stub.DraftBatch(req, timeout=timeout_s or self.deadline_s)
+        except grpc.RpcError as e:
+            raise _raise_from(e) from None
+        return [error_of(x.error.code, x.error.message) if x.HasField("error") and x.error.code
+                else DraftReply(tree_from_proto(x.tree), int(x.context_tokens)) for x in r.responses]
+
+    def end_session(self, tenant: str, session_id: str, new_tokens: Sequence[int] = ()) -> int:
+        """Ends a session after reporting `new_tokens` (accepted since its last draft); returns the
+        output tokens handed to the tenant."""
+        request = pb.EndSessionRequest(tenant=tenant, session_id=session_id, new_tokens=list(new_tokens))
+        try:
+            with self.lifecycle.call():
+                r = self._stub.EndSession(request, timeout=self.call_timeout_s)
+        except grpc.RpcError as e:
+            raise _raise_from(e) from None
+        return int(r.output_tokens)
+
+    def describe(self) -> Description:
+        try:
+            with self.lifecycle.call():
+                r = self._stub.Describe(pb.DescribeRequest(), timeout=self.call_timeout_s)
+        except grpc.RpcError as e:
+            raise _raise_from(e) from None
+        indexes = tuple(IndexDescription(i.name, i.kind, i.tokens, i.documents, i.tokenizer_name,
+                                         i.tokenizer_sha256, i.vocab_size, i.path) for i in r.indexes)
+        lim = r.limits
+        limits = RetrieverLimits(lim.default_max_nodes, lim.max_nodes_cap, lim.vocab_size, lim.max_context_tokens,
+                                 lim.max_new_tokens, lim.max_batch, lim.max_sessions, lim.tenant_token_budget)
+        return Description(r.version, indexes, limits, r.ready)
+
+    def open_stream(self, requests: Iterator[pb.DraftRequest]) -> Iterator[pb.DraftResponse]:
+        """A DraftStream call over `requests`; raises errors.Unavailable once closed."""
+        with self.lifecycle.call():
+            return self._stub.DraftStream(requests)
+
+    def close(self, timeout_s: float | None = None) -> None:
+        """See the module docstring; each wait is bounded by timeout_s (default: three call timeouts, the
+        longest a session end takes). Calls still running then leave the channel open (logged), never a crash."""
+        if self.lifecycle.close(3 * self.call_timeout_s if timeout_s is None else timeout_s):
+            self._channel.close()
+        else:
+            log.warning("retriever client of %s: calls still running at close(); channel left open", self.target)

@@ -1,0 +1,292 @@
+"""One generation's drafts over one `DraftStream` call: `DraftStreamSession`.
+
+`RetrieverClient.session(tenant)` makes a session. The first request carries the prompt, later
+ones only the tokens accepted since. It never fails a generation: a draft not answered within
+`deadline_s` (or a broken stream) gives None, i.e. plain decoding for that step; a broken
+stream is reopened after an exponential backoff (the channel reconnects in the background
+meanwhile; a call on a channel in TRANSIENT_FAILURE fails at once), resending the session
+(prompt + output so far). A step with nothing new to report is skipped (None). NOT_FOUND (the
+server forgot the session) resends it at once. UNAUTHENTICATED / PERMISSION_DENIED go to the
+client's `Refusals` (`retriever.client.channel`): logged once there, and no stream is opened for the
+tenant while they hold (`refused`). `end()` closes the stream and calls EndSession with the
+tokens not sent yet on a background thread (`closed` is set when done). A tree that breaks
+the contract (`DraftTree.checked`) is logged and dropped (no draft that step).
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from dataclasses import dataclass
+from typing import Iterator, Protocol, Sequence
+
+import grpc
+
+from protos.specdraft.v1 import retriever_pb2 as pb
+from retriever import errors
+from retriever.client.channel import REFUSAL_CODES, Refusals
+from retriever.client.conversions import draft_request, tree_from_proto
+from retriever.drafting.types import DraftTree
+
+log = logging.getLogger(__name__)
+
+
+class Lifecycle(Protocol):
+    def ending(self) -> bool: ...
+
+    def ended(self) -> None: ...
+
+
+class SessionCalls(Protocol):
+    """What a session needs of its `RetrieverClient` (`retriever.client.client`)."""
+
+    deadline_s: float
+    call_timeout_s: float
+    backoff_s: tuple[float, float]
+    refusals: Refusals
+    lifecycle: Lifecycle
+
+    def open_stream(self, requests: Iterator[pb.DraftRequest]) -> Iterator[pb.DraftResponse]: ...
+
+    def draft(self, tenant: str, session_id: str, prompt: Sequence[int] | None = None, new_tokens: Sequence[int] = (),
+              max_nodes: int = 0, timeout_s: float | None = None) -> object: ...
+
+    def end_session(self, tenant: str, session_id: str, new_tokens: Sequence[int] = ()) -> int: ...
+
+
+@dataclass(frozen=True)
+class _Closed:
+    """The response stream ended (error: the RpcError, None: a clean end)."""
+
+    error: grpc.RpcError | None
+
+    def status(self) -> tuple[grpc.StatusCode, str]:
+        if self.error is None:
+            return grpc.StatusCode.UNAVAILABLE, "the stream ended"
+        return self.error.code(), self.error.details() or ""
+
+
+class _Stream:
+    """One DraftStream call: requests through a queue, responses read by a daemon thread."""
+
+    def __init__(self, client: SessionCalls) -> None:
+        """Raises errors.Unavailable when the client is closed."""
+        self._requests: queue.SimpleQueue = queue.SimpleQueue()
+        self.responses: queue.SimpleQueue = queue.SimpleQueue()
+        self.outstanding = 0  # requests sent whose response was not read yet
+        self._call = client.open_stream(iter(self._requests.get, None))
+        threading.Thread(target=self._read, daemon=True, name="draft-stream").start()
+
+    def _read(self) -> None:
+        try:
+            for response in self._call:
+                self.responses.put(response)
+            self.responses.put(_Closed(None))
+        except grpc.RpcError as e:
+            self.responses.put(_Closed(e))
+
+    def send(self, request: pb.DraftRequest) -> None:
+        self.outstanding += 1
+        self._requests.put(request)
+
+    def close(self) -> None:
+        self._requests.put(None)
+
+    def cancel(self) -> None:
+        self._requests.put(None)
+        self._call.cancel()
+
+
+class DraftStreamSession:
+    """One generation's drafts over one DraftStream (see the module docstring).
+
+    Used by one thread. `restarts` counts sessions resent, `timeouts` drafts given up;
+    after `closed` is set, `output_tokens` is EndSession's count (None if it failed). `refused`:
+    the retriever refuses this tenant's drafts for now (UNAUTHENTICATED / PERMISSION_DENIED).
+    """
+
+    def __init__(self, client: SessionCalls, tenant: str, session_id: str) -> None:
+        self._client, self.tenant, self.session_id = client, tenant, session_id
+        self._prompt: list[int] = []
+        self._output: list[int] = []  # every token after the prompt
+        self._unsent: list[int] = []  # output not sent on the current stream yet
+        self._stream: _Stream | None = None
+        self._synced = False  # the server got this session on the current stream
+        self._sent_at = 0.0
+        self._retry_at = 0.0
+        self._backoff = client.backoff_s[0]
+        self._ended = False
+        self.restarts = self.timeouts = 0
+        self.output_tokens: int | None = None
+        self.closed = threading.Event()
+
+    @property
+    def refused(self) -> bool:
+        return self._client.refusals.held(self.tenant)
+
+    def start(self, prompt_ids: Sequence[int]) -> None:
+        """Begins the generation; the stream opens now, the prompt goes with the first draft."""
+        if self._stream is not None:
+            self._stream.cancel()
+            self._stream = None
+        self._prompt, self._output, self._unsent = [int(t) for t in prompt_ids], [], []
+        self._open_if_due()
+
+    def draft(self, new_tokens: Sequence[int], max_nodes: int) -> DraftTree | None:
+        """Reports the tokens emitted since the last call; the draft, or None (no draft this step)."""
+        if self._ended:
+            return None
+        tokens = [int(t) for t in new_tokens]
+        self._output += tokens
+        self._unsent += tokens
+        if max_nodes <= 0 or not self._open_if_due() or self._behind() or (self._synced and not self._unsent):
+            return None
+        deadline = time.monotonic() + self._client.deadline_s
+        self._send(max_nodes)
+        for _ in range(2):  # the first answer, or one resend after NOT_FOUND
+            item = self._wait(deadline)
+            if item is None:
+                self.timeouts += 1
+                return None
+            if not isinstance(item, _Closed):
+                self._backoff = self._client.backoff_s[0]
+                self._client.refusals.accepted(self.tenant)
+                return self._tree(item)
+            code = self._drop_stream(*item.status())
+            if code != grpc.StatusCode.NOT_FOUND or not self._open_if_due():
+                return None
+            self._send(max_nodes)
+        return None
+
+    def end(self, new_tokens: Sequence[int] = ()) -> None:
+        """Hands over the last tokens and ends the session, in the background; idempotent."""
+        if self._ended:
+            return
+        self._ended = True
+        self._output += [int(t) for t in new_tokens]
+        self._unsent += [int(t) for t in new_tokens]
+        if not self._client.lifecycle.ending():
+            log.info("draft session %s not ended: the retriever client is closing", self.session_id)
+            if self._stream is not None:
+                self._stream.cancel()
+            self.closed.set()
+            return
+        threading.Thread(target=self._finish, daemon=True, name="draft-session-end").start()
+
+    # ------------------------------------------------------------ internals
+
+    def _tree(self, response: pb.DraftResponse) -> DraftTree | None:
+        """The answer's tree, checked; None when empty or broken (logged)."""
+        try:
+            tree = tree_from_proto(response.tree)
+        except errors.InvalidArgument as e:
+            log.warning("draft session %s: the retriever answered a broken tree (%s); no draft this step",
+                        self.session_id, e)
+            return None
+        return tree if len(tree) else None
+
+    def _open_if_due(self) -> bool:
+        if self._stream is not None:
+            return True
+        if time.monotonic() < self._retry_at or self._client.refusals.held(self.tenant):
+            return False
+        try:
+            self._stream, self._synced = _Stream(self._client), False
+        except errors.Unavailable:  # the client is closed
+            return False
+        return True
+
+    def _behind(self) -> bool:
+        """Drains answers that came late; True while one is still missing (the step is skipped)."""
+        stream = self._stream
+        while stream.outstanding:
+            try:
+                item = stream.responses.get_nowait()
+            except queue.Empty:
+                break
+            if isinstance(item, _Closed):
+                self._drop_stream(*item.status())
+                return not self._open_if_due()
+            stream.outstanding -= 1
+        if stream.outstanding and time.monotonic() - self._sent_at > max(1.0, 20 * self._client.deadline_s):
+            self._drop_stream(grpc.StatusCode.DEADLINE_EXCEEDED)  # stalled: reconnect later
+        return bool(stream.outstanding)
+
+    def _send(self, max_nodes: int) -> None:
+        if self._synced:
+            request = draft_request(self.tenant, self.session_id, None, self._unsent, max_nodes)
+        else:  # (re)start: the prompt, and the output so far as output
+            self.restarts += self._sent_at > 0
+            request = draft_request(self.tenant, self.session_id, self._prompt, self._output, max_nodes)
+        self._stream.send(request)
+        self._unsent, self._synced, self._sent_at = [], True, time.monotonic()
+
+    def _wait(self, deadline: float) -> pb.DraftResponse | _Closed | None:
+        """The answer to the latest request (late ones dropped), the stream's end, or None at the deadline."""
+        stream = self._stream
+        while True:
+            try:
+                item = stream.responses.get(timeout=max(0.0, deadline - time.monotonic()))
+            except queue.Empty:
+                return None
+            if isinstance(item, _Closed):
+                return item
+            stream.outstanding -= 1
+            if stream.outstanding == 0:
+                return item
+
+    def _drop_stream(self, code: grpc.StatusCode, details: str = "") -> grpc.StatusCode:
+        """Ends the stream after `code`; a refusal goes to the client's `Refusals`, others back off."""
+        if self._stream is not None:
+            self._stream.cancel()
+        self._stream, self._synced = None, False
+        if code in REFUSAL_CODES:
+            self._client.refusals.refused(self.tenant, code, details)
+        elif code != grpc.StatusCode.NOT_FOUND:
+            log.info("draft stream of session %s dropped (%s); retry in %.2f s", self.session_id, code.name,
+                     self._backoff)
+            self._retry_at = time.monotonic() + self._backoff
+            self._backoff = min(2 * self._backoff, self._client.backoff_s[1])
+        return code
+
+    def _close_stream(self, timeout_s: float) -> bool:
+        """Closes the stream; True if the server has every token but the unsent ones (synced, all
+        answers read, a clean end)."""
+        stream = self._stream
+        self._stream = None
+        if stream is None or not self._synced:
+            if stream is not None:
+                stream.cancel()
+            return False
+        stream.close()
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                item = stream.responses.get(timeout=max(0.0, deadline - time.monotonic()))
+            except queue.Empty:
+                stream.cancel()
+                return False
+            if isinstance(item, _Closed):
+                return item.error is None and stream.outstanding == 0
+            stream.outstanding -= 1
+
+    def _finish(self) -> None:
+        try:
+            if not self._prompt or self.refused:  # the calls would be refused too
+                return
+            timeout_s = self._client.call_timeout_s
+            unsent = self._unsent
+            if not self._close_stream(timeout_s):  # (re)start the session with everything
+                self._client.draft(self.tenant, self.session_id, self._prompt, self._output, 1, timeout_s=timeout_s)
+                unsent = []
+            self.output_tokens = self._client.end_session(self.tenant, self.session_id, unsent)
+        except (errors.Unauthenticated, errors.PermissionDenied) as e:
+            code = REFUSAL_CODES[0] if isinstance(e, errors.Unauthenticated) else REFUSAL_CODES[1]
+            self._client.refusals.refused(self.tenant, code, str(e))
+        except errors.SpecdraftError as e:
+            log.info("ending draft session %s failed: %s", self.session_id, e)
+        finally:
+            self._client.lifecycle.ended()
+            self.closed.set()

@@ -1,0 +1,225 @@
+"""`LogSync`: keeps a `Drafter`'s tenant indexes in step with the shared output log.
+
+    sync = LogSync(open_log(config), config)            # replica_id: random per process
+    drafter = Drafter(drafter_config, corpora, on_output=sync.publish)
+    await sync.start(drafter)                           # warm-up (replay), then tail; publish
+    await sync.wait_warm(timeout_s)                     # e.g. before health SERVING
+    ...
+    await sync.stop(flush_s=1.0)
+
+- Warm-up replays the whole log (every tenant, oldest first) into the drafter with
+  `add_prior_output`, in slices of at most `APPLY_SLICE_S` of loop time (drafts keep
+  flowing meanwhile), then tails it: blocking reads of `block_ms`, new tenants looked for
+  every `discover_s`.
+- Entries whose origin is this replica's id are skipped: the drafter inserted them when
+  their session ended. The id is random per process, so a restarted replica replays its
+  own earlier outputs exactly once.
+- `publish(tenant, tokens)` never blocks (a bounded `PublishQueue`; any thread). Store
+  failures never reach the drafter: they are counted in `health()` and retried with backoff.
+- Every drafter call happens on the loop that ran `start` (the Drafter is not thread-safe).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from retriever.outputlog.contract import (
+    START,
+    LogConfig,
+    LogEntry,
+    LogUnavailable,
+    OutputLog,
+    PublishHealth,
+    PublishQueue,
+)
+
+if TYPE_CHECKING:
+    from retriever.drafting.drafter import Drafter
+
+log = logging.getLogger(__name__)
+APPLY_SLICE_S = 0.002  # longest stretch of index inserts before yielding to the loop
+
+
+async def cancel_until_done(tasks: list["asyncio.Task[None]"], timeout_s: float = 5.0) -> None:
+    """Cancels `tasks` again until they end: on Python 3.11 `asyncio.wait_for` (which redis-py
+    uses to send commands) loses a cancellation that races with the send completing."""
+    loop = asyncio.get_running_loop()
+    pending, deadline = {t for t in tasks if not t.done()}, loop.time() + timeout_s
+    while pending and loop.time() < deadline:
+        for task in pending:
+            task.cancel()
+        _, pending = await asyncio.wait(pending, timeout=0.05)
+    if pending:
+        log.error("output log: %d tasks did not stop within %.1f s", len(pending), timeout_s)
+
+
+def open_log(config: LogConfig) -> OutputLog:
+    """`RedisLog` when `config.redis_url` is set, else the embedded `FileLog` under `config.data_dir`."""
+    if config.redis_url:
+        from retriever.outputlog.redis_log import RedisLog
+
+        return RedisLog(config)
+    from retriever.outputlog.file_log import FileLog
+
+    return FileLog(config)
+
+
+@dataclass(frozen=True)
+class SyncHealth:
+    """One replica's view of the log (for health, metrics and the warm-up gate)."""
+
+    backend: str  # "redis" or "file"
+    replica_id: str
+    warm: bool  # the replay is done (tailing)
+    warmup_entries: int  # outputs replayed into the indexes so far
+    warmup_tokens: int
+    warmup_total_tokens: int  # the log's size when the replay began (0: not known yet)
+    warmup_s: float  # replay time so far, or its total once warm
+    reading: bool  # the last read of the log succeeded
+    read_errors: int
+    since_read_s: float  # since the last successful read (bounds the tailing lag)
+    tenants: int  # tenants being tailed
+    applied_entries: int  # outputs of other replicas inserted, warm-up included
+    applied_tokens: int
+    skipped_own: int  # entries of this replica, already inserted locally
+    rejected: int  # entries the index refused (e.g. negative token ids), logged and skipped
+    publish: PublishHealth
+
+    @property
+    def degraded(self) -> bool:
+        """Not warm, or the log cannot be read or written right now."""
+        return not (self.warm and self.reading and self.publish.connected)
+
+
+class LogSync:
+    """Replays, tails and publishes one replica's outputs; see the module docstring."""
+
+    def __init__(self, log: OutputLog, config: LogConfig, replica_id: str | None = None) -> None:
+        self.log, self._config = log, config
+        self.replica_id = replica_id or secrets.token_hex(8)
+        self._queue = PublishQueue(log, config, self.replica_id)
+        self._tasks: list[asyncio.Task[None]] = []
+        self._warm = asyncio.Event()
+        self._started_s = self._warm_s = 0.0
+        self._warmup = [0, 0, 0]  # entries, tokens, total tokens (the log's size when the replay began)
+        self._sized, self._stopped = False, False
+        self._applied = [0, 0, 0, 0]  # entries, tokens, skipped own, rejected
+        self._reading, self._read_errors, self._last_read_s, self._tenants = True, 0, 0.0, 0
+
+    def publish(self, tenant: str, tokens: np.ndarray) -> None:
+        """Queues a finished output (int32 [k]) for the log; the `Drafter`'s `on_output`."""
+        self._queue.put(tenant, tokens)
+
+    async def start(self, drafter: "Drafter") -> None:
+        """Starts the replay-then-tail and the publish tasks on the running loop."""
+        if self._tasks:
+            raise RuntimeError("LogSync.start must be called once, got a second call")
+        self._started_s = self._last_read_s = time.monotonic()
+        self._tasks = [asyncio.create_task(self._follow(drafter), name="specdraft-log-follow"),
+                       asyncio.create_task(self._queue.run(), name="specdraft-log-publish")]
+
+    @property
+    def warm(self) -> bool:
+        return self._warm.is_set()
+
+    async def wait_warm(self, timeout_s: float | None = None) -> bool:
+        """True once the replay is done; False if `timeout_s` passed first."""
+        try:
+            await asyncio.wait_for(self._warm.wait(), timeout_s)
+        except asyncio.TimeoutError:
+            return False
+        return True
+
+    def health(self) -> SyncHealth:
+        now = time.monotonic()
+        warmup_s = (self._warm_s if self.warm else now - self._started_s) if self._started_s else 0.0
+        return SyncHealth(self.log.name, self.replica_id, self.warm, *self._warmup, warmup_s, self._reading,
+                          self._read_errors, now - self._last_read_s if self._started_s else 0.0,
+                          self._tenants, *self._applied, self._queue.health())
+
+    async def stop(self, flush_s: float = 1.0) -> None:
+        """Stops tailing, publishes what is queued (at most `flush_s`), closes the log (once)."""
+        if self._stopped:
+            return
+        self._stopped = True
+        await cancel_until_done(self._tasks)
+        if flush_s > 0 and not await self._queue.flush(flush_s):
+            log.warning("output log: %d outputs left unpublished at shutdown", self._queue.health().queued)
+        await self.log.close()
+
+    # ------------------------------------------------------------ the follow task
+
+    async def _follow(self, drafter: "Drafter") -> None:
+        c = self._config
+        cursors: dict[str, str] = {}
+        discovered_s, delay = float("-inf"), c.backoff_min_s
+        while True:
+            try:
+                if time.monotonic() - discovered_s >= c.discover_s:
+                    for tenant in await self.log.tenants():
+                        cursors.setdefault(tenant, START)
+                    discovered_s = time.monotonic()
+                    self._tenants = len(cursors)
+                if not self.warm and not self._sized:
+                    self._warmup[2], self._sized = (await self.log.size()).tokens, True
+                result = await self.log.read(cursors, c.read_count, c.block_ms if self.warm else 0)
+            except Exception as e:  # noqa: BLE001 - the store is down or misbehaves: retry later
+                self._read_failed(e)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, c.backoff_max_s)
+                continue
+            self._read_ok()
+            delay = c.backoff_min_s
+            cursors.update(result.cursors)
+            await self._apply(drafter, result.entries)
+            if not self.warm and not result.entries:
+                self._warm_done()
+
+    def _read_failed(self, error: Exception) -> None:
+        self._read_errors += 1
+        if self._reading:
+            expected = isinstance(error, LogUnavailable)
+            log.warning("output log %s unreadable, retrying: %s", self.log.name, error,
+                        exc_info=None if expected else error)
+        self._reading = False
+
+    def _read_ok(self) -> None:
+        if not self._reading:
+            log.info("output log %s readable again", self.log.name)
+        self._reading, self._last_read_s = True, time.monotonic()
+
+    def _warm_done(self) -> None:
+        self._warm_s = time.monotonic() - self._started_s
+        self._warm.set()
+        log.info("output log %s replayed: %d outputs, %d tokens in %.2f s", self.log.name,
+                 self._warmup[0], self._warmup[1], self._warm_s)
+
+    async def _apply(self, drafter: "Drafter", entries: tuple[LogEntry, ...]) -> None:
+        """Inserts other replicas' entries, yielding to the loop every APPLY_SLICE_S."""
+        slice_start = time.perf_counter()
+        for entry in entries:
+            if entry.origin == self.replica_id:
+                self._applied[2] += 1
+                continue
+            try:
+                drafter.add_prior_output(entry.tenant, entry.tokens)
+            except ValueError as e:  # a corrupt or foreign entry: never stops the tailing
+                self._applied[3] += 1
+                log.warning("output log entry %s of a tenant rejected: %s", entry.entry_id, e)
+                continue
+            n = int(entry.tokens.shape[0])
+            self._applied[0] += 1
+            self._applied[1] += n
+            if not self.warm:
+                self._warmup[0] += 1
+                self._warmup[1] += n
+            if time.perf_counter() - slice_start > APPLY_SLICE_S:
+                await asyncio.sleep(0)
+                slice_start = time.perf_counter()

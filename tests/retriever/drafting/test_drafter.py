@@ -1,0 +1,115 @@
+"""Drafter sessions: lifecycle, tenant prior outputs, isolation, limits."""
+
+import doctest
+
+import numpy as np
+import pytest
+
+import retriever.drafting.drafter as drafter_module
+from retriever.drafting.drafter import Drafter
+from retriever.drafting.types import DrafterConfig, Source
+from retriever.errors import NotFound, ResourceExhausted
+
+EMPTY = np.empty(0, np.int32)
+
+
+def ids(*tokens):
+    return np.array(tokens, np.int32)
+
+
+def test_module_example():
+    assert doctest.testmod(drafter_module, globs={"np": np, **vars(drafter_module)}).failed == 0
+
+
+def test_session_drafts_from_its_own_context_and_output():
+    d = Drafter(DrafterConfig())
+    first = d.draft("t", "s", ids(1, 2, 3, 9, 1, 2), EMPTY, 8)
+    assert first.tree.token_ids[:2].tolist() == [3, 9] and first.context_tokens == 6
+    assert set(first.tree.sources.tolist()) == {Source.CONTEXT}
+    step = d.draft("t", "s", None, ids(3, 4, 5, 1, 2, 3), 8)  # output now holds "4 5" after "2 3"
+    assert step.context_tokens == 12
+    assert step.tree.token_ids[0] in (4, 9)
+    paths = {(int(t), int(p)) for t, p in zip(step.tree.token_ids, step.tree.parents)}
+    assert (4, -1) in paths and (9, -1) in paths
+
+
+def test_unknown_session_needs_a_prompt():
+    d = Drafter(DrafterConfig())
+    with pytest.raises(NotFound, match="unknown session 's'"):
+        d.draft("t", "s", None, ids(1), 8)
+    with pytest.raises(NotFound):
+        d.end_session("t", "s")
+
+
+def test_ended_output_drafts_for_the_same_tenant_only():
+    d = Drafter(DrafterConfig())
+    d.draft("a", "s1", ids(100, 101), ids(7, 8, 9, 10, 11, 12), 8)
+    assert d.end_session("a", "s1") == 6
+    same = d.draft("a", "s2", ids(50, 7, 8), EMPTY, 8).tree
+    assert same.token_ids.tolist()[:4] == [9, 10, 11, 12]
+    assert set(same.sources.tolist()) == {Source.TENANT}
+    other = d.draft("b", "s2", ids(50, 7, 8), EMPTY, 8).tree
+    assert len(other) == 0
+
+
+def test_restart_discards_the_old_session_and_lru_eviction_retires_output():
+    d = Drafter(DrafterConfig(max_sessions=2))
+    d.draft("a", "s1", ids(1, 2), ids(3, 4, 5), 8)
+    d.draft("a", "s1", ids(1, 2, 3, 4, 5), EMPTY, 8)  # restart: the old output is in the prompt
+    assert d.stats().tenants == 0
+    d.draft("a", "s1", None, ids(6, 7), 8)
+    d.draft("a", "s2", ids(1), EMPTY, 8)
+    d.draft("a", "s3", ids(1), EMPTY, 8)  # evicts s1, the least recently used
+    stats = d.stats()
+    assert (stats.sessions, stats.tenants, stats.tenant_tokens) == (2, 1, 2)
+    with pytest.raises(NotFound):
+        d.draft("a", "s1", None, ids(1), 8)
+
+
+def test_idle_sessions_expire():
+    d = Drafter(DrafterConfig(session_idle_s=10))
+    d.draft("a", "s1", ids(1, 2), ids(3), 8)
+    assert d.expire_idle() == 0
+    assert d.expire_idle(now_s=1e12) == 1
+    assert d.stats().sessions == 0 and d.stats().tenant_tokens == 1
+
+
+def test_context_budget_is_enforced():
+    d = Drafter(DrafterConfig(max_context_tokens=5))
+    with pytest.raises(ResourceExhausted, match="at most 5 tokens, got 6"):
+        d.draft("a", "s", ids(1, 2, 3, 4, 5, 6), EMPTY, 8)
+    d.draft("a", "s", ids(1, 2, 3), EMPTY, 8)
+    with pytest.raises(ResourceExhausted, match="got 7"):
+        d.draft("a", "s", None, ids(4, 5, 6, 7), 8)
+    assert d.draft("a", "s", None, ids(4, 5), 8).context_tokens == 5
+
+
+def test_no_match_gives_an_empty_tree_and_budget_caps_nodes():
+    d = Drafter(DrafterConfig())
+    assert len(d.draft("a", "s", ids(1, 2, 3), EMPTY, 64).tree) == 0
+    rng = np.random.default_rng(0)
+    text = rng.integers(0, 4, 2000, dtype=np.int32)
+    tree = d.draft("a", "s", text, EMPTY, 16).tree
+    assert len(tree) == 16 and tree.token_ids.dtype == np.int32 and tree.scores.dtype == np.float32
+    assert len(d.draft("a", "s", None, ids(1), 0).tree) == 0
+
+
+def test_ending_with_new_tokens_equals_a_draft_then_an_end():
+    """end_session(new_tokens) reports them on the last draft and adds them to the output, exactly as
+    one more draft call before the end would (twin drafters on random sessions)."""
+    rng = np.random.default_rng(11)
+    one, two = Drafter(DrafterConfig()), Drafter(DrafterConfig())
+    for k in range(8):
+        prompt = rng.integers(0, 12, int(rng.integers(2, 60))).astype(np.int32)
+        middle = rng.integers(0, 12, 3).astype(np.int32)
+        tail = rng.integers(0, 12, int(rng.integers(0, 8))).astype(np.int32)
+        for d in (one, two):
+            d.draft("t", str(k), prompt, np.empty(0, np.int32), 16)
+            d.draft("t", str(k), None, middle, 16)
+        if len(tail):
+            one.draft("t", str(k), None, tail, 16)
+        assert one.end_session("t", str(k)) == two.end_session("t", str(k), tail) == 3 + len(tail)
+        np.testing.assert_array_equal(one._tenants["t"].calibration.table(), two._tenants["t"].calibration.table())
+    probe = rng.integers(0, 12, 30).astype(np.int32)
+    a, b = (d.draft("t", "probe", probe, np.empty(0, np.int32), 16).tree for d in (one, two))
+    np.testing.assert_array_equal(a.token_ids, b.token_ids)

@@ -1,0 +1,85 @@
+"""The step policy's models and the KV commit against slow references on random inputs:
+`CostModel.at` / `best_prefix`, `ScoreCalibration`, `verifier.decoding.cache.commit`."""
+
+import numpy as np
+import pytest
+import torch
+from transformers import DynamicCache
+
+from verifier.decoding.cache import commit, kv_tensors
+from verifier.decoding.cost import CostModel, ScoreCalibration
+
+
+def ref_at(tokens: list[int], costs: list[float], n: float) -> float:
+    """Piecewise-linear cost through the measured points, extended with the last slope (never falling)."""
+    if n <= tokens[-1]:
+        for (x0, y0), (x1, y1) in zip(zip(tokens, costs), zip(tokens[1:], costs[1:])):
+            if x0 <= n <= x1:
+                return y0 + (y1 - y0) * (n - x0) / (x1 - x0)
+        return costs[0]
+    slope = (costs[-1] - costs[-2]) / (tokens[-1] - tokens[-2]) if len(tokens) > 1 else 0.0
+    return costs[-1] + max(slope, 0.0) * (n - tokens[-1])
+
+
+def ref_best_prefix(tokens: list[int], costs: list[float], scores: list[float]) -> int:
+    best, best_rate = 0, -1.0
+    for k in range(len(scores) + 1):
+        rate = (1 + sum(min(max(s, 0.0), 1.0) for s in scores[:k])) / ref_at(tokens, costs, 1 + k)
+        if rate > best_rate * (1 + 1e-12):
+            best, best_rate = k, rate
+    return best
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_best_prefix_matches_a_slow_reference(seed):
+    rng = np.random.default_rng(seed)
+    sizes = [1] + sorted(set(rng.integers(2, 80, int(rng.integers(1, 6))).tolist()))
+    costs = np.cumsum(rng.uniform(0.0, 5.0, len(sizes))) + 10.0  # non-decreasing
+    cm = CostModel(tuple(sizes), tuple(costs.tolist()))
+    scores = np.sort(rng.uniform(-0.1, 1.1, int(rng.integers(0, 90))).astype(np.float32))[::-1]
+    for n in (1, 2.5, sizes[-1], sizes[-1] + 7):
+        assert float(cm.at(n)) == pytest.approx(ref_at(sizes, costs.tolist(), n))
+    assert cm.best_prefix(scores) == ref_best_prefix(sizes, costs.tolist(), scores.tolist())
+
+
+@pytest.mark.parametrize("seed", range(10))
+def test_score_calibration_matches_a_slow_reference(seed):
+    rng = np.random.default_rng(seed)
+    bins, prior, decay = int(rng.integers(2, 12)), float(rng.uniform(0.5, 10)), float(rng.uniform(0.8, 1.0))
+    cal = ScoreCalibration(bins, prior, decay)
+    verified, accepted = [0.0] * bins, [0.0] * bins
+
+    def bin_of(s: float) -> int:
+        return min(max(int(float(s) * bins), 0), bins - 1)
+    for _ in range(30):
+        scores = rng.uniform(-0.2, 1.2, int(rng.integers(0, 20))).astype(np.float32)
+        hit = sorted(rng.choice(len(scores), int(rng.integers(0, len(scores) + 1)), replace=False).tolist()) \
+            if len(scores) else []
+        cal.update(scores, hit)
+        verified = [v * decay for v in verified]
+        accepted = [a * decay for a in accepted]
+        for i, s in enumerate(scores):
+            verified[bin_of(s)] += 1
+            accepted[bin_of(s)] += i in hit
+        probe = rng.uniform(0, 1, 16).astype(np.float32)
+        want = [(accepted[bin_of(s)] + prior * (bin_of(s) + 0.5) / bins) / (verified[bin_of(s)] + prior)
+                for s in probe]
+        assert cal(probe) == pytest.approx(want)
+
+
+@pytest.mark.parametrize("seed", range(10))
+def test_commit_matches_a_slow_reference(seed):
+    """Random caches, random accepted paths (increasing node indexes): the cache keeps prefix + root,
+    then exactly the accepted nodes' entries in path order, in every layer, keys and values."""
+    rng = np.random.default_rng(seed)
+    layers, cache_len, n = int(rng.integers(1, 4)), int(rng.integers(0, 9)), int(rng.integers(0, 12))
+    entries = [torch.randn(1, 2, cache_len + 1 + n, 3, dtype=torch.float64) for _ in range(2 * layers)]
+    cache = DynamicCache()
+    for i in range(layers):
+        cache.update(entries[2 * i].clone(), entries[2 * i + 1].clone(), i)
+    accepted = sorted(rng.choice(n, int(rng.integers(0, n + 1)), replace=False).tolist()) if n else []
+    commit(cache, cache_len, accepted)
+    keep = list(range(cache_len + 1)) + [cache_len + 1 + a for a in accepted]
+    for i, (k, v) in enumerate(kv_tensors(cache)):
+        assert torch.equal(k, torch.stack([entries[2 * i][:, :, j] for j in keep], dim=2))
+        assert torch.equal(v, torch.stack([entries[2 * i + 1][:, :, j] for j in keep], dim=2))

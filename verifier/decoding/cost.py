@@ -1,0 +1,126 @@
+"""The step policy's two models: what a forward costs, and how often a scored node is accepted.
+
+- `CostModel`: forward time by input size (root + nodes), measured on the model's device;
+  `best_prefix(scores)` is the number of best-first nodes maximizing expected tokens per second.
+- `ScoreCalibration`: drafter scores -> the acceptance rates this model shows, learned from the
+  verified steps.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+
+from retriever.drafting.types import DraftTree
+from verifier.decoding.cache import new_cache, truncate
+from verifier.decoding.tree import TreeInputs, build_tree_inputs
+
+if TYPE_CHECKING:
+    from verifier.decoding.model import LoadedModel
+
+
+@dataclass(frozen=True)
+class CostModel:
+    """Forward time by number of input tokens (root + draft nodes), measured on one device.
+
+    Example: tokens (1, 2, 4), cost_ns (10, 10, 14) -> at(3) = 12; best_prefix([0.9, 0.5, 0.1])
+    compares (1 + 0) / 10, (1 + 0.9) / 10, (1 + 1.4) / 12, (1 + 1.5) / 14 -> 2 nodes.
+    """
+
+    tokens: tuple[int, ...]  # measured forward sizes, increasing, the first 1
+    cost_ns: tuple[float, ...]
+
+    def at(self, num_tokens: np.ndarray | int) -> np.ndarray:
+        """Interpolated cost in ns; linear extrapolation past the last measured size."""
+        x, y = np.asarray(self.tokens, np.float64), np.asarray(self.cost_ns, np.float64)
+        n = np.asarray(num_tokens, np.float64)
+        slope = (y[-1] - y[-2]) / (x[-1] - x[-2]) if len(x) > 1 else 0.0
+        return np.where(n <= x[-1], np.interp(n, x, y), y[-1] + max(slope, 0.0) * (n - x[-1]))
+
+    def best_prefix(self, scores: np.ndarray) -> int:
+        """k maximizing (1 + sum of the first k scores) / cost(1 + k); scores [n] float32 best-first."""
+        expected = 1.0 + np.concatenate([[0.0], np.cumsum(np.clip(scores, 0.0, 1.0), dtype=np.float64)])  # [n+1]
+        rate = expected / self.at(np.arange(1, len(scores) + 2))
+        return int(np.argmax(rate))
+
+    @staticmethod
+    def flat(max_tokens: int = 1024) -> "CostModel":
+        """Every size costs the same: verify the whole draft (tests, or a GPU far from saturation)."""
+        return CostModel((1, max_tokens), (1.0, 1.0))
+
+    @staticmethod
+    def measure(loaded: "LoadedModel", max_tokens: int = 257, cache_len: int = 256, reps: int = 3,
+                stop_ratio: float = 8.0) -> "CostModel":
+        """Times chain-tree forwards of 1, 2, 4, ... tokens over a random cache of cache_len entries.
+
+        Stops past max_tokens or once a size costs stop_ratio times a single token (the rest is
+        extrapolated linearly: no tree is worth that much on such a device).
+        """
+        model, device = loaded.model, loaded.device
+        cache_len = max(1, min(cache_len, loaded.max_positions - 2 * max_tokens))
+        cache = new_cache(model)
+        with torch.inference_mode():
+            ids = torch.randint(0, loaded.vocab_size, (1, cache_len), generator=torch.Generator().manual_seed(0))
+            model(ids.to(device), past_key_values=cache, use_cache=True, logits_to_keep=1)
+        sizes, costs, t = [], [], 1
+        while True:
+            inputs = build_tree_inputs(0, DraftTree.chain([1] * (t - 1)), cache_len, loaded.dtype, device)
+            samples = [_timed_forward(model, inputs, cache, device) for _ in range(reps + 1)]  # first: warm-up
+            sizes.append(t)
+            costs.append(max(float(min(samples[1:])), costs[-1] if costs else 0.0))  # more tokens never cost less
+            if t >= max_tokens or costs[-1] > stop_ratio * costs[0]:
+                return CostModel(tuple(sizes), tuple(costs))
+            t = min(2 * t, max_tokens)
+
+
+class ScoreCalibration:
+    """Maps drafter scores to the acceptance rates this model shows (engine-wide, decaying evidence).
+
+    Scores fall into `bins` equal bins over [0, 1]; bin b's rate is
+    (accepted_b + prior * mid_b) / (verified_b + prior): the identity at first, then the observed
+    rate of the verified nodes. Evidence decays by `decay` per step, so after a run of bad drafts
+    (no tree verified, no new evidence) the rates drift back to the scores and drafting resumes.
+
+    Example: 40 verified nodes scored 0.8..0.9 (mid 0.85), 4 accepted, prior 8:
+    rate = (4 + 8 * 0.85) / (40 + 8) = 0.225.
+    """
+
+    def __init__(self, bins: int = 10, prior: float = 2.0, decay: float = 0.99) -> None:
+        self.bins, self.prior, self.decay = bins, prior, decay
+        self.mid = (np.arange(bins) + 0.5) / bins  # [bins] float64
+        self.verified = np.zeros(bins)  # [bins] float64, decayed counts
+        self.accepted = np.zeros(bins)  # [bins] float64
+
+    def _bin(self, scores: np.ndarray) -> np.ndarray:  # [n] float32 -> [n] int64
+        return np.clip((np.asarray(scores, np.float64) * self.bins).astype(np.int64), 0, self.bins - 1)
+
+    def __call__(self, scores: np.ndarray) -> np.ndarray:
+        """Calibrated acceptance probabilities, [n] float32 -> [n] float64."""
+        rate = (self.accepted + self.prior * self.mid) / (self.verified + self.prior)  # [bins]
+        return rate[self._bin(scores)]
+
+    def update(self, scores: np.ndarray, accepted_nodes: list[int]) -> None:
+        """One step: scores [n] of the verified nodes, the accepted ones' indices."""
+        self.verified *= self.decay
+        self.accepted *= self.decay
+        bins = self._bin(scores)
+        np.add.at(self.verified, bins, 1.0)
+        np.add.at(self.accepted, bins[accepted_nodes], 1.0)
+
+
+@torch.inference_mode()
+def _timed_forward(model: torch.nn.Module, inputs: TreeInputs, cache, device: torch.device) -> int:
+    """ns of one tree forward; the cache is cut back to its length before the call."""
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    sync()
+    t0 = time.perf_counter_ns()
+    model(inputs.input_ids, attention_mask=inputs.attention_mask, position_ids=inputs.position_ids,
+          past_key_values=cache, use_cache=True)
+    sync()
+    elapsed = time.perf_counter_ns() - t0
+    truncate(cache, inputs.cache_len)
+    return elapsed

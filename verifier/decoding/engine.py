@@ -1,0 +1,200 @@
+"""The decode loop: draft -> tree inputs -> one forward -> accept -> commit, one step at a time.
+
+`Engine(loaded_model).generate(prompt_ids, max_new_tokens, sampling, drafter, stop_token_ids)`
+yields one `StepResult` per forward pass. The prompt except its last token is prefilled into
+the KV cache; the last token is the first root. Each step asks the `DraftSource` for a tree
+(reporting the tokens emitted by the previous step), keeps the prefix of the tree that
+maximizes expected tokens per second under the measured `CostModel` (node scores weighed by
+the acceptance rates observed so far, `ScoreCalibration`), verifies it in one
+forward pass with a 4-D tree mask, accepts (`verifier.decoding.accept`), and commits the KV cache to
+the accepted path. No draft (None, an error, or no drafter) means a plain decoding step.
+
+The 4-D float mask is passed as `attention_mask` and transformers (v5 `masking_utils`) uses a
+4-D mask as given, with both the sdpa and the eager attention of Llama and Qwen2; the tests
+check speculative greedy output against plain greedy output token for token.
+
+Example:
+    >>> engine = Engine(load_model(ModelSpec()), CostModel.flat())
+    >>> steps = list(engine.generate(prompt_ids, 32, SamplingParams(), drafter=None))
+    >>> sum(len(s.tokens) for s in steps) <= 32
+    True
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Iterator, Protocol, Sequence, runtime_checkable
+
+import torch
+
+from retriever.drafting.types import DraftTree
+from verifier.decoding.accept import (
+    Acceptance,
+    SamplingParams,
+    UniformStream,
+    accept_greedy,
+    accept_sampling,
+    accept_typical,
+)
+from verifier.decoding.cache import commit, new_cache
+from verifier.decoding.cost import CostModel, ScoreCalibration
+from verifier.decoding.stats import StepResult
+from verifier.decoding.tree import TreeInputs, build_tree_inputs, prune
+
+if TYPE_CHECKING:
+    from verifier.decoding.model import LoadedModel
+
+log = logging.getLogger(__name__)
+
+
+@runtime_checkable
+class DraftSource(Protocol):
+    """Drafts for one generation at a time: start, then one draft call per step, then end."""
+
+    def start(self, prompt_ids: list[int]) -> None: ...
+
+    def draft(self, new_tokens: list[int], max_nodes: int) -> DraftTree | None:
+        """A tree continuing the context + new_tokens (emitted since the last call); None: no draft."""
+
+    def end(self) -> None: ...
+
+
+@dataclass
+class _Sequence:
+    """Mutable state of one generation: the cache holds cache_len entries; root is not in it yet."""
+
+    cache: object
+    cache_len: int
+    root: int
+    emitted: int = 0
+    uniforms: UniformStream | None = field(default=None)
+
+
+class Engine:
+    """Generates with one model; not thread-safe (one generation at a time)."""
+
+    def __init__(self, loaded: "LoadedModel", cost_model: CostModel | None = None, max_nodes: int = 64,
+                 calibrate: bool = True) -> None:
+        """cost_model None: measured now on the model's device (a few seconds on a CPU).
+        calibrate: weigh draft scores by the acceptance rates observed so far (`ScoreCalibration`)."""
+        self.loaded = loaded
+        self.max_nodes = max_nodes
+        self.calibration = ScoreCalibration() if calibrate else None
+        self.cost_model = cost_model if cost_model is not None else CostModel.measure(loaded, max_tokens=1 + max_nodes)
+
+    def generate(self, prompt_ids: Sequence[int], max_new_tokens: int, sampling: SamplingParams = SamplingParams(),
+                 drafter: DraftSource | None = None, stop_token_ids: Sequence[int] | None = None
+                 ) -> Iterator[StepResult]:
+        """Steps until max_new_tokens tokens, a stop token (emitted, then the end), or the position limit."""
+        prompt = self._check(prompt_ids, max_new_tokens)
+        stops = set(self.loaded.eos_token_ids if stop_token_ids is None else stop_token_ids)
+        if max_new_tokens == 0:
+            return
+        seq = self.prefill(prompt)
+        seq.uniforms = None if sampling.greedy else UniformStream(sampling.seed)
+        unreported: list[int] = []  # emitted tokens the drafter has not been told of yet
+        if drafter is not None:
+            drafter.start(list(prompt))
+        try:
+            while seq.emitted < max_new_tokens and seq.cache_len < self.loaded.max_positions:
+                left = max_new_tokens - seq.emitted
+                max_depth = min(left, self.loaded.max_positions - seq.cache_len) - 1  # deepest node worth verifying
+                t0 = time.perf_counter_ns()
+                draft = self._draft(drafter, unreported, max_depth)
+                t1 = time.perf_counter_ns()
+                tree = self._verified_prefix(draft, max_depth)
+                inputs = build_tree_inputs(seq.root, tree, seq.cache_len, self.loaded.dtype, self.loaded.device)
+                logits = self.forward(seq, inputs)  # [1+n, V]
+                acceptance = self.accept(logits, inputs, tree, sampling, seq)
+                self.commit(seq, acceptance)
+                if self.calibration is not None:
+                    self.calibration.update(tree.scores, acceptance.nodes.tolist())
+                tokens = _cut(acceptance.tokens.tolist(), left, stops)
+                t2 = time.perf_counter_ns()
+                accepted = acceptance.nodes.tolist()[:len(tokens)]
+                yield StepResult(tokens, len(tree), len(accepted), tuple(int(s) for s in tree.sources[accepted]),
+                                 t1 - t0, t2 - t1, len(draft) if draft is not None else 0)
+                if len(tokens) < len(acceptance.tokens) or tokens[-1] in stops:
+                    return
+                unreported.extend(tokens)
+        finally:
+            if drafter is not None:
+                drafter.end()
+
+    def _check(self, prompt_ids: Sequence[int], max_new_tokens: int) -> list[int]:
+        prompt = [int(t) for t in prompt_ids]
+        if not prompt:
+            raise ValueError("prompt_ids must hold at least one token, got none")
+        bad = [t for t in prompt if not 0 <= t < self.loaded.vocab_size]
+        if bad:
+            raise ValueError(f"prompt_ids must be in [0, {self.loaded.vocab_size}), got {bad[0]}")
+        if len(prompt) > self.loaded.max_positions:
+            raise ValueError(f"prompt must be at most {self.loaded.max_positions} tokens, got {len(prompt)}")
+        if max_new_tokens < 0:
+            raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+        return prompt
+
+    def _draft(self, drafter: DraftSource | None, unreported: list[int], max_depth: int) -> DraftTree | None:
+        """The drafter's tree (told of, and clearing, `unreported`), or None; a failure costs only the draft."""
+        if drafter is None or max_depth < 1:
+            return None
+        new_tokens = unreported.copy()
+        unreported.clear()
+        try:
+            return drafter.draft(new_tokens, self.max_nodes)
+        except Exception:  # noqa: BLE001 - drafting is an optimization: never fail the generation
+            log.warning("draft source failed; decoding this step without a draft", exc_info=True)
+            return None
+
+    def _verified_prefix(self, draft: DraftTree | None, max_depth: int) -> DraftTree:
+        """The nodes worth verifying: valid, at most max_depth deep, the best prefix under the cost model."""
+        if draft is None or len(draft) == 0 or max_depth < 1:
+            return DraftTree.empty()
+        draft = prune(draft, self.loaded.vocab_size, max_depth).prefix(self.max_nodes)
+        scores = self.calibration(draft.scores) if self.calibration is not None else draft.scores
+        return draft.prefix(self.cost_model.best_prefix(scores))
+
+    @torch.inference_mode()
+    def prefill(self, prompt: list[int]) -> _Sequence:
+        """A sequence whose cache holds prompt[:-1]; prompt[-1] is the first root."""
+        cache = new_cache(self.loaded.model)
+        if len(prompt) > 1:
+            ids = torch.tensor([prompt[:-1]], dtype=torch.int64, device=self.loaded.device)  # [1, L-1]
+            self.loaded.model(ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
+        return _Sequence(cache, len(prompt) - 1, prompt[-1])
+
+    @torch.inference_mode()
+    def forward(self, seq: _Sequence, inputs: TreeInputs) -> torch.Tensor:
+        """Logits [1+n, V] of the tree; the cache grows by 1 + n entries."""
+        out = self.loaded.model(inputs.input_ids, attention_mask=inputs.attention_mask,
+                                position_ids=inputs.position_ids, past_key_values=seq.cache, use_cache=True)
+        return out.logits[0]
+
+    @staticmethod
+    def accept(logits: torch.Tensor, inputs: TreeInputs, tree: DraftTree, sampling: SamplingParams,
+               seq: _Sequence) -> Acceptance:
+        if sampling.greedy:
+            return accept_greedy(logits, inputs)
+        uniforms = seq.uniforms.take(seq.emitted, int(inputs.depth.max()) + 1)  # [max depth + 1] float64
+        rule = accept_typical if sampling.typical else accept_sampling
+        return rule(logits, tree, sampling, uniforms)
+
+    @staticmethod
+    @torch.inference_mode()
+    def commit(seq: _Sequence, acceptance: Acceptance) -> None:
+        """Cache := prefix + root + accepted nodes; the bonus token becomes the next root."""
+        commit(seq.cache, seq.cache_len, acceptance.nodes.tolist())
+        seq.cache_len += 1 + len(acceptance.nodes)
+        seq.root = int(acceptance.tokens[-1])
+        seq.emitted += len(acceptance.tokens)
+
+
+def _cut(tokens: list[int], budget: int, stops: set[int]) -> list[int]:
+    """tokens up to the budget and up to (including) the first stop token."""
+    tokens = tokens[:budget]
+    for i, t in enumerate(tokens):
+        if t in stops:
+            return tokens[:i + 1]
+    return tokens
