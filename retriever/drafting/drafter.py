@@ -14,7 +14,14 @@ node budget goes where the expected accepted tokens are highest (depth or breadt
 Lifecycle: `draft(prompt=...)` (re)starts a session; `draft(new_tokens=...)` extends it;
 `end_session` (or idle expiry, or LRU eviction past `max_sessions`) hands the session's
 output to its tenant's index, so later sessions of that tenant (never another's) draft
-from it. Not thread-safe: the caller serializes calls (the service runs them on its loop).
+from it.
+
+Bounds (`DrafterConfig`): the sessions' memory (`session_memory_bytes`, a running total kept
+from `_core.Session.memory_bytes` after each step), each tenant's open sessions and their
+context tokens (`tenant_max_sessions`, `tenant_max_tokens`). A step that would pass one first
+evicts sessions idle at least `evict_idle_s` (least recently used first, their output kept as
+at `end_session`), then raises ResourceExhausted. A tenant with neither open sessions nor prior
+outputs is dropped; at `max_tenants` the least recently used tenant without sessions goes. Not thread-safe: the caller serializes calls (the service runs them on its loop).
 
 Example:
     >>> d = Drafter(DrafterConfig())
@@ -37,6 +44,9 @@ from retriever.drafting.reference_set import PriorOutputs, store_passages
 from retriever.drafting.types import DrafterConfig, DrafterStats, DraftResult, DraftTree, EncodedDraft, Source
 from retriever.errors import NotFound, ResourceExhausted
 
+SESSION_BYTES_PER_TOKEN = 256  # a session's memory per context token, about (~213 B measured; exact after each step)
+SESSION_BASE_BYTES = 4096  # a new session's memory besides its tokens, about
+
 if TYPE_CHECKING:
     from retriever.store.datastore import CorpusDatastore
     from retriever.store.faiss_store import FaissStore
@@ -44,15 +54,19 @@ if TYPE_CHECKING:
 
 
 class _Session:
-    """One generation: its core session (context index and last draft), reference set and idle clock."""
+    """One generation: its core session (context index and last draft), reference set, idle clock
+    and what it is accounted for (`bytes`, `tokens`: its memory and context length at its last step)."""
 
-    __slots__ = ("core", "last_used_s", "reference", "reference_at")
+    __slots__ = ("core", "last_used_s", "reference", "reference_at", "owner", "bytes", "tokens")
 
-    def __init__(self, prompt: np.ndarray, max_context_tokens: int, now_s: float) -> None:
+    def __init__(self, prompt: np.ndarray, max_context_tokens: int, now_s: float, owner: "_Tenant") -> None:
         self.core = _core.Session(prompt, max_context_tokens)
         self.last_used_s = now_s
         self.reference: _core.OnlineIndex | None = None
         self.reference_at = -1  # context length when the reference set was selected (-1: never)
+        self.owner = owner
+        self.bytes = 0
+        self.tokens = 0
 
     def recent(self, n: int) -> np.ndarray:  # [<= n] int32: the last n context tokens
         return self.core.tokens(max(self.core.length - n, 0))
@@ -62,7 +76,8 @@ class _Session:
 
 
 class _Tenant:
-    """A tenant's prior outputs (index + embeddings for reference sets) and its calibration."""
+    """A tenant's prior outputs (index + embeddings for reference sets), its calibration and its
+    open sessions (session id -> session, least recently used first; `context_tokens`: their sum)."""
 
     def __init__(self, config: DrafterConfig, prior: np.ndarray) -> None:
         self.index: _core.OnlineIndex | None = None
@@ -70,6 +85,8 @@ class _Tenant:
         self._keep_outputs = Source.REFERENCE in config.sources  # only reference sets read them
         self.calibration = Calibration(prior, config.calibration)
         self._budget = config.tenant_token_budget
+        self.sessions: OrderedDict[str, _Session] = OrderedDict()
+        self.context_tokens = 0
 
     def add(self, tokens: np.ndarray) -> None:
         if self.index is None:
@@ -90,8 +107,10 @@ class Drafter:
         `references`: FAISS stores feeding the reference sets (see `set_corpora`)."""
         self._config = config
         self._on_output = on_output
-        self._sessions: OrderedDict[tuple[str, str], _Session] = OrderedDict()
-        self._tenants: dict[str, _Tenant] = {}
+        self._sessions: OrderedDict[tuple[str, str], _Session] = OrderedDict()  # least recently used first
+        self._tenants: OrderedDict[str, _Tenant] = OrderedDict()  # least recently used first
+        self.evicted = 0  # idle sessions evicted to make room (quotas, memory budget)
+        self._session_bytes = 0  # running total of the sessions' accounted memory (`_account`)
         p = config.params
         self._cfg = {Source.CONTEXT: p.context.config(Source.CONTEXT), Source.TENANT: p.tenant.config(Source.TENANT),
                      Source.REFERENCE: p.reference.config(Source.REFERENCE)}
@@ -124,19 +143,24 @@ class Drafter:
         Raises NotFound for new_tokens alone on an unknown session, ResourceExhausted when
         the context would exceed `max_context_tokens`.
         """
-        step = self._step(tenant, session_id, prompt, new_tokens)
+        session, step = self._step(tenant, session_id, prompt, new_tokens)
         arrays = _core.session_draft(*step, max_nodes)
+        self._account(session)
         return DraftResult(DraftTree(*arrays), step[0].length)
 
     def draft_response(self, tenant: str, session_id: str, prompt: np.ndarray | None, new_tokens: np.ndarray,
                        max_nodes: int) -> EncodedDraft:
         """As `draft`, the draft encoded by the core as a specdraft.v1.DraftResponse (the service's
         answer, without numpy arrays or a protobuf message in between)."""
-        return EncodedDraft(*_core.session_draft_response(*self._step(tenant, session_id, prompt, new_tokens),
-                                                          max_nodes))
+        session, step = self._step(tenant, session_id, prompt, new_tokens)
+        encoded = EncodedDraft(*_core.session_draft_response(*step, max_nodes))
+        self._account(session)
+        return encoded
 
-    def _step(self, tenant: str, session_id: str, prompt: np.ndarray | None, new_tokens: np.ndarray) -> tuple:
-        """The session (started or advanced) and the arguments of its core step but max_nodes."""
+    def _step(self, tenant: str, session_id: str, prompt: np.ndarray | None,
+              new_tokens: np.ndarray) -> tuple[_Session, tuple]:
+        """The session (started or advanced, room made for it: `_make_room`) and the arguments of
+        its core step but max_nodes."""
         now_s = time.monotonic()
         key = (tenant, session_id)
         if prompt is not None:
@@ -148,13 +172,17 @@ class Drafter:
                                f"{session_id!r}")
             self._check_length(session.core.length + int(new_tokens.shape[0]))
             self._sessions.move_to_end(key)
+            session.owner.sessions.move_to_end(session_id)
+            self._make_room(session.owner, key, int(new_tokens.shape[0]), now_s, False)
         session.last_used_s = now_s
-        state = self._tenants.get(tenant) or self._tenant(tenant)
+        state = session.owner
+        self._tenants.move_to_end(tenant)
         if self._use_reference:
             self._refresh_reference(session, state, new_tokens)
         tenant_index = state.index if self._use_tenant else None
         self._last_used = (tenant_index is not None, session.reference is not None)
-        return (session.core, new_tokens, tenant_index, session.reference, self._plan, *state.calibration.buffers)
+        return session, (session.core, new_tokens, tenant_index, session.reference, self._plan,
+                         *state.calibration.buffers)
 
     def last_lookup_s(self) -> tuple[tuple[str, float], ...]:
         """(label, seconds) of the last draft on this thread: each index query ("context", "tenant",
@@ -184,13 +212,14 @@ class Drafter:
         if (tenant, session_id) not in self._sessions:
             raise NotFound(f"session must exist to be ended, got unknown session {session_id!r}")
         if new_tokens is not None and new_tokens.shape[0]:
-            _core.session_draft(*self._step(tenant, session_id, None, new_tokens), 0)
-        return self._retire(tenant, self._sessions.pop((tenant, session_id)))
+            _core.session_draft(*self._step(tenant, session_id, None, new_tokens)[1], 0)
+        return self._retire((tenant, session_id))
 
     def add_prior_output(self, tenant: str, tokens: np.ndarray) -> None:
         """Add one finished output (int32 [k]) to the tenant's index, e.g. from the shared log."""
-        if tokens.shape[0]:
-            self._tenant(tenant).add(tokens)
+        state = self._tenant(tenant, required=False) if tokens.shape[0] else None
+        if state is not None:  # None: the tenant cap is reached and every tenant has open sessions
+            state.add(tokens)
 
     def expire_idle(self, now_s: float | None = None) -> int:
         """End every session idle longer than `session_idle_s`; returns how many."""
@@ -201,32 +230,117 @@ class Drafter:
         return len(idle)
 
     def stats(self) -> DrafterStats:
-        sessions = sum(s.core.memory_bytes for s in self._sessions.values())
+        sessions = self._session_bytes
         indexes = [t.index for t in self._tenants.values() if t.index is not None]
         return DrafterStats(len(self._sessions), len(indexes), sum(ix.num_tokens for ix in indexes),
                             sessions + sum(ix.memory_bytes for ix in indexes))
 
-    def _tenant(self, tenant: str) -> _Tenant:
+    def _tenant(self, tenant: str, required: bool = True) -> _Tenant | None:
+        """The tenant's state, created when new; at `max_tenants` the least recently used tenant without
+        open sessions goes first. When every one has sessions: ResourceExhausted, or None if not `required`."""
         state = self._tenants.get(tenant)
         if state is None:
+            cap = self._config.max_tenants
+            if len(self._tenants) >= cap and not self._evict_tenant():
+                if not required:
+                    return None
+                raise ResourceExhausted(f"tenants held must be at most {cap}, got {cap + 1} (all have open sessions)")
             state = self._tenants[tenant] = _Tenant(self._config, self._prior)
         return state
 
+    def _evict_tenant(self) -> bool:
+        """Drops the least recently used tenant without open sessions; False when there is none."""
+        for name, state in self._tenants.items():
+            if not state.sessions:
+                del self._tenants[name]
+                return True
+        return False
+
+    def _forget_if_empty(self, tenant: str) -> None:
+        """Drops a tenant holding neither open sessions nor prior outputs (nothing to keep)."""
+        state = self._tenants.get(tenant)
+        if state is not None and not state.sessions and state.index is None:
+            del self._tenants[tenant]
+
     def _start(self, key: tuple[str, str], prompt: np.ndarray, new_tokens: np.ndarray, now_s: float) -> _Session:
-        self._check_length(int(prompt.shape[0]) + int(new_tokens.shape[0]))
-        self._sessions.pop(key, None)  # a restart resends the old output inside the prompt
-        session = _Session(prompt, self._config.max_context_tokens, now_s)
-        self._sessions[key] = session
+        n = int(prompt.shape[0]) + int(new_tokens.shape[0])
+        self._check_length(n)
+        if key in self._sessions:
+            self._drop(key)  # a restart resends the old output inside the prompt
+        owner = self._tenant(key[0])
+        try:
+            self._make_room(owner, key, n, now_s, True)
+        except ResourceExhausted:
+            self._forget_if_empty(key[0])
+            raise
+        self._tenants[key[0]] = owner  # back if evicting its last (empty) session forgot it
+        session = _Session(prompt, self._config.max_context_tokens, now_s, owner)
+        self._sessions[key] = owner.sessions[key[1]] = session
+        self._account(session)
         while len(self._sessions) > self._config.max_sessions:
-            (tenant, _), oldest = self._sessions.popitem(last=False)
-            self._retire(tenant, oldest)
+            self._retire(next(iter(self._sessions)))
         return session
 
-    def _retire(self, tenant: str, session: _Session) -> int:
+    def _make_room(self, owner: _Tenant, key: tuple[str, str], tokens: int, now_s: float, new: bool) -> None:
+        """Makes room for `tokens` more context tokens (and with `new` one more session) of `key`:
+        evicts sessions idle at least `evict_idle_s` (least recently used first, never `key`) while the
+        tenant's quotas or the session memory budget would be exceeded; raises ResourceExhausted when
+        no idle session is left to evict."""
+        c, tenant = self._config, key[0]
+        idle_before = now_s - c.evict_idle_s
+        while new and len(owner.sessions) >= c.tenant_max_sessions:
+            if not self._evict_idle(owner.sessions, key, idle_before, tenant):
+                raise ResourceExhausted(f"open sessions of tenant {tenant!r} must be at most {c.tenant_max_sessions}, "
+                                        f"got {len(owner.sessions) + 1} (none idle {c.evict_idle_s:g} s to evict)")
+        while owner.context_tokens + tokens > c.tenant_max_tokens:
+            if not self._evict_idle(owner.sessions, key, idle_before, tenant):
+                raise ResourceExhausted(f"context tokens of tenant {tenant!r}'s open sessions must be at most "
+                                        f"{c.tenant_max_tokens}, got {owner.context_tokens + tokens} "
+                                        f"(none idle {c.evict_idle_s:g} s to evict)")
+        need = tokens * SESSION_BYTES_PER_TOKEN + (SESSION_BASE_BYTES if new else 0)
+        while self._session_bytes + need > c.session_memory_bytes:
+            if not self._evict_idle(self._sessions, key, idle_before):
+                raise ResourceExhausted(f"session memory must be at most {c.session_memory_bytes} bytes, got "
+                                        f"{self._session_bytes + need} bytes (none idle {c.evict_idle_s:g} s to evict)")
+
+    def _evict_idle(self, order: "OrderedDict", key: tuple[str, str], idle_before: float, tenant: str = "") -> bool:
+        """Retires the least recently used session of `order` (all sessions, or `tenant`'s by id) if it
+        is not `key` and was last used before `idle_before`; False when it may not be evicted."""
+        if not order:
+            return False
+        name, oldest = next(iter(order.items()))
+        oldest_key = (tenant, name) if tenant else name
+        if oldest_key == key or oldest.last_used_s > idle_before:
+            return False
+        self._retire(oldest_key)
+        self.evicted += 1
+        return True
+
+    def _account(self, session: _Session) -> None:
+        """Brings the running totals up to date with the session's memory and context length (O(1))."""
+        ref = session.reference
+        now_bytes = session.core.memory_bytes + (ref.memory_bytes if ref is not None else 0)
+        length = session.core.length
+        self._session_bytes += now_bytes - session.bytes
+        session.owner.context_tokens += length - session.tokens
+        session.bytes, session.tokens = now_bytes, length
+
+    def _drop(self, key: tuple[str, str]) -> _Session:
+        """Removes the session from every table and its share of the running totals."""
+        session = self._sessions.pop(key)
+        del session.owner.sessions[key[1]]
+        self._session_bytes -= session.bytes
+        session.owner.context_tokens -= session.tokens
+        return session
+
+    def _retire(self, key: tuple[str, str]) -> int:
+        """Ends the session: its output goes to its tenant (and `on_output`); returns its token count."""
+        session = self._drop(key)
         output = session.output_tokens()
-        self.add_prior_output(tenant, output)
+        self.add_prior_output(key[0], output)
         if self._on_output is not None and output.shape[0]:
-            self._on_output(tenant, output)
+            self._on_output(key[0], output)
+        self._forget_if_empty(key[0])
         return int(output.shape[0])
 
     def _check_length(self, tokens: int) -> None:

@@ -111,6 +111,11 @@ class DrafterConfig:
     session_idle_s: float = 900.0  # idle sessions end after this long
     tenant_token_budget: int = 2_000_000  # prior-output tokens kept per tenant
     max_context_tokens: int = 131_072  # per session
+    session_memory_bytes: int = 1 << 30  # all open sessions together (the service sets a share of RAM)
+    tenant_max_sessions: int = 10_000  # open sessions per tenant
+    tenant_max_tokens: int = 16_777_216  # context tokens of one tenant's open sessions together
+    max_tenants: int = 100_000  # tenants held; beyond it the least recently used one without sessions goes
+    evict_idle_s: float = 30.0  # a session idle at least this long may be evicted to make room
     params: DraftingParams = field(default_factory=DraftingParams)
     sources: frozenset = DEFAULT_SOURCES
     calibrate: bool = True

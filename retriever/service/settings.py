@@ -11,6 +11,7 @@ with a "SPECDRAFT_X must be Y, got Z" message. The drafting limits default to `D
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from typing import Mapping
 
@@ -24,6 +25,7 @@ ENV_PREFIX = "SPECDRAFT_"
 MAX_VOCAB_SIZE = 16_777_214  # token ids are stored as 24 bits; 0xFFFFFF is the document separator
 MAX_NODES_LIMIT = 4096  # the largest max_nodes_cap a server accepts
 _DRAFTER = DrafterConfig()  # the drafting limits' defaults
+SESSION_MEMORY_FRACTION = 0.25  # session_memory_bytes 0: this share of physical RAM
 
 
 @dataclass(frozen=True)
@@ -51,6 +53,11 @@ class RetrieverSettings:
     max_new_tokens: int = 4096  # per call
     max_batch: int = 256  # drafts per DraftBatch
     max_sessions: int = _DRAFTER.max_sessions  # beyond it the least recently used session ends
+    session_memory_bytes: int = 0  # all sessions' memory; 0: SESSION_MEMORY_FRACTION of physical RAM
+    tenant_max_sessions: int = _DRAFTER.tenant_max_sessions  # open sessions per tenant
+    tenant_max_tokens: int = _DRAFTER.tenant_max_tokens  # context tokens of a tenant's open sessions
+    max_tenants: int = _DRAFTER.max_tenants  # tenants held; beyond it the least recently used without sessions goes
+    evict_idle_s: float = _DRAFTER.evict_idle_s  # a session idle this long may be evicted to make room
     session_idle_s: float = _DRAFTER.session_idle_s  # idle sessions end after this long
     tenant_token_budget: int = _DRAFTER.tenant_token_budget  # prior-output tokens kept per tenant
     reference_set: bool = False  # draft from a per-session reference set (similar prior outputs, FAISS passages)
@@ -104,6 +111,9 @@ class RetrieverSettings:
 
     def drafter_config(self) -> DrafterConfig:
         return DrafterConfig(max_sessions=self.max_sessions, session_idle_s=self.session_idle_s,
+                             session_memory_bytes=self.session_memory_bytes or default_session_memory_bytes(),
+                             tenant_max_sessions=self.tenant_max_sessions, tenant_max_tokens=self.tenant_max_tokens,
+                             max_tenants=self.max_tenants, evict_idle_s=self.evict_idle_s,
                              tenant_token_budget=self.tenant_token_budget,
                              max_context_tokens=self.max_context_tokens,
                              sources=ALL_SOURCES if self.reference_set else DEFAULT_SOURCES)
@@ -125,6 +135,15 @@ class RetrieverSettings:
                       self.max_new_tokens, self.max_batch)
 
 
+def default_session_memory_bytes() -> int:
+    """SESSION_MEMORY_FRACTION of the machine's physical memory (os.sysconf); 1 GiB where unknown."""
+    try:
+        physical = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        physical = 0
+    return int(physical * SESSION_MEMORY_FRACTION) if physical > 0 else 1 << 30
+
+
 def env_name(field_name: str) -> str:
     """The environment variable of a field, e.g. `indexes` -> SPECDRAFT_INDEX_DIRS."""
     return config.env_name(RetrieverSettings, ENV_PREFIX, field_name)
@@ -144,6 +163,11 @@ _RULES: dict[str, config.Rule] = {
     "max_batch": (integer(1), "an integer >= 1"),
     "max_sessions": (integer(1), "an integer >= 1"),
     "session_idle_s": (number(0, False), "a finite number of seconds > 0"),
+    "session_memory_bytes": (integer(0), "an integer >= 0 (0: a quarter of physical memory)"),
+    "tenant_max_sessions": (integer(1), "an integer >= 1"),
+    "tenant_max_tokens": (integer(1), "an integer >= 1"),
+    "max_tenants": (integer(1), "an integer >= 1"),
+    "evict_idle_s": (number(0, True), "a finite number of seconds >= 0"),
     "tenant_token_budget": (integer(1), "an integer >= 1"),
     "reflection": (boolean, "a boolean"),
     "reference_set": (boolean, "a boolean"),
