@@ -1,9 +1,12 @@
 """Overload control of the retriever: three bounds and deadlines.
 
-1. gRPC (`retriever.service.server`): the aio server holds at most `max_inflight +
-   max_queued` RPCs at once (`maximum_concurrent_rpcs`; open DraftStreams count for their
-   whole life). Beyond it grpc itself answers RESOURCE_EXHAUSTED "Concurrent RPC limit
-   exceeded!" before any handler runs: tasks and memory stay bounded whatever the load.
+1. `StreamSlots(max_streams, max_per_peer)` (this module): open DraftStreams, a cap of their
+   own, apart from the drafting cap below: at most `max_streams` in all and `max_per_peer` per
+   client address; beyond either a new stream is refused at once (RESOURCE_EXHAUSTED, "open
+   DraftStreams ... must be at most N, got N+1"). grpc itself caps no RPCs (no
+   `maximum_concurrent_rpcs`): open streams never crowd out unary calls or health checks, and
+   unary calls are bounded by the admission below, which refuses at once beyond its queue.
+   A stream without a request for `stream_idle_s` is ended by the servicer (with its sessions).
 2. `Admission(max_inflight, max_queued)` (this module), at the servicer's edge, per drafted
    message: an asyncio semaphore with a bounded FIFO of waiters (one per server, used only
    on its event loop: not thread-safe). `await enter()` takes a slot: at once while fewer
@@ -107,6 +110,48 @@ class Admission:
             self._waiters.remove(turn)
         except ValueError:
             pass
+
+
+def peer_address(peer: str) -> str:
+    """The client address of a grpc peer string, port dropped ("ipv4:1.2.3.4:5" -> "ipv4:1.2.3.4";
+    "ipv6:[::1]:5" -> "ipv6:[::1]"; others, e.g. "unix:/path", as they are)."""
+    if peer.startswith(("ipv4:", "ipv6:")):
+        return peer.rsplit(":", 1)[0]
+    return peer
+
+
+class StreamSlots:
+    """Open DraftStreams: at most `max_streams` in all, `max_per_peer` per client address
+    (`peer_address`). One per server, used on its event loop only: not thread-safe."""
+
+    def __init__(self, max_streams: int, max_per_peer: int) -> None:
+        if max_streams < 1 or max_per_peer < 1:
+            raise ValueError(f"max_streams and max_per_peer must be >= 1, got {max_streams} and {max_per_peer}")
+        self.max_streams, self.max_per_peer = max_streams, max_per_peer
+        self.open_streams = 0
+        self._per_peer: dict[str, int] = {}
+
+    def open(self, peer: str) -> str:
+        """Takes a slot for a stream from `peer` (a grpc peer string); returns the address to `close`
+        with. Raises ResourceExhausted when the total or the address's cap is reached."""
+        address = peer_address(peer)
+        held = self._per_peer.get(address, 0)
+        if held >= self.max_per_peer:
+            raise errors.ResourceExhausted(f"open DraftStreams from {address} must be at most {self.max_per_peer}, "
+                                           f"got {held + 1}: end idle streams before opening more")
+        if self.open_streams >= self.max_streams:
+            raise errors.ResourceExhausted(f"open DraftStreams must be at most {self.max_streams}, "
+                                           f"got {self.open_streams + 1}: retry after a backoff")
+        self._per_peer[address] = held + 1
+        self.open_streams += 1
+        return address
+
+    def close(self, address: str) -> None:
+        """Gives back a slot taken by `open(...)` (returned `address`)."""
+        held = self._per_peer.pop(address, 0) - 1
+        if held > 0:
+            self._per_peer[address] = held
+        self.open_streams -= 1
 
 
 class QueueWait:

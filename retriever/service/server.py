@@ -213,10 +213,10 @@ def _grpc_server(settings: RetrieverSettings, servicer: RetrieverServicer,
     tokens, credentials = load_security(settings)
     log.info("retriever auth %s, transport %s", f"on ({len(tokens.grants)} tokens)" if tokens else "off",
              "mTLS" if settings.tls_client_ca else "TLS" if credentials else "plaintext")
-    # grpc holds at most this many RPCs (open streams included), answering RESOURCE_EXHAUSTED beyond (retriever.service.admission)
+    # no maximum_concurrent_rpcs: health checks are never refused; streams and drafting have caps of
+    # their own (retriever.service.admission)
     server = grpc.aio.server(options=[("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-                                      ("grpc.so_reuseport", 0)],
-                             maximum_concurrent_rpcs=settings.max_inflight + settings.max_queued)
+                                      ("grpc.so_reuseport", 0)])
     add_retriever(guard(servicer, tokens), server, servicer.metrics.rejected)  # bad wire bytes: INVALID_ARGUMENT
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     if settings.reflection:

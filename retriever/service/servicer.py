@@ -24,7 +24,7 @@ from protos.specdraft.v1 import retriever_pb2_grpc as pb_grpc
 from retriever import __version__, errors
 from retriever.drafting.drafter import Drafter
 from retriever.drafting.types import EncodedDraft
-from retriever.service.admission import Admission, QueueWait, check_deadline
+from retriever.service.admission import Admission, QueueWait, StreamSlots, check_deadline
 from retriever.service.metrics import LOOKUP_SAMPLE_EVERY, RetrieverMetrics
 from retriever.service.settings import Limits, RetrieverSettings
 from retriever.service.validation import check_name, check_token_ids, validate_draft
@@ -85,6 +85,7 @@ class RetrieverServicer(pb_grpc.RetrieverServicer):
         self._unavailable = LOADING
         self.admission = Admission(settings.max_inflight, settings.max_queued)
         self.queue_wait = QueueWait(round(settings.max_queue_wait_ms * 1000))
+        self.streams = StreamSlots(settings.max_streams, settings.max_streams_per_peer)
         self._draining = False  # shutting down: new calls (but EndSession) are refused
 
     @property
@@ -140,27 +141,44 @@ class RetrieverServicer(pb_grpc.RetrieverServicer):
     async def DraftStream(self, request_iterator: AsyncIterator[pb.DraftRequest],
                           context: grpc.aio.ServicerContext) -> AsyncIterator[bytes]:
         """One response per request, in order; the first failure ends the stream with its status.
-        Each message takes an admission slot while it is drafted (an idle stream holds none).
-        A cancelled stream (client cancel, deadline) ends the sessions it drafted for (their
+        The stream holds a stream slot for its life (`StreamSlots`: beyond `max_streams` or
+        `max_streams_per_peer` it is refused RESOURCE_EXHAUSTED at once); each message takes an
+        admission slot while it is drafted (an idle stream holds none). A stream without a request
+        for `stream_idle_s` ends with DEADLINE_EXCEEDED, and so do the sessions it drafted for. A
+        cancelled stream (client cancel, deadline) ends the sessions it drafted for (their
         output goes to their tenants); anything missed still ends by idle expiry."""
         if self._draining:
             await self._refuse_draining(context, "stream")
-        stream = _StreamSessions()
-        context.add_done_callback(lambda _: None if stream.closed else self._end_cancelled(stream.drafted))
-        code, message = None, ""
         try:
-            async for request in request_iterator:
-                await self._admit(context, "stream", request.sent_unix_us)
-                try:
-                    response = self._draft_measured(request, "stream")
-                except Exception as e:  # noqa: BLE001
-                    status, message = answer(e, log, "retriever")
-                    code = status.grpc
-                    break
-                finally:
-                    self.admission.leave()
-                stream.drafted.add((request.tenant, request.session_id))
-                yield response
+            address = self.streams.open(context.peer())
+        except errors.ResourceExhausted as e:
+            self.metrics.rejections.labels("stream", code_of(e).name, "streams").inc()
+            await context.abort(code_of(e), str(e))
+        stream = _StreamSessions()
+        context.add_done_callback(lambda _: self._stream_done(stream, address))
+        code, message = None, ""
+        idle_s, loop = self._settings.stream_idle_s, asyncio.get_running_loop()
+        try:
+            async with asyncio.timeout(idle_s) as idle:
+                async for request in request_iterator:
+                    idle.reschedule(loop.time() + idle_s)
+                    await self._admit(context, "stream", request.sent_unix_us)
+                    try:
+                        response = self._draft_measured(request, "stream")
+                    except Exception as e:  # noqa: BLE001
+                        status, message = answer(e, log, "retriever")
+                        code = status.grpc
+                        break
+                    finally:
+                        self.admission.leave()
+                    stream.drafted.add((request.tenant, request.session_id))
+                    yield response
+        except TimeoutError:  # no request for idle_s: the stream and its sessions end
+            self._end_sessions(stream.drafted, "stream_idle")
+            error = errors.DeadlineExceeded(f"DraftStream must send a request at least every {idle_s:g} s, got none "
+                                            f"for {idle_s:g} s: the stream and its sessions ended")
+            self.metrics.rejected("stream", code_of(error).name, str(error))
+            code, message = code_of(error), str(error)
         except (asyncio.CancelledError, GeneratorExit):
             raise  # cancelled: the done callback ends the sessions
         except BaseException:
@@ -219,8 +237,14 @@ class RetrieverServicer(pb_grpc.RetrieverServicer):
         self.metrics.rejected(rpc, code_of(error).name, str(error))
         await context.abort(code_of(error), str(error))
 
-    def _end_cancelled(self, drafted: set[tuple[str, str]]) -> None:
-        """Ends the sessions a cancelled DraftStream drafted for (their output goes to their tenants)."""
+    def _stream_done(self, stream: _StreamSessions, address: str) -> None:
+        """A DraftStream is over: its slot goes back; cancelled, it ends the sessions it drafted for."""
+        self.streams.close(address)
+        if not stream.closed:
+            self._end_sessions(stream.drafted, "cancelled")
+
+    def _end_sessions(self, drafted: set[tuple[str, str]], reason: str) -> None:
+        """Ends the sessions a DraftStream drafted for (their output goes to their tenants), counted as `reason`."""
         ended = 0
         for tenant, session_id in drafted:
             try:
@@ -228,7 +252,7 @@ class RetrieverServicer(pb_grpc.RetrieverServicer):
                 ended += 1
             except errors.NotFound:  # ended meanwhile (EndSession, expiry, eviction)
                 pass
-        self.metrics.ended("cancelled", ended)
+        self.metrics.ended(reason, ended)
 
     # ------------------------------------------------------------ the work (sync, raises domain errors)
 

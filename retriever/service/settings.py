@@ -68,6 +68,9 @@ class RetrieverSettings:
     expire_interval_s: float = 30.0  # how often idle sessions are looked for
     max_inflight: int = 256  # calls drafting at once (a DraftStream while it handles a message)
     max_queued: int = 1024  # calls waiting for a slot; beyond it RESOURCE_EXHAUSTED at once
+    max_streams: int = 2048  # open DraftStreams in all (their own cap, apart from max_inflight)
+    max_streams_per_peer: int = 256  # open DraftStreams per client address
+    stream_idle_s: float = 60.0  # a DraftStream without a request this long is ended with its sessions
     max_queue_wait_ms: float = 5.0  # a request (with sent_unix_us) read later than this is refused; 0: off
     event_loop: str = "auto"  # auto (uvloop if installed), uvloop, asyncio (retriever.service.event_loop)
     # The shared output log (docs/OUTPUT_LOG.md): auto = Redis if redis_url is set, else the file log.
@@ -168,6 +171,9 @@ _RULES: dict[str, config.Rule] = {
     "tenant_max_tokens": (integer(1), "an integer >= 1"),
     "max_tenants": (integer(1), "an integer >= 1"),
     "evict_idle_s": (number(0, True), "a finite number of seconds >= 0"),
+    "max_streams": (integer(1), "an integer >= 1"),
+    "max_streams_per_peer": (integer(1), "an integer >= 1"),
+    "stream_idle_s": (number(0, False), "a finite number of seconds > 0"),
     "tenant_token_budget": (integer(1), "an integer >= 1"),
     "reflection": (boolean, "a boolean"),
     "reference_set": (boolean, "a boolean"),
