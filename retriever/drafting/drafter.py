@@ -141,7 +141,8 @@ class Drafter:
         """Advance the session by `prompt` (restart) and/or `new_tokens`, then draft.
 
         Raises NotFound for new_tokens alone on an unknown session, ResourceExhausted when
-        the context would exceed `max_context_tokens`.
+        the context would exceed `max_context_tokens`, or a memory bound (module doc) would be
+        passed with no idle session left to evict, or a new tenant finds `max_tenants` all busy.
         """
         session, step = self._step(tenant, session_id, prompt, new_tokens)
         arrays = _core.session_draft(*step, max_nodes)

@@ -1,4 +1,4 @@
-"""`specdraft bench replay|latency|ablation|index|generate|log|overload`: the benchmarks behind the README's figures.
+"""`specdraft bench replay|latency|ablation|index|generate|log|overload|abuse`: the benchmarks behind the README's figures.
 
 Each command prints a table and returns 0; `--json PATH` also writes the typed result.
 """
@@ -74,6 +74,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         "the server's own default, 5, leaves room for a noisy host)")
     p.add_argument("--json", metavar="PATH", help="also write the result as JSON")
     p.set_defaults(run=run_overload)
+
+    p = sub.add_parser("abuse", help="retriever under a hostile client: session flood RSS vs budget, "
+                                     "health and Draft while idle streams are held")
+    p.add_argument("--budget-mib", type=float, default=256.0, help="server session memory budget (default %(default)s)")
+    p.add_argument("--sessions", type=int, default=4000, help="sessions the flood opens (default %(default)s)")
+    p.add_argument("--prompt-tokens", type=int, default=2000, help="prompt tokens per flood session (default %(default)s)")
+    p.add_argument("--tenants", type=int, default=5000, help="one-call tenants after the flood (default %(default)s)")
+    p.add_argument("--streams", type=int, default=1300, help="idle DraftStreams held (default %(default)s)")
+    p.add_argument("--json", metavar="PATH", help="also write the result as JSON")
+    p.set_defaults(run=run_abuse)
 
     from specdraft.bench import log_bench
 
@@ -188,4 +198,11 @@ def run_overload(args: argparse.Namespace) -> int:
 
     _emit(overload(args.cap, args.queued, args.seconds, streams=args.streams, max_queue_wait_ms=args.max_queue_wait_ms),
           args.json)
+    return 0
+
+
+def run_abuse(args: argparse.Namespace) -> int:
+    from specdraft.bench.abuse import run_abuse as abuse
+
+    _emit(abuse(args.budget_mib, args.sessions, args.prompt_tokens, args.tenants, args.streams), args.json)
     return 0
