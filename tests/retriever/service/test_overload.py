@@ -3,7 +3,7 @@ real server (RESOURCE_EXHAUSTED at once, counted as "overloaded", the next call 
 passed before drafting (DEADLINE_EXCEEDED, no state change), cancelled DraftStreams leave no
 sessions or tasks (2000 here; `specdraft bench overload` runs 10k: most sessions end at the cancel,
 the few whose cancel the server sees only as the end of requests end by idle expiry), and
-`Admission` itself, and a real `specdraft retriever serve` subprocess at 10x its gRPC RPC bound
+`Admission` itself, and a real `specdraft retriever serve` subprocess at 10x its admission bound
 under load from other processes (refusals, no other errors, no crash, healthy after).
 `QueueWait` against a slow reference and through a real server (a request that waited too long
 is refused at once and counted as "queue_wait", a client with a skewed clock is not).
@@ -231,8 +231,8 @@ def test_check_deadline_and_settings():
         RetrieverSettings(max_queue_wait_ms=-1)
 
 
-def test_subprocess_server_at_10x_its_rpc_bound_refuses_some_and_stays_healthy():
-    server = ServerProcess({"SPECDRAFT_MAX_INFLIGHT": "1", "SPECDRAFT_MAX_QUEUED": "1"})  # grpc holds 2 RPCs
+def test_subprocess_server_at_10x_its_admission_bound_refuses_some_and_stays_healthy():
+    server = ServerProcess({"SPECDRAFT_MAX_INFLIGHT": "1", "SPECDRAFT_MAX_QUEUED": "1"})  # admission: 1 drafting, 1 waiting
     try:
         rss_start = server.rss_mb()
         load = run_load(server.target, 20, 2.0, processes=2, backoff_s=0.02)
