@@ -234,7 +234,7 @@ class Drafter:
         sessions = self._session_bytes
         indexes = [t.index for t in self._tenants.values() if t.index is not None]
         return DrafterStats(len(self._sessions), len(indexes), sum(ix.num_tokens for ix in indexes),
-                            sessions + sum(ix.memory_bytes for ix in indexes))
+                            sessions + sum(ix.memory_bytes for ix in indexes), sessions, self.evicted)
 
     def _tenant(self, tenant: str, required: bool = True) -> _Tenant | None:
         """The tenant's state, created when new; at `max_tenants` the least recently used tenant without

@@ -219,3 +219,5 @@ class DrafterStats:
     tenants: int
     tenant_tokens: int
     memory_bytes: int  # online indexes (sessions + tenants)
+    session_bytes: int = 0  # the sessions' accounted memory (what session_memory_bytes bounds)
+    evicted: int = 0  # idle sessions evicted to make room (quotas, memory budget), since the start

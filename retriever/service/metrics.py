@@ -186,6 +186,10 @@ class _StateCollector(Collector):
                                 value=s.tenant_tokens)
         yield GaugeMetricFamily(PREFIX + "online_index_bytes", "Memory of the online indexes (sessions and "
                                 "tenants).", value=s.memory_bytes)
+        yield GaugeMetricFamily(PREFIX + "session_memory_bytes", "Memory of the open sessions (bounded by "
+                                "SPECDRAFT_SESSION_MEMORY_BYTES).", value=s.session_bytes)
+        yield CounterMetricFamily(PREFIX + "sessions_evicted", "Idle sessions evicted to make room under the "
+                                  "session memory budget and the tenant quotas.", value=s.evicted)
         if self._log_health is not None:
             yield from _log_families(self._log_health())
 

@@ -93,3 +93,11 @@ def test_tenants_without_outputs_are_dropped_and_tenants_held_are_capped():
         d.draft("new", "s", prompt(20), EMPTY, 8)
     d.add_prior_output("late", prompt(20))  # dropped, not raised: every tenant held has sessions
     assert "late" not in d._tenants and len(d._tenants) == 10
+
+
+def test_stats_report_the_session_memory_and_evictions():
+    d = Drafter(DrafterConfig(tenant_max_sessions=1, evict_idle_s=0.0))
+    d.draft("a", "s0", prompt(50), EMPTY, 8)
+    d.draft("a", "s1", prompt(50), EMPTY, 8)
+    stats = d.stats()
+    assert (stats.sessions, stats.evicted, stats.session_bytes) == (1, 1, accounted(d))

@@ -9,6 +9,15 @@ import grpc
 from retriever.service.settings import RetrieverSettings, default_session_memory_bytes
 from tests.retriever.service.helpers import SERVING, Running, error_of, req, settings
 
+def on_loop(running: Running, fn):
+    """fn() on the server's event loop thread (the drafter is not thread-safe)."""
+    import asyncio
+
+    async def call():
+        return fn()
+    return asyncio.run_coroutine_threadsafe(call(), running.server._loop).result(5)
+
+
 LONG = list(range(1, 2001))  # [2000] token ids: ~440 KB of session memory
 
 
@@ -28,6 +37,10 @@ def test_a_flood_past_the_session_budget_is_refused_precisely_and_the_server_sta
         assert running.health_of("") == SERVING
         error = error_of(running.stub.Draft, req(tenant="t0", session_id="s99", prompt=LONG))
         assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        registry = running.server._inner.servicer.metrics.registry
+        memory = on_loop(running, lambda: registry.get_sample_value("specdraft_retriever_session_memory_bytes"))
+        evicted = on_loop(running, lambda: registry.get_sample_value("specdraft_retriever_sessions_evicted_total"))
+        assert 1_000_000 < memory <= 2_000_000 and evicted == 0
     finally:
         running.close()
 
