@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import signal
+import sqlite3
 import subprocess
 import sys
 import textwrap
@@ -213,7 +215,7 @@ def test_file_log_survives_restart_and_rejects_other_formats(tmp_path):
     assert run(read()) == [[1, 2]]
     (tmp_path / "bad").mkdir()
     (tmp_path / "bad" / "log").mkdir()
-    (tmp_path / "bad" / "log" / "outputs.sqlite3").write_bytes(b"not a database" * 100)
+    (tmp_path / "bad" / "log" / "outputs.sqlite3").mkdir()  # not a file at all: no quarantine, an error
     with pytest.raises(LogUnavailable, match="must be a writable SQLite file"):
         FileLog(LogConfig(data_dir=str(tmp_path / "bad")))
 
@@ -263,3 +265,67 @@ def test_file_log_has_no_torn_entries_after_kill_9(tmp_path):
         seq = int(e.tokens[0])
         assert e.tokens.tolist() == [seq] * (1000 + seq % 7)  # whole entries only
     assert size.tokens == sum(len(e.tokens) for e in entries) <= 200_000 + 1006
+
+
+def _corrupt_log(tmp_path: Path, entries: int) -> Path:
+    """A real log of `entries` outputs (entry i: 300 tokens of value i, tenant t{i % 3}),
+    checkpointed, then ten pages in its middle overwritten with garbage."""
+    async def write():
+        log = FileLog(LogConfig(data_dir=str(tmp_path), token_budget=10**9))
+        for i in range(entries):
+            await log.append([item(f"t{i % 3}", np.full(300, i, np.int32), i + 1)])
+        await log.close()
+
+    run(write())
+    path = tmp_path / "log" / "outputs.sqlite3"
+    db = sqlite3.connect(path)
+    db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    db.close()
+    pages = path.stat().st_size // 4096
+    with open(path, "r+b") as f:
+        f.seek(pages // 2 * 4096)
+        f.write(bytes(range(256)) * 16 * 10)
+    return path
+
+
+def test_a_corrupt_file_log_is_quarantined_and_what_can_be_read_is_kept(tmp_path, caplog):
+    path = _corrupt_log(tmp_path, 400)
+    caplog.set_level(logging.ERROR)
+
+    async def body():
+        log = FileLog(LogConfig(data_dir=str(tmp_path)))
+        result = await log.read({f"t{k}": START for k in range(3)}, 1000, 0)  # malformed -> quarantine
+        await log.append([item("t0", [7, 7], 1, origin="new")])
+        after = await log.read(result.cursors, 1000, 0)
+        size = await log.size()
+        await log.close()
+        return result.entries, after.entries, size
+
+    kept, after, size = run(body())
+    values = sorted(int(e.tokens[0]) for e in kept)
+    assert 300 <= len(kept) < 400 and values == sorted(set(values)) and 0 in values and 399 in values
+    assert all(e.tokens.tolist() == [int(e.tokens[0])] * 300 for e in kept)
+    assert [(e.tokens.tolist(), int(e.entry_id) > 400) for e in after] == [([7, 7], True)]  # ids continue
+    assert size.entries == len(kept) + 1
+    aside = [p for p in path.parent.iterdir() if p.name.startswith("outputs.sqlite3.corrupt-")]
+    assert len(aside) == 1
+    errors_ = [r for r in caplog.records if r.levelno == logging.ERROR]
+    assert len(errors_) == 1 and str(path) in errors_[0].getMessage() and str(aside[0]) in errors_[0].getMessage()
+    assert "malformed" in errors_[0].getMessage()
+
+
+def test_a_file_that_is_not_a_database_is_quarantined_at_open(tmp_path):
+    path = tmp_path / "log" / "outputs.sqlite3"
+    path.parent.mkdir()
+    path.write_bytes(b"not a database" * 100)
+
+    async def body():
+        log = FileLog(LogConfig(data_dir=str(tmp_path)))
+        await log.append([item("t", [1, 2], 1)])
+        entries, _ = await read_all(log, ["t"])
+        await log.close()
+        return [e.tokens.tolist() for e in entries]
+
+    assert run(body()) == [[1, 2]]
+    aside = [p for p in path.parent.iterdir() if p.name.startswith("outputs.sqlite3.corrupt-")]
+    assert len(aside) == 1 and aside[0].read_bytes() == b"not a database" * 100
