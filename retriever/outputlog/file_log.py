@@ -113,7 +113,8 @@ class FileLog:
 
     def _prepare(self, db: sqlite3.Connection) -> sqlite3.Connection:
         db.execute("PRAGMA journal_mode=WAL")
-        db.execute("PRAGMA synchronous=NORMAL")  # WAL: durable across process kills, atomic always
+        # WAL + NORMAL: durable across process kills, atomic always; FULL (durable): fsynced at each commit
+        db.execute("PRAGMA synchronous=FULL" if self._config.durable else "PRAGMA synchronous=NORMAL")
         db.executescript(_SCHEMA)
         db.execute("INSERT OR IGNORE INTO meta VALUES ('format_version', ?)", (str(FORMAT_VERSION),))
         version = db.execute("SELECT value FROM meta WHERE key = 'format_version'").fetchone()[0]

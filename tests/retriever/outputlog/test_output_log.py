@@ -329,3 +329,47 @@ def test_a_file_that_is_not_a_database_is_quarantined_at_open(tmp_path):
     assert run(body()) == [[1, 2]]
     aside = [p for p in path.parent.iterdir() if p.name.startswith("outputs.sqlite3.corrupt-")]
     assert len(aside) == 1 and aside[0].read_bytes() == b"not a database" * 100
+
+
+def test_redis_wait_for_replicas_fails_the_append_when_too_few_acknowledge(redis_server):
+    async def body():
+        log = RedisLog(LogConfig(redis_url=redis_server.url, wait_replicas=1, wait_ms=20))
+        try:
+            with pytest.raises(LogUnavailable, match="must reach 1 replicas within 20 ms, got 0"):
+                await log.append([item("w", [1, 2], 1)])
+        finally:
+            await log.close()
+
+    run(body())
+
+
+def test_durable_settings_reach_the_log_config():
+    from retriever.service.settings import RetrieverSettings
+
+    s = RetrieverSettings.from_env({"SPECDRAFT_DURABLE_END_SESSION": "1", "SPECDRAFT_REDIS_WAIT_REPLICAS": "2",
+                                    "SPECDRAFT_REDIS_WAIT_MS": "50"})
+    c = s.log_config()
+    assert (s.durable_end_session, c.durable, c.wait_replicas, c.wait_ms) == (True, True, 2, 50)
+    assert RetrieverSettings().durable_end_session is False and RetrieverSettings().redis_wait_replicas == 0
+    with pytest.raises(ValueError, match="SPECDRAFT_REDIS_WAIT_MS must be an integer number of milliseconds >= 1"):
+        RetrieverSettings.from_env({"SPECDRAFT_REDIS_WAIT_MS": "0"})
+
+
+def test_wait_published_returns_once_appended_and_times_out_while_the_store_is_down(tmp_path):
+    from retriever.outputlog.contract import PublishQueue
+
+    async def body():
+        log = FileLog(LogConfig(data_dir=str(tmp_path)))
+        queue = PublishQueue(log, LogConfig(data_dir=str(tmp_path), backoff_max_s=0.05), "o")
+        task = asyncio.create_task(queue.run())
+        queue.put("t", np.array([1, 2], np.int32))
+        await queue.wait_published(queue.last_seq, 5.0)
+        assert [e.tokens.tolist() for e in (await read_all(log, ["t"]))[0]] == [[1, 2]]
+        await log.close()  # the store is gone: appends fail, the wait times out, the output stays queued
+        queue.put("t", np.array([3], np.int32))
+        with pytest.raises(LogUnavailable, match="must append the output within 0.2 s, got .*stays queued"):
+            await queue.wait_published(queue.last_seq, 0.2)
+        assert queue.health().queued == 1
+        task.cancel()
+
+    run(body())
