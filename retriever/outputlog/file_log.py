@@ -86,6 +86,7 @@ class FileLog:
         self._config = config
         self.path = Path(path) if path is not None else log_path(config.data_dir)
         self._pruned_s = float("-inf")
+        self._inode: int | None = None
         self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="specdraft-file-log")
         try:
             self._db = self._pool.submit(self._open_or_recover).result()
@@ -106,6 +107,7 @@ class FileLog:
         db = sqlite3.connect(self.path, timeout=self._config.timeout_s, isolation_level=None,
                              check_same_thread=False)
         try:
+            self._inode = _inode(self.path)  # the file this connection is on (see _recover)
             return self._prepare(db)
         except BaseException:
             db.close()
@@ -138,11 +140,13 @@ class FileLog:
             raise LogUnavailable(f"output log {self.path} must be usable, got {type(e).__name__}: {e}") from None
 
     def _recover(self, error: sqlite3.Error, failed: sqlite3.Connection) -> None:
-        """Quarantines the file `failed` was on (once: a later call that failed on it finds a new one)."""
+        """Quarantines the file `failed` was on, once: a later call that failed on it finds a new
+        connection, and a process sharing the file that finds it already replaced (another
+        inode at the path) opens the fresh one instead of quarantining it."""
         if self._db is not failed:
             return
         failed.close()
-        self._db = self._quarantine(error)
+        self._db = self._open() if _inode(self.path) not in (None, self._inode) else self._quarantine(error)
 
     def _quarantine(self, error: sqlite3.Error) -> sqlite3.Connection:
         """Moves the corrupt file aside and opens a fresh one holding what could be read of it."""
@@ -316,6 +320,13 @@ def _restore(db: sqlite3.Connection, rows: list[_Row], origins: list[tuple], top
     except BaseException:
         _rollback(db)
         raise
+
+
+def _inode(path: Path) -> int | None:
+    try:
+        return os.stat(path).st_ino
+    except OSError:
+        return None
 
 
 def _rollback(db: sqlite3.Connection) -> None:

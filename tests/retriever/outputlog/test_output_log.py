@@ -373,3 +373,23 @@ def test_wait_published_returns_once_appended_and_times_out_while_the_store_is_d
         task.cancel()
 
     run(body())
+
+
+def test_two_processes_sharing_a_corrupt_log_quarantine_it_once_and_share_the_fresh_one(tmp_path):
+    path = _corrupt_log(tmp_path, 400)
+
+    async def body():
+        a, b = FileLog(LogConfig(data_dir=str(tmp_path))), FileLog(LogConfig(data_dir=str(tmp_path)))
+        kept = (await read_all(a, ["t0", "t1", "t2"]))[0]  # a quarantines
+        seen = (await read_all(b, ["t0", "t1", "t2"]))[0]  # b fails on the old file, finds the fresh one
+        await b.append([item("t0", [5, 5], 1, origin="b")])
+        from_a = (await read_all(a, ["t0"]))[0]
+        await a.close()
+        await b.close()
+        return kept, seen, from_a
+
+    kept, seen, from_a = run(body())
+    assert [e.entry_id for e in seen] == [e.entry_id for e in kept] and len(kept) >= 300
+    assert from_a[-1].tokens.tolist() == [5, 5]
+    aside = [p for p in path.parent.iterdir() if p.name.startswith("outputs.sqlite3.corrupt-")]
+    assert len([p for p in aside if not p.name.endswith(("-wal", "-shm"))]) == 1
