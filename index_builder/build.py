@@ -77,7 +77,9 @@ def build(inputs: Sequence[str | Path], tokenizer: str | Path | LoadedTokenizer,
     `tokenizer` is a tokenizer.json path, a directory holding one, or a loaded one;
     `exclude_ids` a JSON list file or the ids themselves; `max_tokens` caps the corpus
     (the last document is cut). `kind` "faiss" builds a FAISS datastore (`faiss` options).
-    Raises InvalidArgument (bad inputs/options), FailedPrecondition (faiss missing) or OSError.
+    The output directory and any index directory under an INPUT are never read as input.
+    Raises InvalidArgument (bad inputs/options, inputs without a single token: "INPUT produced
+    no documents"), FailedPrecondition (faiss missing) or OSError.
     """
     if not inputs:
         raise InvalidArgument("inputs must name at least one file or directory, got none")
@@ -89,10 +91,10 @@ def build(inputs: Sequence[str | Path], tokenizer: str | Path | LoadedTokenizer,
     check_target(out.absolute(), overwrite, _replaceable(kind))  # fail early; checked again when moving
     tok = tokenizer if isinstance(tokenizer, LoadedTokenizer) else load_tokenizer(tokenizer)
     ids = exclude_ids if isinstance(exclude_ids, (frozenset, set, list, tuple)) else load_exclude_ids(exclude_ids)
-    readers = [InputReader(p, glob, exclude, frozenset(str(i) for i in ids)) for p in inputs]
+    readers = [InputReader(p, glob, exclude, frozenset(str(i) for i in ids), skip=out.absolute()) for p in inputs]
     start = time.perf_counter()
     with _progress(progress) as bar:
-        docs = tokenize(iter_documents(readers), tok, bar, _DONE_LABEL[kind])
+        docs = _nonempty(tokenize(iter_documents(readers), tok, bar, _DONE_LABEL[kind]), readers)
         if max_tokens is not None:
             docs = _cap_tokens(docs, max_tokens)
         name = name or out.absolute().name
@@ -168,6 +170,18 @@ def _batches(texts: Iterator[str]) -> Iterator[list[str]]:
             batch, chars = [], 0
     if batch:
         yield batch
+
+
+def _nonempty(docs: Iterator[np.ndarray], readers: Sequence[InputReader]) -> Iterator[np.ndarray]:
+    """Passes the documents on; raises InvalidArgument at their end when they held no token."""
+    tokens = 0
+    for doc in docs:
+        tokens += doc.size
+        yield doc
+    if tokens == 0:
+        read = ", ".join(r.summary().describe() for r in readers)
+        raise InvalidArgument(f"INPUT produced no documents: the inputs must hold at least one token, got none "
+                              f"({read})")
 
 
 def _cap_tokens(docs: Iterator[np.ndarray], max_tokens: int) -> Iterator[np.ndarray]:

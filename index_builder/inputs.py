@@ -13,7 +13,10 @@
   Conversations whose id is in `exclude_ids` are skipped.
 - any other file: its whole text is one document.
 
-Unreadable or malformed inputs raise `InvalidArgument` with the path (and line).
+Directories are never read into an index when they are the build's output (`skip`) or hold a
+specdraft index (a `manifest.json` whose format is `specdraft-*`); an INPUT that is one is refused.
+Unreadable or malformed inputs (JSON nested deeper than Python can decode included) raise
+`InvalidArgument` with the path (and line).
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from pathlib import Path
 from typing import Iterable, Iterator, Sequence
 
 from retriever.errors import InvalidArgument
+from retriever.store.manifest import index_format
 
 TEXT_EXTENSIONS = frozenset(
     ".py .pyi .pyx .txt .md .rst .c .h .cc .cpp .cxx .hpp .cu .java .kt .scala .js .jsx .ts .tsx .go .rs "
@@ -56,11 +60,16 @@ class InputReader:
     """Iterates the documents of one INPUT; `summary()` is complete once exhausted."""
 
     def __init__(self, path: str | Path, glob: str | None = None, exclude: Sequence[str] = (),
-                 exclude_ids: frozenset[str] = frozenset()) -> None:
+                 exclude_ids: frozenset[str] = frozenset(), skip: Path | None = None) -> None:
+        """`skip`: the build's output directory, never read (nor any index directory)."""
         self.path = Path(path)
         self.glob, self.exclude, self.exclude_ids = glob, tuple(exclude), exclude_ids
+        self.skip = skip.resolve() if skip is not None else None
         if not self.path.exists():
             raise InvalidArgument(f"input {path} must be a file or directory, got no such path")
+        if self.path.is_dir() and (self.path.resolve() == self.skip or is_index_dir(self.path)):
+            what = "the build's output directory" if self.path.resolve() == self.skip else "a specdraft index"
+            raise InvalidArgument(f"input {path} must be a corpus, got {what}")
         self.kind = _kind(self.path)
         self.documents = self.skipped = 0
         self.truncated = False
@@ -77,7 +86,7 @@ class InputReader:
                 yield doc
 
     def _directory(self) -> Iterator[str]:
-        for file in walk_files(self.path, self.glob, self.exclude):
+        for file in walk_files(self.path, self.glob, self.exclude, self.skip):
             text = read_text_file(file)
             if text is None:
                 self.skipped += 1
@@ -117,10 +126,27 @@ def _kind(path: Path) -> str:
     return {".jsonl": "jsonl", ".json": "sharegpt"}.get(suffix, "text")
 
 
-def walk_files(root: Path, glob: str | None, exclude: Sequence[str] = ()) -> Iterator[Path]:
-    """Files under root, sorted, skipping hidden entries, __pycache__ and `exclude` matches."""
+def is_index_dir(path: Path) -> bool:
+    """True when `path` holds a specdraft index's manifest.json (either kind, any version)."""
+    if not (path / "manifest.json").is_file():
+        return False
+    try:
+        fmt = index_format(path)
+    except (RecursionError, ValueError):
+        return False
+    return isinstance(fmt, str) and fmt.startswith("specdraft-")
+
+
+def walk_files(root: Path, glob: str | None, exclude: Sequence[str] = (), skip: Path | None = None) -> Iterator[Path]:
+    """Files under root, sorted, skipping hidden entries, __pycache__, `exclude` matches, the
+    directory `skip` (resolved: the build's output) and index directories (`is_index_dir`)."""
     def excluded(rel: str, name: str) -> bool:
         return any(fnmatch.fnmatch(name, p) or fnmatch.fnmatch(rel, p) for p in exclude)
+
+    def kept(base: Path, d: str) -> bool:
+        path = base / d
+        return (not d.startswith(".") and d != "__pycache__" and not excluded(str(path.relative_to(root)), d)
+                and path.resolve() != skip and not is_index_dir(path))
 
     def onerror(e: OSError) -> None:
         raise InvalidArgument(f"input directory {e.filename} must be readable, got {e.strerror}")
@@ -128,8 +154,7 @@ def walk_files(root: Path, glob: str | None, exclude: Sequence[str] = ()) -> Ite
     for dirpath, dirnames, filenames in os.walk(root, onerror=onerror):
         base = Path(dirpath)
         rel_dir = base.relative_to(root)
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith(".") and d != "__pycache__"
-                             and not excluded(str(rel_dir / d), d))
+        dirnames[:] = sorted(d for d in dirnames if kept(base, d))
         for name in sorted(filenames):
             rel = str(rel_dir / name)
             if name.startswith(".") or excluded(rel, name):
@@ -177,6 +202,9 @@ def _jsonl_text(line: str, where: str) -> str:
         obj = json.loads(line)
     except json.JSONDecodeError as e:
         raise InvalidArgument(f"{where}: line must be valid JSON, got {e.msg} at column {e.colno}") from None
+    except RecursionError:
+        raise InvalidArgument(f"{where}: line must be JSON nested at most ~{_depth()} levels deep, "
+                              "got one nested deeper") from None
     if not isinstance(obj, dict) or not isinstance(obj.get("text"), str):
         got = "an object without a string 'text'" if isinstance(obj, dict) else type(obj).__name__
         raise InvalidArgument(f"{where}: line must be a JSON object with a string 'text' field, got {got}")
@@ -265,6 +293,9 @@ class _JsonListStream:
                 obj, end = self.decoder.raw_decode(self.buf, self.pos)
                 self.pos = end
                 return obj
+            except RecursionError:
+                raise InvalidArgument(f"input {self.path}: element must be JSON nested at most ~{_depth()} levels "
+                                      "deep, got one nested deeper") from None
             except json.JSONDecodeError as e:
                 if len(self.buf) - self.pos > _MAX_OBJECT:
                     raise InvalidArgument(f"input {self.path}: element must be valid JSON under "
@@ -283,9 +314,19 @@ def load_exclude_ids(path: str | Path | None) -> frozenset[str]:
         raise InvalidArgument(f"exclude-ids file {path} must be readable, got {e.strerror or e}") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise InvalidArgument(f"exclude-ids file {path} must be valid JSON, got {e}") from None
+    except RecursionError:
+        raise InvalidArgument(f"exclude-ids file {path} must be JSON nested at most ~{_depth()} levels deep, "
+                              "got one nested deeper") from None
     if not isinstance(raw, list) or not all(isinstance(x, (str, int)) for x in raw):
         raise InvalidArgument(f"exclude-ids file {path} must be a JSON list of ids, got {type(raw).__name__}")
     return frozenset(str(x) for x in raw)
+
+
+def _depth() -> int:
+    """About how deep JSON may nest before Python's decoder runs out of recursion."""
+    import sys
+
+    return sys.getrecursionlimit()
 
 
 def iter_documents(readers: Iterable[InputReader]) -> Iterator[str]:

@@ -78,15 +78,21 @@ class TokenTable:
         return self.authenticate_values(values, "metadata 'authorization'")
 
     def authenticate_values(self, values: Sequence[str | bytes], what: str) -> Principal:
-        """The principal of `Bearer <token>` given as the values of `what` (a header or metadata key)."""
+        """The principal of `Bearer <token>` given as the values of `what` (a header or metadata key).
+
+        Raises Unauthenticated; its message never holds any part of the value (not even its scheme,
+        which may be a token sent without the prefix).
+        """
         if not values:
             raise Unauthenticated(f"{what} must be 'Bearer <token>', got none")
         if len(values) > 1:
             raise Unauthenticated(f"{what} must be given once, got {len(values)} values")
         value = values[0] if isinstance(values[0], str) else values[0].decode("utf-8", "replace")
         scheme, _, token = value.strip().partition(" ")
-        if scheme.lower() != "bearer" or not token.strip():
-            raise Unauthenticated(f"{what} must be 'Bearer <token>', got scheme {scheme[:16]!r}")
+        if scheme.lower() != "bearer":  # the first word may be the token itself: never shown
+            raise Unauthenticated(f"{what} must be 'Bearer <token>', got a value without the 'Bearer ' prefix")
+        if not token.strip():
+            raise Unauthenticated(f"{what} must be 'Bearer <token>', got 'Bearer' without a token")
         principal = self.principal_of(token.strip())
         if principal is None:
             raise Unauthenticated(f"bearer token must be one of the {self.owner}'s tokens, got an unknown one")

@@ -118,6 +118,9 @@ class LogConfig:
     backoff_min_s: float = 0.05
     backoff_max_s: float = 2.0
     dedup_ttl_s: int = 7 * 86400  # Redis: how long a quiet tenant's idempotency keys live
+    durable: bool = False  # file: every commit fsynced (synchronous=FULL), not only kill-9 safe
+    wait_replicas: int = 0  # Redis: each append also WAITs for this many replicas (0: no WAIT)
+    wait_ms: int = 100  # Redis: WAIT's timeout; fewer replicas acknowledging fails the append
 
     def __post_init__(self) -> None:
         for name in ("timeout_s", "discover_s", "backoff_min_s", "backoff_max_s"):
@@ -128,6 +131,10 @@ class LogConfig:
             value = getattr(self, name)
             if not (isinstance(value, int) and value >= 1):
                 raise ValueError(f"LogConfig.{name} must be an integer >= 1, got {value!r}")
+        if not (isinstance(self.wait_replicas, int) and self.wait_replicas >= 0 and isinstance(self.wait_ms, int)
+                and self.wait_ms >= 1):
+            raise ValueError(f"LogConfig.wait_replicas must be >= 0 and wait_ms >= 1, got {self.wait_replicas!r} "
+                             f"and {self.wait_ms!r}")
         if not (isinstance(self.block_ms, int) and self.block_ms >= 0):
             raise ValueError(f"LogConfig.block_ms must be an integer >= 0, got {self.block_ms!r}")
 
@@ -168,6 +175,8 @@ class PublishQueue:
     the oldest output drops when full, counted); `run`
     appends batches in order, retrying a failed batch with exponential backoff (jittered,
     `backoff_min_s` doubling to `backoff_max_s`). Retries are safe: appends are idempotent.
+    `wait_published(seq, timeout_s)` (on the loop of `run`) returns once the output numbered
+    `seq` (`last_seq` after its `put`) is appended: a durable EndSession.
     """
 
     def __init__(self, log: OutputLog, config: LogConfig, origin: str) -> None:
@@ -179,6 +188,8 @@ class PublishQueue:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._connected, self._published, self._dropped, self._errors = True, 0, 0, 0
         self._last_error = ""
+        self._published_seq = self._dropped_seq = 0  # highest seq appended / dropped (seqs go in order)
+        self._progress: asyncio.Condition | None = None  # on the loop of `run`: waiters of wait_published
 
     def put(self, tenant: str, tokens: np.ndarray) -> None:
         """Queues `tokens` (int32 [k], copied) as an output of `tenant`."""
@@ -186,7 +197,7 @@ class PublishQueue:
         with self._lock:
             self._seq += 1
             while len(self._items) >= self._config.queue_max:
-                self._items.popleft()
+                self._dropped_seq = self._items.popleft().seq
                 self._dropped += 1
             self._items.append(PendingOutput(tenant, payload, self.origin, self._seq, time.monotonic()))
         loop = self._loop
@@ -202,6 +213,32 @@ class PublishQueue:
                     loop.call_soon_threadsafe(self._wake.set)
             except RuntimeError:  # the loop is closed: the output stays queued, never raised to the drafter
                 pass
+
+    @property
+    def last_seq(self) -> int:
+        """The seq of the latest output `put` (0: none yet)."""
+        return self._seq
+
+    async def wait_published(self, seq: int, timeout_s: float) -> None:
+        """Returns once output `seq` is appended; LogUnavailable when it was dropped (queue full)
+        or `timeout_s` passed first (it then stays queued and may still be appended)."""
+        if self._progress is None:
+            self._progress = asyncio.Condition()
+        try:
+            async with self._progress:
+                await asyncio.wait_for(self._progress.wait_for(
+                    lambda: self._published_seq >= seq or self._dropped_seq >= seq), timeout_s)
+        except asyncio.TimeoutError:
+            raise LogUnavailable(f"output log {self._log.name} must append the output within {timeout_s:g} s, got "
+                                 f"{self._last_error or 'no append yet'} (the output stays queued)") from None
+        if self._published_seq < seq:
+            raise LogUnavailable(f"output log {self._log.name} must take the output, got it dropped: "
+                                 f"{self._config.queue_max} outputs were waiting")
+
+    async def _notify(self) -> None:
+        if self._progress is not None:
+            async with self._progress:
+                self._progress.notify_all()
 
     def health(self) -> PublishHealth:
         with self._lock:
@@ -247,7 +284,9 @@ class PublishQueue:
         with self._lock:
             while self._items and self._items[0].seq <= last:  # some may have dropped meanwhile
                 self._items.popleft()
+            self._published_seq = max(self._published_seq, last)
         self._published += len(batch)
+        await self._notify()
         return True
 
     async def flush(self, timeout_s: float) -> bool:

@@ -151,6 +151,19 @@ class RedisLog:
         failed = next((r for r in results if isinstance(r, Exception)), None)
         if failed is not None:
             raise LogUnavailable(f"redis append must succeed, got {type(failed).__name__}: {failed}")
+        if self._config.wait_replicas:
+            await self._wait_replicas()
+
+    async def _wait_replicas(self) -> None:
+        """WAIT for `wait_replicas` replicas to hold the append; LogUnavailable when fewer do in `wait_ms`."""
+        c = self._config
+        try:
+            acked = await self._writer.execute_command("WAIT", c.wait_replicas, c.wait_ms)
+        except (RedisError, OSError, asyncio.TimeoutError) as e:
+            raise LogUnavailable(f"redis WAIT must succeed, got {type(e).__name__}: {e}") from None
+        if int(acked) < c.wait_replicas:
+            raise LogUnavailable(f"redis append must reach {c.wait_replicas} replicas within {c.wait_ms} ms, "
+                                 f"got {acked}")
 
     async def _append_pipeline(self, batch: Sequence[PendingOutput]) -> list[object]:
         c = self._config

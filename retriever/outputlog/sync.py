@@ -5,6 +5,7 @@
     await sync.start(drafter)                           # warm-up (replay), then tail; publish
     await sync.wait_warm(timeout_s)                     # e.g. before health SERVING
     ...
+    await sync.published(timeout_s)                     # a durable EndSession: its output is in the log
     await sync.stop(flush_s=1.0)
 
 - Warm-up replays the whole log (every tenant, oldest first) into the drafter with
@@ -116,6 +117,12 @@ class LogSync:
     def publish(self, tenant: str, tokens: np.ndarray) -> None:
         """Queues a finished output (int32 [k]) for the log; the `Drafter`'s `on_output`."""
         self._queue.put(tenant, tokens)
+
+    async def published(self, timeout_s: float) -> None:
+        """Returns once every output published so far is in the log (file: committed; Redis:
+        acknowledged, by `wait_replicas` replicas too when set); raises LogUnavailable (an
+        Unavailable) after `timeout_s` or when one was dropped. On the loop that ran `start`."""
+        await self._queue.wait_published(self._queue.last_seq, timeout_s)
 
     async def start(self, drafter: "Drafter") -> None:
         """Starts the replay-then-tail and the publish tasks on the running loop."""

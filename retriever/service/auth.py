@@ -8,7 +8,8 @@
   before the foreign one, then ends). Describe needs any valid token; its admin details
   (the indexes' filesystem paths) are only filled in for admin tokens. Denials are logged
   with the token's label, never the token, and counted in `specdraft_retriever_auth_denials`
-  {rpc, code}. Without tokens (the default) nothing is checked.
+  {rpc, code}; the log is rate-limited (one summary line per RPC and code every 10 s,
+  with a count). Without tokens (the default) nothing is checked.
 - `server_credentials(settings)`: TLS (`tls_cert` + `tls_key`) and mTLS (`tls_client_ca`:
   client certificates signed by it are required) credentials, or None (plaintext).
 - `load_security(settings)`: both (the tokens None when auth is off); OSError when a file is bad.
@@ -25,18 +26,21 @@ from protos.specdraft.v1 import retriever_pb2 as pb
 from protos.specdraft.v1 import retriever_pb2_grpc as pb_grpc
 from retriever import errors
 from retriever.credentials import Principal, TokenTable, load_tokens, read_pem
+from retriever.logs import SummaryLog
 from retriever.service.metrics import RetrieverMetrics
 from retriever.service.settings import RetrieverSettings, env_name
 from retriever.status import code_of
 
 log = logging.getLogger(__name__)
+DENIAL_LOG_INTERVAL_S = 10.0
 
 
 async def _deny(context: grpc.aio.ServicerContext, rpc: str, error: errors.SpecdraftError,
-                metrics: RetrieverMetrics | None) -> None:
-    """Logs and counts the denial (peer and message, no token) and aborts the call with its status."""
+                metrics: RetrieverMetrics | None, denials: SummaryLog) -> None:
+    """Logs (rate-limited: a summary line per RPC and code per interval, with the last peer and
+    message, never a token) and counts the denial, and aborts the call with its status."""
     code = code_of(error)
-    log.info("retriever %s denied (%s) for %s: %s", rpc, code.name, context.peer(), error)
+    denials.note(f"{rpc}/{code.name}", "retriever %s denied (%s) for %s: %s", rpc, code.name, context.peer(), error)
     if metrics is not None:
         metrics.auth_denied(rpc, code.name)
     await context.abort(code, str(error))
@@ -58,12 +62,13 @@ class GuardedServicer(pb_grpc.RetrieverServicer):
     def __init__(self, inner: pb_grpc.RetrieverServicer, tokens: TokenTable,
                  metrics: RetrieverMetrics | None = None) -> None:
         self._inner, self._tokens, self._metrics = inner, tokens, metrics
+        self._denials = SummaryLog(log, DENIAL_LOG_INTERVAL_S)  # one line per (rpc, code) per interval
 
     async def _principal(self, context: grpc.aio.ServicerContext, rpc: str) -> Principal:
         try:
             return self._tokens.authenticate(context.invocation_metadata())
         except errors.Unauthenticated as e:
-            await _deny(context, rpc, e, self._metrics)
+            await _deny(context, rpc, e, self._metrics, self._denials)
             raise
 
     async def _admit(self, context: grpc.aio.ServicerContext, rpc: str,
@@ -72,7 +77,7 @@ class GuardedServicer(pb_grpc.RetrieverServicer):
         try:
             check_tenants(principal, named)
         except errors.PermissionDenied as e:
-            await _deny(context, rpc, e, self._metrics)
+            await _deny(context, rpc, e, self._metrics, self._denials)
         return principal
 
     async def Draft(self, request: pb.DraftRequest, context: grpc.aio.ServicerContext) -> pb.DraftResponse:
@@ -107,7 +112,7 @@ class GuardedServicer(pb_grpc.RetrieverServicer):
         async for response in self._inner.DraftStream(checked(), context):
             yield response
         if denied:
-            await _deny(context, "DraftStream", denied[0], self._metrics)
+            await _deny(context, "DraftStream", denied[0], self._metrics, self._denials)
 
     async def Describe(self, request: pb.DescribeRequest, context: grpc.aio.ServicerContext) -> pb.DescribeResponse:
         principal = await self._principal(context, "Describe")

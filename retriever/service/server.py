@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import functools
 import logging
 import math
 import signal
@@ -243,7 +244,9 @@ async def start(settings: RetrieverSettings, loader: Loader = load_indexes,
     if drafter is None:
         drafter = Drafter(settings.drafter_config(), on_output=sync.publish if sync is not None else None)
     metrics = RetrieverMetrics.create()
-    servicer = RetrieverServicer(settings, drafter, metrics)
+    durable = (functools.partial(sync.published, settings.durable_timeout_s)
+               if sync is not None and settings.durable_end_session else None)
+    servicer = RetrieverServicer(settings, drafter, metrics, durable)
     metrics.watch(drafter.stats, lambda: servicer.ready, sync.health if sync is not None else None)
     health_servicer = health.aio.HealthServicer()
     for name in (*HEALTH_NAMES, *((LOG_HEALTH_NAME,) if sync is not None else ())):

@@ -15,7 +15,7 @@ import asyncio
 import logging
 import math
 import time
-from typing import TYPE_CHECKING, AsyncIterator, Callable, Sequence, TypeVar
+from typing import TYPE_CHECKING, AsyncIterator, Awaitable, Callable, Sequence, TypeVar
 
 import grpc
 
@@ -71,11 +71,14 @@ class _StreamSessions:
 
 class RetrieverServicer(pb_grpc.RetrieverServicer):
     """The service over one `Drafter`; `set_corpora` makes it ready. `metrics`: where calls are
-    counted (default: instruments in a registry of their own)."""
+    counted (default: instruments in a registry of their own). `durable`: awaited before
+    EndSession answers when it ended an output (returns once the output is in the output log;
+    raises Unavailable); None: EndSession answers once the output is queued."""
 
     def __init__(self, settings: RetrieverSettings, drafter: Drafter | None = None,
-                 metrics: RetrieverMetrics | None = None) -> None:
-        self._settings = settings
+                 metrics: RetrieverMetrics | None = None,
+                 durable: Callable[[], Awaitable[None]] | None = None) -> None:
+        self._settings, self._durable = settings, durable
         self.metrics = metrics if metrics is not None else RetrieverMetrics.create()
         self._drafts_seen = 0  # successful drafts, for sampling the per-index lookup times
         self._drafter = drafter if drafter is not None else Drafter(settings.drafter_config())
@@ -203,6 +206,12 @@ class RetrieverServicer(pb_grpc.RetrieverServicer):
                          context: grpc.aio.ServicerContext) -> pb.EndSessionResponse:
         response = await _answer(context, self._rejections(self._end_session, "end_session"), request)
         self.metrics.ended("end_session")
+        if self._durable is not None and response.output_tokens:
+            try:
+                await self._durable()
+            except errors.Unavailable as e:
+                status, message = answer(e, log, "retriever")
+                await context.abort(status.grpc, f"EndSession's output must be durable, got: {message}")
         return response
 
     async def Describe(self, request: pb.DescribeRequest, context: grpc.aio.ServicerContext) -> pb.DescribeResponse:

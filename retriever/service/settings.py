@@ -84,6 +84,10 @@ class RetrieverSettings:
     log_queue_max: int = 10_000  # outputs waiting to be published; beyond it the oldest drop
     log_warmup_gate: str = "not_serving"  # not_serving: health waits for the replay; degraded: it does not
     log_warmup_timeout_s: float = 0.0  # not_serving: serve anyway after this long (0: wait for the replay)
+    durable_end_session: bool = False  # EndSession answers once its output is committed (file) / acknowledged (Redis)
+    durable_timeout_s: float = 5.0  # durable_end_session: longest wait for that, then UNAVAILABLE (output stays queued)
+    redis_wait_replicas: int = 0  # Redis: each append also waits for this many replicas (WAIT); 0: no WAIT
+    redis_wait_ms: int = 100  # Redis: WAIT's timeout; fewer replicas acknowledging fails the append (retried)
     # Auth and transport security (SECURITY.md); both off by default.
     auth_tokens_file: str = ""  # bearer tokens bound to tenants (retriever.credentials); empty: no auth
     tls_cert: str = ""  # PEM certificate chain; with tls_key the server speaks TLS only
@@ -129,7 +133,8 @@ class RetrieverSettings:
         return LogConfig(redis_url=url, redis_username=self.redis_username, redis_password=self.redis_password,
                          timeout_s=self.redis_timeout_s, data_dir=self.data_dir,
                          token_budget=self.log_token_budget or self.tenant_token_budget,
-                         queue_max=self.log_queue_max)
+                         queue_max=self.log_queue_max, durable=self.durable_end_session,
+                         wait_replicas=self.redis_wait_replicas, wait_ms=self.redis_wait_ms)
 
     def limits(self, index_vocab_size: int = 0) -> Limits:
         """The request limits; vocab: the setting, else `index_vocab_size`, else MAX_VOCAB_SIZE."""
@@ -196,6 +201,10 @@ _RULES: dict[str, config.Rule] = {
     "log_queue_max": (integer(1), "an integer >= 1"),
     "log_warmup_gate": (lambda v: v in ("not_serving", "degraded"), "not_serving or degraded"),
     "log_warmup_timeout_s": (number(0, True), "a finite number of seconds >= 0 (0: no limit)"),
+    "durable_end_session": (boolean, "a boolean"),
+    "durable_timeout_s": (number(0, False), "a finite number of seconds > 0"),
+    "redis_wait_replicas": (integer(0), "an integer >= 0 (0: no WAIT)"),
+    "redis_wait_ms": (integer(1), "an integer number of milliseconds >= 1"),
     "auth_tokens_file": (lambda v: isinstance(v, str), "a file path or empty (auth off)"),
     "tls_cert": (lambda v: isinstance(v, str), "a PEM file path or empty (plaintext)"),
     "tls_key": (lambda v: isinstance(v, str), "a PEM file path or empty"),

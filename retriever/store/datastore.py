@@ -27,6 +27,7 @@ Pure module: imports neither grpc nor torch.
 from __future__ import annotations
 
 import contextlib
+import errno
 import glob
 import hashlib
 import mmap
@@ -139,10 +140,16 @@ def write_datastore(out_dir: str | Path, documents: Iterable[np.ndarray], tokeni
 def check_target(out: Path, overwrite: bool, index_files: frozenset[str] = INDEX_FILES) -> None:
     """Raises InvalidArgument unless writing an index at `out` is allowed (see write_datastore).
 
-    Only a directory holding nothing but `index_files` (datastore files) counts as an index.
+    Only a directory holding nothing but `index_files` (datastore files) counts as an index. A
+    mount point is refused: the index is staged beside it and renamed onto it, which the kernel
+    refuses for a mount point (EBUSY).
     """
     if not out.exists() and not out.is_symlink():
         return
+    if os.path.ismount(out):
+        raise InvalidArgument(f"output {out} must not be a mount point (the index is staged in {out.parent} and "
+                              f"renamed onto OUT, which a mount point cannot be), got a mount point; give a "
+                              f"directory inside it, e.g. {out / 'index'}")
     names = {p.name for p in out.iterdir()} if out.is_dir() and not out.is_symlink() else None
     if names == set():
         return
@@ -207,8 +214,8 @@ def move_into_place(tmp: Path, out: Path, overwrite: bool, index_files: frozense
     if out.exists() and any(out.iterdir()):
         old = out.parent / f".{out.name}.old-{os.getpid()}"
         shutil.rmtree(old, ignore_errors=True)
-        os.replace(out, old)
-    os.replace(tmp, out)
+        _rename(out, old, out)
+    _rename(tmp, out, out)
     fd = os.open(out.parent, os.O_RDONLY)  # make the rename durable
     try:
         os.fsync(fd)
@@ -216,6 +223,17 @@ def move_into_place(tmp: Path, out: Path, overwrite: bool, index_files: frozense
         os.close(fd)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
+
+
+def _rename(src: Path, dst: Path, out: Path) -> None:
+    """os.replace; a refusal of the kernel (busy, another filesystem) as InvalidArgument naming OUT."""
+    try:
+        os.replace(src, dst)
+    except OSError as e:
+        if e.errno not in (errno.EBUSY, errno.EXDEV, errno.ENOTEMPTY, errno.EISDIR, errno.ENOTDIR):
+            raise
+        raise InvalidArgument(f"output {out} must be replaceable by renaming {src} onto {dst}, got "
+                              f"{e.strerror} (is OUT or its parent a mount point?)") from None
 
 
 def write_synced(path: Path, data: bytes | memoryview) -> None:

@@ -326,11 +326,19 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--phase-s", type=float, default=5.0, help="seconds per outage phase (0: skip the outage run)")
     p.add_argument("--traces", default=DEFAULT_TRACES, help="JSONL traces (default: %(default)s)")
     p.add_argument("--json", metavar="PATH", help="also write the result as JSON")
+    p.add_argument("--end-session", type=int, default=0, metavar="N",
+                   help="only time N EndSession calls per store with durable_end_session off and on "
+                        "(specdraft.bench.end_session), skipping the ingest and outage runs")
 
 
 def run(args: argparse.Namespace) -> int:
     """Runs the benchmark, prints the tables; 0."""
     stores = [s for s in args.stores.split(",") if s]
+    if args.end_session > 0:
+        from specdraft.bench.end_session import bench_end_session, table
+
+        print(table(bench_end_session(args.end_session, stores)))
+        return 0
     if "redis" in stores and not args.redis_url and REDIS_SERVER is None:
         raise SystemExit("error: redis-server must be on PATH for the redis store (or pass --redis-url)")
     docs = _documents(args.traces, args.tokens)

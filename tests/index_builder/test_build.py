@@ -3,6 +3,7 @@ the `specdraft index` CLI, with the real Qwen2.5-Coder tokenizer."""
 
 import hashlib
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -232,3 +233,60 @@ def test_cli_inspect_corrupt_index(py_dir, tmp_path, capsys):
     assert main(["index", "inspect", str(out)]) == 2
     assert "sa.u32 sha256 must be" in capsys.readouterr().err
     assert main(["index", "inspect", str(out), "--no-verify"]) == 0
+
+
+def _build_cli(capsys, out, *args) -> tuple[int, str]:
+    capsys.readouterr()
+    code = main(["index", "build", "--tokenizer", str(TOKENIZER), "--out", str(out), "--no-progress", *args])
+    return code, capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name, text", [
+    ("deep.jsonl", "[" * 100_000 + "]" * 100_000 + "\n"),
+    ("deep.json", "[" + "[" * 100_000 + "]" * 100_000 + "]"),
+    ("deep2.jsonl", '{"text": ' + "[" * 100_000 + "]" * 100_000 + "}\n"),
+])
+def test_deeply_nested_json_is_a_one_line_error(tmp_path, capsys, name, text):
+    source = tmp_path / name
+    source.write_text(text)
+    code, err = _build_cli(capsys, tmp_path / "ix", str(source))
+    assert code == 2 and err.startswith("error: ") and err.count("\n") == 1, err[-500:]
+    assert "nested deeper" in err and name in err and "Traceback" not in err and "RecursionError" not in err
+    ids = tmp_path / "ids.json"
+    ids.write_text("[" * 100_000 + "]" * 100_000)
+    with pytest.raises(InvalidArgument, match="exclude-ids file .* nested at most"):
+        load_exclude_ids(ids)
+
+
+def test_inputs_without_a_token_are_refused(tmp_path, capsys):
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text('{"text": ""}\n\n')
+    (tmp_path / "d").mkdir()
+    code, err = _build_cli(capsys, tmp_path / "ix", str(empty), str(tmp_path / "d"))
+    assert code == 2 and err.startswith("error: INPUT produced no documents") and "empty.jsonl" in err
+    assert not (tmp_path / "ix").exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".ix.")]
+
+
+def test_out_inside_an_input_is_never_read_nor_any_index(py_dir, tmp_path, capsys, tok):
+    other = tmp_path / "other-index"
+    assert _build_cli(capsys, other, str(py_dir))[0] == 0
+    import shutil
+
+    shutil.copytree(other, py_dir / "old-index")  # an index under the INPUT, not the output
+    out = py_dir / "ix"
+    for _ in range(2):  # the second build sees the first one's output under its INPUT
+        code, err = _build_cli(capsys, out, "--overwrite", "--glob", "*", str(py_dir))
+        assert code == 0, err
+        docs = decoded_documents(tok, out)
+        assert not any("specdraft-corpus" in d or "sha256" in d for d in docs)
+        assert len(docs) == 3  # a.py, pkg/b.py, README.md (binary and latin-1 skipped)
+    code, err = _build_cli(capsys, tmp_path / "ix2", str(out))
+    assert code == 2 and "must be a corpus, got a specdraft index" in err
+
+
+@pytest.mark.skipif(not os.path.ismount("/dev/shm") or any(Path("/dev/shm").iterdir()),
+                    reason="needs /dev/shm as an empty mount point")
+def test_out_that_is_a_mount_point_is_refused_naming_out_and_the_cause(py_dir, capsys):
+    code, err = _build_cli(capsys, "/dev/shm", str(py_dir))
+    assert code == 2 and err.startswith("error: output /dev/shm must not be a mount point") and "Traceback" not in err
+    assert not Path("/dev/.shm.tmp-%d" % os.getpid()).exists()

@@ -114,3 +114,38 @@ def test_a_build_killed_between_its_renames_gets_the_old_index_back(tmp_path):
     odd = tmp_path / f".idx[1].tmp-{dead.pid}"  # glob characters in the index name match literally
     odd.mkdir()
     assert recover_killed_builds(tmp_path / "idx[1]") == [odd] and not odd.exists()
+
+
+@pytest.mark.parametrize("store", ["file", "redis"])
+def test_a_durable_end_session_output_survives_a_kill_9_right_after_ok(tmp_path, store, request):
+    import grpc
+
+    from protos.specdraft.v1 import retriever_pb2 as pb
+    from protos.specdraft.v1 import retriever_pb2_grpc as pb_grpc
+    from tests.retriever.service.test_shutdown import PROMPT
+
+    if store == "file":
+        args = ("--output-log", "file", "--data-dir", str(tmp_path))
+    else:
+        args = ("--output-log", "redis", "--redis-url", request.getfixturevalue("redis_server").url)
+    acknowledged = []
+    for life in range(3):  # each life: sessions, then SIGKILL right after the last EndSession's OK
+        server = ServerProcess({"SPECDRAFT_DURABLE_END_SESSION": "1"}, args)
+        with grpc.insecure_channel(server.target) as channel:
+            stub = pb_grpc.RetrieverStub(channel)
+            for i in range(3):
+                sid = f"durable-{life}-{i}"
+                stub.Draft(pb.DraftRequest(tenant="t", session_id=sid, prompt=PROMPT), timeout=5)
+                stub.Draft(pb.DraftRequest(tenant="t", session_id=sid, new_tokens=output_of(sid)), timeout=5)
+                stub.EndSession(pb.EndSessionRequest(tenant="t", session_id=sid), timeout=5)
+                acknowledged.append(tuple(output_of(sid)))
+            server.proc.send_signal(signal.SIGKILL)
+            server.proc.wait(10)
+    if store == "file":
+        logged = {tuple(e) for e in logged_outputs(tmp_path)}
+    else:
+        import redis
+
+        with redis.Redis.from_url(request.getfixturevalue("redis_server").url) as r:
+            logged = {tuple(np.frombuffer(f[b"t"], "<i4").tolist()) for _, f in r.xrange("specdraft:{t}:outputs")}
+    assert set(acknowledged) <= logged, f"{len(set(acknowledged) - logged)} acknowledged outputs lost"

@@ -14,20 +14,22 @@
 - `grpc_principal(auth, metadata)`: the caller of a gRPC call (None: not checked); raises
   `retriever.errors`' Unauthenticated. `authorize_http` / `http_tenant`: the same for an HTTP
   request, raising OpenAI-shaped `ApiError`s (401 `invalid_api_key`, 403 `permission_denied`,
-  400 `tenant_required`). Messages never hold a token; denials are logged with the token's label.
+  400 `tenant_required`). Messages never hold any part of a token; denials are logged with the
+  token's label, rate-limited (one summary line per API, route and kind every 10 s, with a count).
 """
 
 from __future__ import annotations
 
 import logging
 import ssl
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Sequence
 
 import grpc
 
 from retriever import errors
 from retriever.credentials import Principal, TokenGrant, TokenTable, load_tokens, read_pem, token_digest
+from retriever.logs import SummaryLog
 from verifier.api.openai_wire import ApiError
 from verifier.api.settings import VerifierSettings, env_name
 
@@ -35,16 +37,20 @@ if TYPE_CHECKING:
     from starlette.requests import Request
 
 log = logging.getLogger(__name__)
+DENIAL_LOG_INTERVAL_S = 10.0
 
 
 @dataclass(frozen=True)
 class ApiAuth:
     """The verifier's credentials: `tokens` (None: no checks), whether gRPC Generate checks them,
-    whether /metrics of the HTTP API needs an admin token."""
+    whether /metrics of the HTTP API needs an admin token; `denials`, the server's rate-limited
+    log of refused calls."""
 
     tokens: TokenTable | None = None
     grpc: bool = False
     admin_metrics: bool = False
+    denials: SummaryLog = field(default_factory=lambda: SummaryLog(log, DENIAL_LOG_INTERVAL_S),
+                                compare=False, repr=False)
 
     @property
     def on(self) -> bool:
@@ -140,10 +146,11 @@ def tenant_for(principal: Principal | None, requested: str, default: str, field:
                                  f"({principal.label}), got none")
 
 
-def denied(api: str, what: str, peer: str, error: errors.SpecdraftError) -> None:
-    """Logs a refused call: the API, what was called, the peer and the message (never a token)."""
+def denied(auth: ApiAuth, api: str, what: str, peer: str, error: errors.SpecdraftError) -> None:
+    """Logs a refused call, rate-limited (a summary line per API, what and kind per interval with a
+    count): the API, what was called, the last peer and message (never a token)."""
     kind = "UNAUTHENTICATED" if isinstance(error, errors.Unauthenticated) else "PERMISSION_DENIED"
-    log.info("verifier %s %s denied (%s) for %s: %s", api, what, kind, peer, error)
+    auth.denials.note(f"{api} {what} {kind}", "verifier %s %s denied (%s) for %s: %s", api, what, kind, peer, error)
 
 
 def _peer(request: "Request") -> str:
@@ -160,18 +167,19 @@ def authorize_http(auth: ApiAuth, request: "Request", admin: bool = False) -> Pr
             require_admin(principal, f"{request.method} {request.url.path}")
         return principal
     except errors.SpecdraftError as e:
-        denied("http", request.url.path, _peer(request), e)
+        denied(auth, "http", request.url.path, _peer(request), e)
         code = "invalid_api_key" if isinstance(e, errors.Unauthenticated) else "permission_denied"
         raise ApiError.of(e, code=code) from None
 
 
-def http_tenant(principal: Principal | None, request: "Request", requested: str, default: str) -> str:
+def http_tenant(auth: ApiAuth, principal: Principal | None, request: "Request", requested: str,
+                default: str) -> str:
     """`tenant_for` of an HTTP request (named by the X-Specdraft-Tenant header or `user`); errors as ApiError."""
     field = "the X-Specdraft-Tenant header" if request.headers.get("x-specdraft-tenant") else "user"
     try:
         return tenant_for(principal, requested, default, field)
     except errors.PermissionDenied as e:
-        denied("http", request.url.path, _peer(request), e)
+        denied(auth, "http", request.url.path, _peer(request), e)
         raise ApiError.of(e, code="permission_denied") from None
     except errors.InvalidArgument as e:
         raise ApiError.of(e, param="user", code="tenant_required") from None

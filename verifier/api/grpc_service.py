@@ -82,7 +82,7 @@ class VerifierServicer(pb_grpc.VerifierServicer):
             principal = grpc_principal(self._auth, context.invocation_metadata())
             tenant = tenant_for(principal, values.tenant, self._settings.default_tenant, "tenant")
         except (errors.Unauthenticated, errors.PermissionDenied) as e:
-            denied("grpc", "Generate", context.peer(), e)
+            denied(self._auth, "grpc", "Generate", context.peer(), e)
             raise
         return check(dataclasses.replace(values, tenant=tenant), self._generator.model, self._settings, GRPC_NAMES)
 

@@ -71,7 +71,7 @@ class _Api:
 
     def scoped(self, request: Request, parsed: OpenAIRequest, principal: Principal | None) -> OpenAIRequest:
         """`parsed` with the tenant its token drafts for; ApiError 403 (another tenant) or 400."""
-        tenant = http_tenant(principal, request, parsed.values.tenant, self.settings.default_tenant)
+        tenant = http_tenant(self.auth, principal, request, parsed.values.tenant, self.settings.default_tenant)
         return dataclasses.replace(parsed, values=dataclasses.replace(parsed.values, tenant=tenant))
 
     def model_card(self) -> dict:

@@ -3,7 +3,8 @@
 Pure (no HTTP framework, no model): `parse(kind, body, tenant_header)` type-checks the JSON body
 of `/v1/completions` (kind "completion") or `/v1/chat/completions` (kind "chat") into
 `RequestValues` (the rules on values are `verifier.api.requests.check`'s, with `NAMES[kind]`), and
-raises `ApiError` (OpenAI's error JSON and its HTTP status) on a malformed or unsupported field.
+raises `ApiError` (OpenAI's error JSON and its HTTP status) on a malformed or unsupported field
+(a string holding a lone surrogate, e.g. JSON's `"\\ud800"`, is a 400 naming its field).
 `Formatter` turns `verifier.api.generation.Chunk`s into response objects and stream chunks.
 
 Defaults follow OpenAI: temperature 1, top_p 1, completions max_tokens 16 (chat: the server's
@@ -88,6 +89,17 @@ def _bad(param: str, what: str, value: object) -> ApiError:
     return ApiError(400, f"{param} must be {what}, got {show(value)}", param=param)
 
 
+def _unicode(param: str, v: str) -> str:
+    """`v` when UTF-8 can encode it; ApiError 400 naming `param` at its first lone surrogate
+    (JSON's `"\\ud800"` escapes decode to those, and no tokenizer or response can take them)."""
+    try:
+        v.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise ApiError(400, f"{param} must be valid Unicode text, got a lone surrogate at character {e.start}",
+                       param=param) from None
+    return v
+
+
 def _number(body: Mapping, key: str, default: float) -> float:
     v = body.get(key)
     if v is None:
@@ -119,7 +131,7 @@ def _string(body: Mapping, key: str) -> str:
     v = body.get(key)
     if v is not None and not isinstance(v, str):
         raise _bad(key, "a string", v)
-    return v or ""
+    return _unicode(key, v or "")
 
 
 def _stops(body: Mapping) -> tuple[str, ...]:
@@ -127,9 +139,9 @@ def _stops(body: Mapping) -> tuple[str, ...]:
     if v is None:
         return ()
     if isinstance(v, str):
-        return (v,)
+        return (_unicode("stop", v),)
     if isinstance(v, list) and all(isinstance(s, str) for s in v):
-        return tuple(v)
+        return tuple(_unicode(f"stop[{i}]", s) for i, s in enumerate(v))
     raise _bad("stop", "a string or a list of strings", v)
 
 
@@ -142,7 +154,7 @@ def _prompt(body: Mapping) -> dict:
     if isinstance(v, list) and len(v) == 1 and (isinstance(v[0], str) or _is_ids(v[0])):
         v = v[0]  # a batch of one
     if isinstance(v, str):
-        return {"text": v}
+        return {"text": _unicode("prompt", v)}
     if _is_ids(v):
         return {"token_ids": tuple(v)}
     raise _bad("prompt", "a string, a list of token ids, or a list of one of those (batches are not supported)", v)
@@ -151,10 +163,10 @@ def _prompt(body: Mapping) -> dict:
 def _content(m: Mapping, i: int) -> str:
     c = m.get("content")
     if c is None or isinstance(c, str):
-        return c or ""
+        return _unicode(f"messages[{i}].content", c or "")
     if isinstance(c, list) and all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str)
                                    for p in c):
-        return "".join(p["text"] for p in c)
+        return "".join(_unicode(f"messages[{i}].content[{j}].text", p["text"]) for j, p in enumerate(c))
     raise _bad(f"messages[{i}].content", "a string or a list of text parts", c)
 
 
@@ -166,7 +178,7 @@ def _messages(body: Mapping) -> dict:
     for i, m in enumerate(v):
         if not isinstance(m, dict) or not isinstance(m.get("role"), str):
             raise _bad(f"messages[{i}]", 'an object with a string "role"', m)
-        role = "system" if m["role"] == "developer" else m["role"]
+        role = _unicode(f"messages[{i}].role", "system" if m["role"] == "developer" else m["role"])
         out.append(ChatMessage(role, _content(m, i)))
     return {"messages": tuple(out)}
 
@@ -214,6 +226,8 @@ def parse(kind: str, body: object, tenant_header: str = "") -> OpenAIRequest:
     model = body.get("model")
     if model is not None and not isinstance(model, str):
         raise _bad("model", "a string", model)
+    if model is not None:
+        _unicode("model", model)
     _check_neutral(body)
     if len(tenant_header.encode()) > MAX_ID_BYTES:
         raise ApiError(400, f"the X-Specdraft-Tenant header must be at most {MAX_ID_BYTES} bytes, got "

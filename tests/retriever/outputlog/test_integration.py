@@ -5,6 +5,7 @@ Skipped until the server wiring (docs/log_integration.patch) is applied.
 
 from __future__ import annotations
 
+import logging
 import time
 
 import grpc
@@ -123,3 +124,26 @@ def test_output_log_off_writes_nothing(tmp_path):
     finally:
         node.stop()
     assert not (tmp_path / "d").exists()
+
+
+def test_a_corrupt_file_log_is_quarantined_and_the_replica_serves(tmp_path, caplog):
+    from tests.retriever.outputlog.test_output_log import _corrupt_log
+
+    path = _corrupt_log(tmp_path, 400)
+    caplog.set_level(logging.ERROR)
+    node = Node(data_dir=str(tmp_path))
+    try:
+        node.wait_status(SERVING, timeout_s=10)
+        node.wait_status(SERVING, LOG_HEALTH, timeout_s=10)
+        node.session("t", [1, 2, 3], OUTPUT)  # outputs are logged again, in the fresh file
+    finally:
+        node.stop()
+    assert any(p.name.startswith("outputs.sqlite3.corrupt-") for p in path.parent.iterdir())
+    assert any(r.levelno == logging.ERROR and str(path) in r.getMessage() and "corrupt" in r.getMessage()
+               for r in caplog.records)
+    second = Node(data_dir=str(tmp_path))
+    try:
+        second.wait_status(SERVING, timeout_s=10)
+        assert second.first_token("t", OUTPUT[:10]) == OUTPUT[10]
+    finally:
+        second.stop()

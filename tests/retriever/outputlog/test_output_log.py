@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import signal
+import sqlite3
 import subprocess
 import sys
 import textwrap
@@ -213,7 +215,7 @@ def test_file_log_survives_restart_and_rejects_other_formats(tmp_path):
     assert run(read()) == [[1, 2]]
     (tmp_path / "bad").mkdir()
     (tmp_path / "bad" / "log").mkdir()
-    (tmp_path / "bad" / "log" / "outputs.sqlite3").write_bytes(b"not a database" * 100)
+    (tmp_path / "bad" / "log" / "outputs.sqlite3").mkdir()  # not a file at all: no quarantine, an error
     with pytest.raises(LogUnavailable, match="must be a writable SQLite file"):
         FileLog(LogConfig(data_dir=str(tmp_path / "bad")))
 
@@ -263,3 +265,131 @@ def test_file_log_has_no_torn_entries_after_kill_9(tmp_path):
         seq = int(e.tokens[0])
         assert e.tokens.tolist() == [seq] * (1000 + seq % 7)  # whole entries only
     assert size.tokens == sum(len(e.tokens) for e in entries) <= 200_000 + 1006
+
+
+def _corrupt_log(tmp_path: Path, entries: int) -> Path:
+    """A real log of `entries` outputs (entry i: 300 tokens of value i, tenant t{i % 3}),
+    checkpointed, then ten pages in its middle overwritten with garbage."""
+    async def write():
+        log = FileLog(LogConfig(data_dir=str(tmp_path), token_budget=10**9))
+        for i in range(entries):
+            await log.append([item(f"t{i % 3}", np.full(300, i, np.int32), i + 1)])
+        await log.close()
+
+    run(write())
+    path = tmp_path / "log" / "outputs.sqlite3"
+    db = sqlite3.connect(path)
+    db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    db.close()
+    pages = path.stat().st_size // 4096
+    with open(path, "r+b") as f:
+        f.seek(pages // 2 * 4096)
+        f.write(bytes(range(256)) * 16 * 10)
+    return path
+
+
+def test_a_corrupt_file_log_is_quarantined_and_what_can_be_read_is_kept(tmp_path, caplog):
+    path = _corrupt_log(tmp_path, 400)
+    caplog.set_level(logging.ERROR)
+
+    async def body():
+        log = FileLog(LogConfig(data_dir=str(tmp_path)))
+        result = await log.read({f"t{k}": START for k in range(3)}, 1000, 0)  # malformed -> quarantine
+        await log.append([item("t0", [7, 7], 1, origin="new")])
+        after = await log.read(result.cursors, 1000, 0)
+        size = await log.size()
+        await log.close()
+        return result.entries, after.entries, size
+
+    kept, after, size = run(body())
+    values = sorted(int(e.tokens[0]) for e in kept)
+    assert 300 <= len(kept) < 400 and values == sorted(set(values)) and 0 in values and 399 in values
+    assert all(e.tokens.tolist() == [int(e.tokens[0])] * 300 for e in kept)
+    assert [(e.tokens.tolist(), int(e.entry_id) > 400) for e in after] == [([7, 7], True)]  # ids continue
+    assert size.entries == len(kept) + 1
+    aside = [p for p in path.parent.iterdir() if p.name.startswith("outputs.sqlite3.corrupt-")]
+    assert len(aside) == 1
+    errors_ = [r for r in caplog.records if r.levelno == logging.ERROR]
+    assert len(errors_) == 1 and str(path) in errors_[0].getMessage() and str(aside[0]) in errors_[0].getMessage()
+    assert "malformed" in errors_[0].getMessage()
+
+
+def test_a_file_that_is_not_a_database_is_quarantined_at_open(tmp_path):
+    path = tmp_path / "log" / "outputs.sqlite3"
+    path.parent.mkdir()
+    path.write_bytes(b"not a database" * 100)
+
+    async def body():
+        log = FileLog(LogConfig(data_dir=str(tmp_path)))
+        await log.append([item("t", [1, 2], 1)])
+        entries, _ = await read_all(log, ["t"])
+        await log.close()
+        return [e.tokens.tolist() for e in entries]
+
+    assert run(body()) == [[1, 2]]
+    aside = [p for p in path.parent.iterdir() if p.name.startswith("outputs.sqlite3.corrupt-")]
+    assert len(aside) == 1 and aside[0].read_bytes() == b"not a database" * 100
+
+
+def test_redis_wait_for_replicas_fails_the_append_when_too_few_acknowledge(redis_server):
+    async def body():
+        log = RedisLog(LogConfig(redis_url=redis_server.url, wait_replicas=1, wait_ms=20))
+        try:
+            with pytest.raises(LogUnavailable, match="must reach 1 replicas within 20 ms, got 0"):
+                await log.append([item("w", [1, 2], 1)])
+        finally:
+            await log.close()
+
+    run(body())
+
+
+def test_durable_settings_reach_the_log_config():
+    from retriever.service.settings import RetrieverSettings
+
+    s = RetrieverSettings.from_env({"SPECDRAFT_DURABLE_END_SESSION": "1", "SPECDRAFT_REDIS_WAIT_REPLICAS": "2",
+                                    "SPECDRAFT_REDIS_WAIT_MS": "50"})
+    c = s.log_config()
+    assert (s.durable_end_session, c.durable, c.wait_replicas, c.wait_ms) == (True, True, 2, 50)
+    assert RetrieverSettings().durable_end_session is False and RetrieverSettings().redis_wait_replicas == 0
+    with pytest.raises(ValueError, match="SPECDRAFT_REDIS_WAIT_MS must be an integer number of milliseconds >= 1"):
+        RetrieverSettings.from_env({"SPECDRAFT_REDIS_WAIT_MS": "0"})
+
+
+def test_wait_published_returns_once_appended_and_times_out_while_the_store_is_down(tmp_path):
+    from retriever.outputlog.contract import PublishQueue
+
+    async def body():
+        log = FileLog(LogConfig(data_dir=str(tmp_path)))
+        queue = PublishQueue(log, LogConfig(data_dir=str(tmp_path), backoff_max_s=0.05), "o")
+        task = asyncio.create_task(queue.run())
+        queue.put("t", np.array([1, 2], np.int32))
+        await queue.wait_published(queue.last_seq, 5.0)
+        assert [e.tokens.tolist() for e in (await read_all(log, ["t"]))[0]] == [[1, 2]]
+        await log.close()  # the store is gone: appends fail, the wait times out, the output stays queued
+        queue.put("t", np.array([3], np.int32))
+        with pytest.raises(LogUnavailable, match="must append the output within 0.2 s, got .*stays queued"):
+            await queue.wait_published(queue.last_seq, 0.2)
+        assert queue.health().queued == 1
+        task.cancel()
+
+    run(body())
+
+
+def test_two_processes_sharing_a_corrupt_log_quarantine_it_once_and_share_the_fresh_one(tmp_path):
+    path = _corrupt_log(tmp_path, 400)
+
+    async def body():
+        a, b = FileLog(LogConfig(data_dir=str(tmp_path))), FileLog(LogConfig(data_dir=str(tmp_path)))
+        kept = (await read_all(a, ["t0", "t1", "t2"]))[0]  # a quarantines
+        seen = (await read_all(b, ["t0", "t1", "t2"]))[0]  # b fails on the old file, finds the fresh one
+        await b.append([item("t0", [5, 5], 1, origin="b")])
+        from_a = (await read_all(a, ["t0"]))[0]
+        await a.close()
+        await b.close()
+        return kept, seen, from_a
+
+    kept, seen, from_a = run(body())
+    assert [e.entry_id for e in seen] == [e.entry_id for e in kept] and len(kept) >= 300
+    assert from_a[-1].tokens.tolist() == [5, 5]
+    aside = [p for p in path.parent.iterdir() if p.name.startswith("outputs.sqlite3.corrupt-")]
+    assert len([p for p in aside if not p.name.endswith(("-wal", "-shm"))]) == 1

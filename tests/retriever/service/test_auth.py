@@ -124,7 +124,7 @@ def test_a_bad_tokens_file_stops_the_server_from_starting(tmp_path):
 @pytest.mark.parametrize("token, scheme, detail", [
     (None, "Bearer", "metadata 'authorization' must be 'Bearer <token>', got none"),
     ("nope", "Bearer", "bearer token must be one of the retriever's tokens, got an unknown one"),
-    (TOKEN_A, "Basic", "metadata 'authorization' must be 'Bearer <token>', got scheme 'Basic'"),
+    (TOKEN_A, "Basic", "metadata 'authorization' must be 'Bearer <token>', got a value without the 'Bearer ' prefix"),
 ])
 def test_calls_without_a_valid_token_are_unauthenticated(authed, token, scheme, detail):
     channel, stub, metadata = raw_stub(authed, token, scheme)
@@ -353,3 +353,27 @@ def test_flags_and_environment_reach_the_settings(tmp_path):
     with pytest.raises(ValueError, match="client_cert and client_key must be given together, got only client_cert"):
         ChannelSecurity(client_cert="c.pem")
     assert TOKEN_A not in repr(ChannelSecurity(token=TOKEN_A))
+
+
+def test_a_token_sent_without_the_bearer_prefix_is_never_echoed_and_refusals_are_summarized(data, tokens_file,
+                                                                                          caplog):  # noqa: F811
+    caplog.set_level(logging.DEBUG)
+    served = Served(settings(indexes=(str(data[0]),), auth_tokens_file=str(tokens_file)))
+    channel = grpc.insecure_channel(served.target)
+    stub = pb_grpc.RetrieverStub(channel)
+    details = set()
+    try:
+        for i in range(1000):
+            metadata = (("authorization", TOKEN_A if i % 2 else f"{TOKEN_ALL} extra"),)
+            with pytest.raises(grpc.RpcError) as info:
+                stub.Draft(draft_req("a"), metadata=metadata, timeout=5)
+            assert info.value.code() == UNAUTH
+            details.add(info.value.details())
+    finally:
+        channel.close()
+        served.close()
+    assert details == {"metadata 'authorization' must be 'Bearer <token>', got a value without the 'Bearer ' prefix"}
+    lines = [r for r in caplog.records if "denied (UNAUTHENTICATED)" in r.getMessage()]
+    assert 1 <= len(lines) <= 10  # one summary per 10 s, not one line per refusal
+    for secret in (TOKEN_A, TOKEN_ALL, TOKEN_A[:6], TOKEN_ALL[:6]):
+        assert secret not in caplog.text

@@ -222,6 +222,35 @@ def test_http_drafts_for_the_tokens_tenant_and_refuses_others(authed):
     assert r.model_extra["specdraft"]["tenant"] == "c"
 
 
+
+def test_a_token_without_the_bearer_prefix_is_never_echoed_and_refusals_are_summarized(authed, caplog):
+    server, port = authed
+    caplog.set_level(logging.DEBUG)
+    messages = set()
+    body = json.dumps({"prompt": "x", "max_tokens": 1}).encode()
+    for i in range(500):  # HTTP: the token as the whole header, or as its first word
+        header = V_TOKEN_A if i % 2 else f"{V_TOKEN_BC} trailing"
+        req = urllib.request.Request(f"http://127.0.0.1:{server.http_port}/v1/completions", data=body,
+                                     headers={"Content-Type": "application/json", "Authorization": header})
+        with pytest.raises(urllib.error.HTTPError) as info:
+            urllib.request.urlopen(req, timeout=30)
+        assert info.value.code == 401
+        messages.add(json.loads(info.value.read())["error"]["message"])
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+        stub = pb_grpc.VerifierStub(channel)
+        req = pb.GenerateRequest(text="x", sampling=pb.SamplingParams(max_new_tokens=1))
+        for _ in range(500):
+            with pytest.raises(grpc.RpcError) as info:
+                list(stub.Generate(req, metadata=(("authorization", V_TOKEN_A),), timeout=30))
+            assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED
+            messages.add(info.value.details())
+    assert messages == {"header 'Authorization' must be 'Bearer <token>', got a value without the 'Bearer ' prefix",
+                        "metadata 'authorization' must be 'Bearer <token>', got a value without the 'Bearer ' prefix"}
+    lines = [r for r in caplog.records if "denied (UNAUTHENTICATED)" in r.getMessage()]
+    assert len(lines) <= 10  # one summary per route and kind per 10 s, not 1,000 lines
+    for secret in (V_TOKEN_A, V_TOKEN_BC, V_TOKEN_A[:6], V_TOKEN_BC[:6]):
+        assert secret not in caplog.text
+
 def test_metrics_need_an_admin_token_and_count_refusals(authed):
     server, port = authed
     with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:

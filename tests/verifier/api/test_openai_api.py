@@ -263,3 +263,22 @@ def test_http_answers_503_until_the_model_is_loaded():
         assert e.value.status_code == 503 and "must be serving, got loading" in e.value.message
     finally:
         assert http.stop(0).wait(10)
+
+
+@pytest.mark.parametrize("path, body, param", [
+    ("/v1/completions", r'{"prompt": "a\ud800b", "max_tokens": 1}', "prompt"),
+    ("/v1/completions", r'{"prompt": ["\udfffx"], "max_tokens": 1}', "prompt"),
+    ("/v1/completions", r'{"prompt": "ok", "max_tokens": 1, "user": "a\ud800b"}', "user"),
+    ("/v1/completions", r'{"prompt": "ok", "max_tokens": 1, "model": "a\ud800b"}', "model"),
+    ("/v1/completions", r'{"prompt": "ok", "max_tokens": 1, "stop": ["x", "\ud800"]}', "stop[1]"),
+    ("/v1/chat/completions", r'{"messages": [{"role": "user", "content": "a\ud800b"}], "max_tokens": 1}',
+     "messages[0].content"),
+    ("/v1/chat/completions", r'{"messages": [{"role": "user", "content": [{"type": "text", "text": "\ud800"}]}]}',
+     "messages[0].content[0].text"),
+    ("/v1/chat/completions", r'{"messages": [{"role": "user", "content": "ok"}], "user": "\udc00"}', "user"),
+])
+def test_lone_surrogates_are_400_naming_the_field(base_url, path, body, param):
+    status, raw = _post(base_url, path, body.encode())
+    error = json.loads(raw)["error"]
+    assert (status, error["param"]) == (400, param)
+    assert error["message"].startswith(f"{param} must be valid Unicode text, got a lone surrogate at character")
