@@ -5,10 +5,11 @@ ports, the default `max_queued`) and raw-socket clients, each phase bounded:
 1. unloaded: the next request's own time (`--next-tokens` tokens, the median of `--repeats`
    runs, send to answer) and one step's time (an unloaded `--long-tokens` generation without
    drafts: wall / steps, from the reply's `specdraft` stats);
-2. abandon: `--abandoned` non-streamed `--long-tokens` requests (no drafts: one token a step),
-   all closed `--abandon-after` seconds after the first step; then the next request -> its wait
-   (send to answer) vs the target, one step plus its own time; and the steps the server ran
-   between the closes and that answer (the step counter of /metrics);
+2. abandon, `--rounds` times: `--abandoned` non-streamed `--long-tokens` requests (no drafts:
+   one token a step), all closed `--abandon-after` seconds after the first step; then the next
+   request -> its wait (send to answer; the median of the rounds) vs the target, one step plus
+   its own time; and the steps the server ran between the closes and that answer (the step
+   counter of /metrics; the most of the rounds);
 3. queue: one long request holding the model, `max_queued` waiting, one more -> its status
    (429) and Retry-After.
 Prints a table (`--json PATH`: also the result).
@@ -39,8 +40,9 @@ class AbuseHttpResult:
     abandon_after_s: float
     step_s: float  # one decoding step without drafts, unloaded
     own_s: float  # the next request's own time, unloaded (median)
-    wait_s: float  # the next request's time right after the abandoned requests' clients left
-    steps_after_close: int  # steps the server ran from the closes to the next answer (its own included)
+    wait_s: float  # the next request's time right after the abandoned requests' clients left (median of rounds)
+    waits_s: tuple[float, ...]  # each round's
+    steps_after_close: int  # steps the server ran from the closes to the next answer (its own included; the most)
     next_steps: int  # the next request's own steps
     max_queued: int
     beyond_queue_status: int  # the answer to the request beyond the queue (429 expected)
@@ -60,10 +62,11 @@ class AbuseHttpResult:
             ("one step (no drafts, unloaded)", f"{self.step_s * 1e3:.1f} ms"),
             (f"next request alone ({self.next_steps} steps)", f"{self.own_s * 1e3:.1f} ms"),
             (f"next request after {self.abandoned} abandoned (closed after {self.abandon_after_s:g} s)",
-             f"{self.wait_s * 1e3:.1f} ms"),
+             f"{self.wait_s * 1e3:.1f} ms (median of {len(self.waits_s)}: "
+             f"{', '.join(f'{w * 1e3:.0f}' for w in self.waits_s)})"),
             ("target: one step + its own time", f"{self.target_s * 1e3:.1f} ms "
                                                  f"({'met' if self.within_target else 'MISSED'})"),
-            ("steps from the closes to its answer", f"{self.steps_after_close} (its own: {self.next_steps})"),
+            ("steps from the closes to its answer (most)", f"{self.steps_after_close} (its own: {self.next_steps})"),
             (f"request beyond max_queued={self.max_queued}", f"HTTP {self.beyond_queue_status}, "
                                                              f"Retry-After {self.retry_after or '-'}"),
         ]
@@ -160,10 +163,12 @@ def measure(args: argparse.Namespace) -> AbuseHttpResult:
         runs = [client.timed(nxt) for _ in range(args.repeats)]
         own_s, next_steps = statistics.median(t for t, _ in runs), runs[0][1]["specdraft"]["steps"]
         stats = client.timed({**_long(args), "max_tokens": 32})[1]["specdraft"]
-        wait_s, after_close = _abandon(client, args, nxt)
+        rounds = [_abandon(client, args, nxt) for _ in range(args.rounds)]
+        waits = tuple(w for w, _ in rounds)
         status, retry_after = _queue(client, settings.max_queued, args)
         return AbuseHttpResult(args.model, args.abandoned, args.abandon_after, stats["wall_s"] / stats["steps"],
-                               own_s, wait_s, after_close, next_steps, settings.max_queued, status, retry_after)
+                               own_s, statistics.median(waits), waits, max(n for _, n in rounds), next_steps,
+                               settings.max_queued, status, retry_after)
     finally:
         server.stop(0).wait(30)
 
@@ -178,13 +183,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--long-tokens", type=int, default=400, help="max_tokens of an abandoned request")
     p.add_argument("--next-tokens", type=int, default=3, help="max_tokens of the next request")
     p.add_argument("--repeats", type=int, default=5, help="unloaded runs of the next request (median)")
+    p.add_argument("--rounds", type=int, default=3, help="rounds of the abandon phase (median)")
     p.add_argument("--json", metavar="PATH", help="also write the result as JSON")
 
 
 def run(args: argparse.Namespace) -> int:
-    if not 1 <= args.abandoned <= 64 or args.abandon_after < 0:
-        raise SystemExit(f"error: --abandoned must be in [1, 64] and --abandon-after >= 0, got "
-                         f"{args.abandoned} and {args.abandon_after}")
+    if not 1 <= args.abandoned <= 64 or args.abandon_after < 0 or not 1 <= args.rounds <= 20:
+        raise SystemExit(f"error: --abandoned must be in [1, 64], --abandon-after >= 0 and --rounds in [1, 20], "
+                         f"got {args.abandoned}, {args.abandon_after} and {args.rounds}")
     result = measure(args)
     print(result.table())
     if args.json:

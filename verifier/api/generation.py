@@ -152,6 +152,9 @@ class Generator:
             if deadline is not None and time.monotonic() > deadline:
                 raise errors.DeadlineExceeded("the generation must start before its deadline, got the deadline "
                                               "passed while waiting for the model")
+        if stop():  # left while waiting: no step for it (not even the prompt's)
+            self._lock.release()
+            return False
         return True
 
     def _stream(self, request: GenerationRequest, api: str, stop: Callable[[], bool], deadline: float | None,
