@@ -1,4 +1,5 @@
-"""`specdraft bench replay|latency|ablation|index|generate|log|overload|abuse`: the benchmarks behind the README's figures.
+"""`specdraft bench replay|latency|ablation|index|generate|log|overload|abuse|abuse-http`: the benchmarks
+behind the README's figures.
 
 Each command prints a table and returns 0; `--json PATH` also writes the typed result.
 """
@@ -90,6 +91,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p = sub.add_parser("log", help="output log: ingest rate, 10M-token warm-up, memory; Draft p99 in a Redis outage")
     log_bench.add_arguments(p)
     p.set_defaults(run=log_bench.run)
+
+    from specdraft.bench import abuse_http
+
+    p = sub.add_parser("abuse-http", help="verifier HTTP: the next request's wait after abandoned non-streamed ones")
+    abuse_http.add_arguments(p)
+    p.set_defaults(run=abuse_http.run)
 
 
 def _traces_args(p: argparse.ArgumentParser) -> None:

@@ -7,13 +7,17 @@
   become status codes through the one table (`retriever.status`), before any message is
   streamed. With auth (`verifier.api.auth.ApiAuth`), a call needs `authorization: Bearer <token>`
   metadata (UNAUTHENTICATED) and drafts for its token's tenant (another one: PERMISSION_DENIED);
-  refusals are counted in `rejections`.
+  refusals are counted in `rejections`. A call beyond the generator's queue is refused with
+  RESOURCE_EXHAUSTED (trailing metadata `retry-after`: seconds); a generation ends within one step
+  of its call ending (the client left, or the call's deadline passed) and at
+  `settings.request_deadline_s` (DEADLINE_EXCEEDED).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import logging
+import time
 from typing import TYPE_CHECKING, Iterator
 
 import grpc
@@ -23,7 +27,7 @@ from protos.specdraft.v1 import verifier_pb2_grpc as pb_grpc
 from retriever import errors
 from retriever.status import answer
 from verifier.api.auth import ApiAuth, denied, grpc_principal, tenant_for
-from verifier.api.generation import Chunk, Generator
+from verifier.api.generation import Chunk, Generator, QueueFull
 from verifier.api.metrics import reason_label
 from verifier.api.requests import GRPC_NAMES, ChatMessage, GenerationRequest, RequestValues, check
 from verifier.api.settings import VerifierSettings
@@ -69,6 +73,11 @@ def encode_chunk(chunk: Chunk) -> pb.GenerateResponse:
     return response
 
 
+def _gone(context: grpc.ServicerContext):
+    """stop() of a call's generation: true once the client left or the call's deadline passed."""
+    return lambda: not context.is_active()
+
+
 class VerifierServicer(pb_grpc.VerifierServicer):
     """Generate: validate, then stream the generator's chunks."""
 
@@ -86,19 +95,31 @@ class VerifierServicer(pb_grpc.VerifierServicer):
             raise
         return check(dataclasses.replace(values, tenant=tenant), self._generator.model, self._settings, GRPC_NAMES)
 
+    def _deadline(self, context: grpc.ServicerContext) -> float | None:
+        """The earlier of the call's deadline and the settings' (time.monotonic(); None: neither)."""
+        ends = [time.monotonic() + left for left in (context.time_remaining(), self._settings.request_deadline_s)
+                if left is not None and left > 0]
+        return min(ends) if ends else None
+
+    def _refuse(self, e: errors.SpecdraftError, context: grpc.ServicerContext) -> None:
+        status, message = answer(e, log, "verifier")
+        code = status.grpc
+        self._generator.metrics.rejected("grpc", code.name, reason_label(getattr(e, "param", None), code.name))
+        if isinstance(e, QueueFull):
+            context.set_trailing_metadata((("retry-after", str(e.retry_after_s)),))
+        context.abort(code, message)
+
     def Generate(self, request: pb.GenerateRequest, context: grpc.ServicerContext) -> Iterator[pb.GenerateResponse]:
         try:
             checked = self._checked(request, context)
+            chunks = self._generator.stream(checked, "grpc", _gone(context), self._deadline(context))
         except errors.SpecdraftError as e:
-            status, message = answer(e, log, "verifier")
-            code = status.grpc
-            self._generator.metrics.rejected("grpc", code.name, reason_label(getattr(e, "param", None), code.name))
-            context.abort(code, message)
-        chunks = self._generator.stream(checked)
+            self._refuse(e, context)
         try:
             for chunk in chunks:
-                if not context.is_active():
-                    return
                 yield encode_chunk(chunk)
+        except errors.DeadlineExceeded as e:
+            status, message = answer(e, log, "verifier")
+            context.abort(status.grpc, message)
         finally:
             chunks.close()

@@ -7,7 +7,12 @@ server-sent events `data: {...}` ending with `data: [DONE]`), `GET /v1/models`,
 `verifier.api.openai_wire.parse` -> `verifier.api.requests.check` -> `Generator.stream` (the lock the
 gRPC servicer shares: one generation at a time) -> `openai_wire.Formatter`. Errors are OpenAI's
 JSON (`{"error": {message, type, param, code}}`); after a stream has begun, an error is sent as
-one `data: {"error": ...}` event. Tenant: the `X-Specdraft-Tenant` header, else `user`.
+one `data: {"error": ...}` event. Bounds (`Generator`): beyond `settings.max_queued` waiting
+generations a request gets 429 (`rate_limit_error`, code `queue_full`, a `Retry-After` header in
+seconds); a request whose client leaves (streamed or not) stops its generation within one step;
+past `settings.request_deadline_s` (wait + generation) a request gets 504 (`server_error`, code
+`deadline_exceeded`; the partial text is dropped) or, once a stream has begun, that error as its
+last event. Tenant: the `X-Specdraft-Tenant` header, else `user`.
 Auth (`verifier.api.auth`): with a tokens file every route but /health needs `Authorization: Bearer
 <token>` (401, `invalid_api_key`), a generation drafts for its token's tenant (naming another one:
 403, `permission_denied`), /metrics needs an admin token (403); with the legacy
@@ -30,7 +35,7 @@ import logging
 import socket
 import threading
 import time
-from typing import TYPE_CHECKING, AsyncIterator, Iterator
+from typing import TYPE_CHECKING, AsyncIterator
 
 import anyio
 import uvicorn
@@ -40,16 +45,18 @@ from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
+from starlette.types import Receive
 
 from retriever import errors
 from retriever.credentials import Principal
 from verifier.api.auth import ApiAuth, ServerTls, api_auth, authorize_http, http_tenant
 from verifier.api.metrics import VerifierMetrics, reason_label
 from verifier.api.openai_wire import NAMES, ApiError, Formatter, OpenAIRequest, parse
+from verifier.api.pumps import Pump, Refused, Running, disconnected
 from verifier.api.requests import GenerationRequest, InvalidField, check
 
 if TYPE_CHECKING:
-    from verifier.api.generation import Chunk, Generator
+    from verifier.api.generation import Generator
     from verifier.api.settings import VerifierSettings
 
 log = logging.getLogger(__name__)
@@ -63,7 +70,7 @@ class _Api:
     def __init__(self, settings: "VerifierSettings", metrics: VerifierMetrics, auth: ApiAuth) -> None:
         self.settings, self.generator, self.metrics, self.auth = settings, None, metrics, auth
         self.name, self.created, self.state = settings.model_name, int(time.time()), "loading"
-        self.running = _Running()
+        self.running = Running()
 
     def authorize(self, request: Request, admin: bool = False) -> Principal | None:
         """The caller (None: auth off); ApiError 401 without a valid token, 403 when `admin` and not one."""
@@ -96,17 +103,38 @@ class _Api:
         except errors.SpecdraftError as e:
             raise ApiError.of(e) from None
 
-    async def collect(self, generator: "Generator", fmt: Formatter, request: GenerationRequest) -> dict:
-        """Runs one generation to its end."""
-        parts = []
-        async with _Pump(generator.stream(request, "http"), self.running) as chunks:
-            async for chunk in chunks:
-                parts.append(chunk.text)
-        return fmt.response("".join(parts), chunk)
+    def admit(self, generator: "Generator", request: GenerationRequest) -> Pump:
+        """The generation's pump, admitted to the generator's queue now (its deadline starts now);
+        ApiError 429 with a Retry-After hint when the queue is full."""
+        limit = self.settings.request_deadline_s
+        deadline = time.monotonic() + limit if limit > 0 else None
+        stop = threading.Event()
+        try:
+            chunks = generator.stream(request, "http", stop.is_set, deadline)
+        except errors.Overloaded as e:  # generation.QueueFull (not imported: it needs torch)
+            raise Refused(ApiError.of(e, code="queue_full"), getattr(e, "retry_after_s", 1)) from None
+        return Pump(chunks, stop, self.running)
 
-    async def sse(self, generator: "Generator", fmt: Formatter, request: GenerationRequest) -> AsyncIterator[str]:
+    async def collect(self, pump: Pump, fmt: Formatter, receive: Receive) -> Response:
+        """Runs one generation to its end; when the client leaves first (the ASGI receive channel
+        says http.disconnect) the generation stops within one step and the answer is dropped."""
+        parts, last = [], None
+        async with pump as chunks:
+            watch = asyncio.ensure_future(disconnected(receive, pump))
+            try:
+                async for chunk in chunks:
+                    parts.append(chunk.text)
+                    last = chunk
+            finally:
+                watch.cancel()
+        if last is None or last.finish_reason is None:
+            log.info("%s: the client left, generation cut after %d chunks", fmt.id, len(parts))
+            return Response(status_code=499)  # nobody reads it
+        return JSONResponse(fmt.response("".join(parts), last))
+
+    async def sse(self, pump: Pump, fmt: Formatter) -> AsyncIterator[str]:
         """The stream's events; the generation stops (and the lock is freed) when the client leaves."""
-        async with _Pump(generator.stream(request, "http"), self.running) as chunks:
+        async with pump as chunks:
             try:
                 for obj in fmt.opening():
                     yield _event(obj)
@@ -119,91 +147,6 @@ class _Api:
                 log.exception("generation %s failed mid-stream", fmt.id)
                 yield _event(ApiError(500, f"the generation failed: {type(e).__name__}", "server_error").body())
             yield "data: [DONE]\n\n"
-
-
-class _Running:
-    """The generations in flight (their threads); `drain` ends them when the server stops."""
-
-    def __init__(self) -> None:
-        self._pumps: set[_Pump] = set()
-        self._cond = threading.Condition()
-
-    def add(self, pump: "_Pump") -> None:
-        with self._cond:
-            self._pumps.add(pump)
-
-    def remove(self, pump: "_Pump") -> None:
-        with self._cond:
-            self._pumps.discard(pump)
-            self._cond.notify_all()
-
-    def drain(self, grace_s: float) -> None:
-        """Waits up to grace_s for the generations to end, then cuts the rest short (each stops
-        within one model step) and waits for their threads."""
-        with self._cond:
-            self._cond.wait_for(lambda: not self._pumps, timeout=grace_s)
-            for pump in self._pumps:
-                pump.cut_short()
-            self._cond.wait_for(lambda: not self._pumps, timeout=60)
-
-
-class _Pump:
-    """Runs a generation's chunks in a thread of its own, handing them to the event loop; on exit
-    (done, failed or cancelled) the thread stops after its current step and closes the generation
-    itself (a generator cannot be closed from another thread while it runs a step)."""
-
-    _END = object()
-
-    def __init__(self, chunks: Iterator["Chunk"], running: _Running) -> None:
-        self._chunks, self._running = chunks, running
-        self._stop, self._cut = threading.Event(), False
-        self._queue: asyncio.Queue = asyncio.Queue()
-        self._loop = asyncio.get_running_loop()
-
-    async def __aenter__(self) -> "_Pump":
-        self._running.add(self)
-        threading.Thread(target=self._run, name="verifier-http-generation", daemon=True).start()
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        self._stop.set()
-
-    def cut_short(self) -> None:
-        self._cut = True
-        self._stop.set()
-
-    def _put(self, item: object) -> None:
-        try:
-            self._loop.call_soon_threadsafe(self._queue.put_nowait, item)
-        except RuntimeError:  # the event loop has ended
-            self._stop.set()
-
-    def _run(self) -> None:
-        try:
-            for chunk in self._chunks:
-                if self._stop.is_set():
-                    break
-                self._put(chunk)
-        except Exception as e:  # noqa: BLE001 - handed to the request's task
-            self._put(e)
-        finally:
-            self._chunks.close()
-            if self._cut:
-                self._put(ApiError(503, "the generation must finish within the server's stop grace period, "
-                                   "got cut short", "server_error", code="unavailable"))
-            self._put(self._END)
-            self._running.remove(self)
-
-    def __aiter__(self) -> "_Pump":
-        return self
-
-    async def __anext__(self) -> "Chunk":
-        item = await self._queue.get()
-        if item is self._END:
-            raise StopAsyncIteration
-        if isinstance(item, Exception):
-            raise item
-        return item
 
 
 def _event(obj: dict) -> str:
@@ -246,10 +189,11 @@ class _Routes:
         fmt = Formatter.new(kind, api.name, checked.tenant, parsed.include_usage)
         log.info("%s %s: %d prompt tokens, tenant %s, stream %s", kind, fmt.id, len(checked.prompt_ids),
                  checked.tenant, parsed.stream)
+        pump = api.admit(generator, checked)
         if parsed.stream:
-            return StreamingResponse(api.sse(generator, fmt, checked), media_type="text/event-stream",
+            return StreamingResponse(api.sse(pump, fmt), media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-        return JSONResponse(await api.collect(generator, fmt, checked))
+        return await api.collect(pump, fmt, request.receive)
 
     async def completions(self, request: Request) -> Response:
         return await self.generate(request, "completion")
@@ -290,6 +234,8 @@ def _api_error(metrics: VerifierMetrics):
         assert isinstance(exc, ApiError)
         metrics.rejected("http", str(exc.status), reason_label(exc.param, exc.code or exc.type))
         headers = {"WWW-Authenticate": "Bearer"} if exc.status == 401 else None
+        if isinstance(exc, Refused):
+            headers = {"Retry-After": str(exc.retry_after_s)}
         return JSONResponse(exc.body(), status_code=exc.status, headers=headers)
     return handle
 

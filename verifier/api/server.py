@@ -150,7 +150,7 @@ def _create(settings: VerifierSettings, model: "LoadedModel | None", engine: "En
         engine = Engine(model if model is not None else load(settings), max_nodes=settings.max_nodes)
     model = engine.loaded
     retriever = _retriever(settings, model, security.retriever)
-    generator = Generator(model, engine, retriever, metrics)
+    generator = Generator(model, engine, retriever, metrics, settings.max_queued)
     server = grpc.server(futures.ThreadPoolExecutor(settings.max_workers, thread_name_prefix="verifier"))
     verifier_pb2_grpc.add_VerifierServicer_to_server(VerifierServicer(settings, generator, security.auth), server)
     health_servicer = health.HealthServicer()

@@ -55,6 +55,8 @@ class VerifierSettings:
     max_stop_chars: int = 256
     max_workers: int = 8  # concurrent RPCs; generations run one at a time on the model
     grace_s: float = 5.0  # graceful stop: in-flight generations get this long
+    max_queued: int = 4  # generations waiting behind the running one; beyond: HTTP 429 / RESOURCE_EXHAUSTED
+    request_deadline_s: float = 600.0  # a generation's wait + run; past it: HTTP 504 / DEADLINE_EXCEEDED; 0: none
     # Auth of the verifier's own APIs: tokens bound to tenants, file format of retriever.credentials; "": off
     auth_tokens_file: str = ""
     # TLS of the verifier's own gRPC and HTTP servers (not the separate metrics_port); "": plaintext
@@ -145,6 +147,8 @@ _RULES: dict[str, config.Rule] = {
     "max_stop_chars": (integer(1), "an integer >= 1"),
     "max_workers": (integer(1), "an integer >= 1"),
     "grace_s": (number(0), "a finite number of seconds >= 0"),
+    "max_queued": (integer(0, 1024), "an integer in [0, 1024]"),
+    "request_deadline_s": (number(0), "a finite number of seconds >= 0 (0: no deadline)"),
     "retriever_tls": (boolean, "a boolean"),
     "retriever_server_name": (lambda v: isinstance(v, str) and not any(c.isspace() for c in v),
                               "a host name without whitespace"),
