@@ -25,7 +25,7 @@ from verifier.drafting import StreamDraftSource
 
 if TYPE_CHECKING:
     from retriever.client import DraftStreamSession, RetrieverClient
-    from verifier.decoding.model import LoadedModel
+    from verifier.decoding.backend import Backend
 
 
 @dataclass(frozen=True)
@@ -37,7 +37,7 @@ class Chunk:
 
 
 def run(engine: Engine, request: GenerationRequest, drafter: "DraftStreamSession | None",
-        model: "LoadedModel", metrics: VerifierMetrics | None = None) -> Iterator[Chunk]:
+        model: "Backend", metrics: VerifierMetrics | None = None) -> Iterator[Chunk]:
     """Streams the generation's chunks; the last one carries finish_reason and stats. `drafter`:
     the retriever session drafting for it (None: plain decoding). `metrics`: told of every step
     and of draft fallbacks."""
@@ -79,7 +79,7 @@ class Generator:
     """The model's generations, one at a time: `stream` holds the one lock of the process (shared by
     the gRPC servicer and the HTTP API) from its first chunk until it is exhausted or closed."""
 
-    def __init__(self, model: "LoadedModel", engine: Engine, retriever: "RetrieverClient | None",
+    def __init__(self, model: "Backend", engine: Engine, retriever: "RetrieverClient | None",
                  metrics: VerifierMetrics | None = None) -> None:
         self.model, self._engine, self._retriever = model, engine, retriever
         self.metrics = metrics if metrics is not None else VerifierMetrics.create()
