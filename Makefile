@@ -31,13 +31,14 @@ PIP = $(PY) -m pip --disable-pip-version-check --no-input
 
 .PHONY: qwen-gguf setup demo replay test protos indexes bench bench-replay bench-latency bench-index bench-log redis-server clean-indexes
 
-## setup: redis-server (Debian package) if missing; .venv with specdraft editable, its dev, faiss and
-## verifier extras (compiles the C++ core; CPU torch 2.13.0 first, so no CUDA build comes in)
+## setup: redis-server (Debian package) if missing; .venv with specdraft editable, its dev, verifier,
+## faiss and llama extras (compiles the C++ core, and llama.cpp once: 10-20 min on 2 cores, then pip's
+## wheel cache; CPU torch 2.13.0 first, so no CUDA build comes in)
 setup: redis-server
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install --quiet --upgrade pip
 	$(PIP) install --progress-bar off torch==2.13.0
-	$(PIP) install --progress-bar off -e '.[dev,verifier,faiss]'
+	$(PIP) install --progress-bar off -e '.[dev,verifier,faiss,llama]'
 	@# On a machine without a GPU a CUDA torch (several GB) must never come in through a dependency.
 	@if ! command -v nvidia-smi >/dev/null 2>&1 && $(PIP) list --format=freeze 2>/dev/null | grep -qiE '^nvidia-'; then \
 		echo "error: a CUDA torch build got installed into $(VENV) on a machine without a GPU" >&2; exit 1; fi

@@ -63,7 +63,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     p.add_argument("--max-new-tokens", type=int, default=128)
     p.add_argument("--tokenizer", default=DEFAULT_TOKENIZER, help="the traces' tokenizer (to decode their prompts)")
-    p.add_argument("--no-hf", action="store_true", help="skip HF generate (plain and prompt lookup)")
+    p.add_argument("--no-hf", action="store_true", help="skip the anchors (HF generate plain and prompt lookup; "
+                   "llama.cpp's prompt lookup)")
+    p.add_argument("--backend", default="hf", choices=("hf", "llama.cpp"),
+                   help="the engine under test: hf (default) or llama.cpp on a .gguf --model (or smollm2)")
+    p.add_argument("--threads", type=int, default=0, help="llama.cpp threads (default 0: every core)")
 
     p = sub.add_parser("overload", help="retriever at 10x its concurrency cap: counts, p99, RSS, cancelled streams")
     p.add_argument("--cap", type=int, default=64, help="server max_inflight; 10x this many callers (default %(default)s)")

@@ -5,9 +5,13 @@ re-generated greedily by the model under test: raw prompts as text, chat prompts
 user message under the model's own chat template. For each prompt, in one process and on one
 device: plain decoding (`Engine`, no drafter), speculative decoding (`Engine` drafting from an
 in-process `Drafter`: the prompt, the workload's earlier outputs, optional datastores built
-with the model's tokenizer), and optionally HF transformers' own `generate` plain and with
-prompt lookup (`prompt_lookup_num_tokens=10`). Speedups are over plain HF greedy when it runs,
-else over the engine's plain decoding.
+with the model's tokenizer), and the anchors. With `--backend hf`: HF transformers' own
+`generate` plain and with prompt lookup (`prompt_lookup_num_tokens=10`); speedups are over plain
+HF greedy when it runs, else over the engine's plain decoding. With `--backend llama.cpp` (the
+engine's plain decoding is llama.cpp's own one-token decode on the same GGUF file): llama.cpp's
+prompt lookup (`llama_cpp.llama_speculative.LlamaPromptLookupDecoding` through `Llama(...,
+draft_model=..., logits_all=True)`) at its default (10 predicted tokens) and at 16, in the
+"anchor" columns; speedups are over the engine's plain decoding.
 """
 
 from __future__ import annotations
@@ -40,16 +44,18 @@ class WorkloadSpeed:
     steps: int
     plain_tok_s: float  # engine without a drafter
     draft_tok_s: float  # engine drafting from the retriever
-    hf_tok_s: float  # HF generate greedy (0: not run)
-    lookup_tok_s: float  # HF generate with prompt lookup (0: not run)
+    hf_tok_s: float  # anchor 1: HF generate greedy, or llama.cpp prompt lookup (10 tokens) (0: not run)
+    lookup_tok_s: float  # anchor 2: HF generate with prompt lookup, or llama.cpp prompt lookup (16) (0: not run)
     same_output: bool  # speculative output == plain output on every prompt
 
     @property
     def mat(self) -> float:
         return self.new_tokens / max(self.steps, 1)
 
+    backend: str = "hf"
+
     def speedup(self, tok_s: float) -> float:
-        base = self.hf_tok_s or self.plain_tok_s
+        base = (self.hf_tok_s if self.backend == "hf" else 0.0) or self.plain_tok_s
         return tok_s / base if base else 0.0
 
 
@@ -93,8 +99,33 @@ def _hf(loaded, ids: list[int], max_new_tokens: int, **kwargs) -> tuple[list[int
     return out[0, len(ids):].tolist(), s
 
 
+def _llama_lookup(llm, ids: list[int], max_new_tokens: int) -> tuple[list[int], float]:
+    """llama.cpp's own greedy generation (with the draft model its Llama object was made with)."""
+    out: list[int] = []
+
+    def run() -> None:
+        for t in llm.generate(ids, top_k=1, temp=0.0, reset=True):
+            out.append(int(t))
+            if len(out) >= max_new_tokens or llm.token_eos() == t:
+                return
+    return out, _timed(run)[1]
+
+
+def llama_lookups(model_path: str, threads: int) -> tuple[object, object]:
+    """Two `llama_cpp.Llama` objects over the GGUF file drafting by prompt lookup: 10 (its default) and 16 tokens."""
+    import os
+
+    from llama_cpp import Llama
+    from llama_cpp.llama_speculative import LlamaPromptLookupDecoding
+
+    threads = threads or len(os.sched_getaffinity(0))
+    return tuple(Llama(model_path=model_path, n_ctx=4096, n_threads=threads, n_threads_batch=threads,
+                       logits_all=True, verbose=False, draft_model=LlamaPromptLookupDecoding(num_pred_tokens=n))
+                 for n in (10, 16))
+
+
 def run_workload(engine, loaded, drafter, workload: str, prompts: list[Prompt], max_new_tokens: int,
-                 hf: bool) -> WorkloadSpeed:
+                 hf: bool, lookups: tuple = ()) -> WorkloadSpeed:
     """Runs every prompt of one workload (tenant = workload: outputs feed later prompts' drafts)."""
     from verifier.drafting import LocalDraftSource
 
@@ -115,12 +146,15 @@ def run_workload(engine, loaded, drafter, workload: str, prompts: list[Prompt], 
         add("draft", len(drafted), s)
         steps += len(results)
         same &= drafted == plain
-        if hf:
+        if lookups:
+            add("hf", *_len_s(_llama_lookup(lookups[0], ids, max_new_tokens)))
+            add("lookup", *_len_s(_llama_lookup(lookups[1], ids, max_new_tokens)))
+        elif hf:
             add("hf", *_len_s(_hf(loaded, ids, max_new_tokens)))
             add("lookup", *_len_s(_hf(loaded, ids, max_new_tokens, prompt_lookup_num_tokens=10)))
     rate = {k: (n / s if s else 0.0) for k, (n, s) in totals.items()}
     return WorkloadSpeed(workload, len(prompts), totals["draft"][0], steps, rate["plain"], rate["draft"],
-                         rate["hf"], rate["lookup"], same)
+                         rate["hf"], rate["lookup"], same, engine.backend.kind)
 
 
 def _len_s(result: tuple[list[int], float]) -> tuple[int, float]:
@@ -128,8 +162,11 @@ def _len_s(result: tuple[list[int], float]) -> tuple[int, float]:
 
 
 def table(rows: list[WorkloadSpeed], header: str) -> str:
-    lines = [header, "| workload | prompts | tokens | MAT | plain tok/s | HF greedy tok/s | specdraft tok/s | "
-             "speedup | HF prompt lookup tok/s | lookup speedup | same output |", "|---" * 11 + "|"]
+    llama = bool(rows) and rows[0].backend == "llama.cpp"
+    first, second = ("llama.cpp lookup 10 tok/s", "llama.cpp lookup 16 tok/s") if llama else \
+        ("HF greedy tok/s", "HF prompt lookup tok/s")
+    lines = [header, f"| workload | prompts | tokens | MAT | plain tok/s | {first} | specdraft tok/s | "
+             f"speedup | {second} | lookup speedup | same output |", "|---" * 11 + "|"]
     for r in rows:
         lines.append(f"| {r.workload} | {r.prompts} | {r.new_tokens} | {r.mat:.2f} | {r.plain_tok_s:.1f} | "
                      f"{r.hf_tok_s:.1f} | {r.draft_tok_s:.1f} | {r.speedup(r.draft_tok_s):.2f}x | "
@@ -148,25 +185,32 @@ def run(args) -> int:
     from retriever.drafting.types import DrafterConfig
     from retriever.store.datastore import open_datastore
     from specdraft.bench.replay import load_traces
+    from verifier.api.server import load
+    from verifier.api.settings import VerifierSettings
     from verifier.decoding.engine import Engine
-    from verifier.decoding.model import ModelSpec, load_model
+    from verifier.decoding.model import resolve_gguf
 
     workloads = [w for w in args.workloads.split(",") if w]
     traces = load_traces(args.traces, workloads, args.limit)
-    loaded, load_s = _timed(lambda: load_model(ModelSpec(args.model, dtype=args.dtype, device=args.device)))
-    engine, cost_s = _timed(lambda: Engine(loaded, max_nodes=args.max_nodes))
+    settings = VerifierSettings.from_env(model=args.model, dtype=args.dtype, device=args.device, backend=args.backend,
+                                         threads=args.threads, max_nodes=args.max_nodes)
+    backend, load_s = _timed(lambda: load(settings))
+    engine, cost_s = _timed(lambda: Engine(backend, max_nodes=args.max_nodes))
+    loaded = getattr(backend, "loaded", backend)  # the HF model, for HF's own generate
+    lookups = llama_lookups(resolve_gguf(settings.model_spec()), args.threads) \
+        if backend.kind == "llama.cpp" and not args.no_hf else ()
     drafter = Drafter(DrafterConfig(), [open_datastore(p) for p in args.index])
     warm = prompt_ids(Prompt("warm-up", "warm-up", "def f(x):\n    return", False), loaded.tokenizer)
     for _ in engine.generate(warm, 4):  # first-call costs (allocations, lazy initialization)
         pass
-    header = (f"End-to-end generation: model={args.model} {args.dtype} {args.device}, max_new_tokens="
+    header = (f"End-to-end generation: model={args.model} backend={backend.kind} {backend.precision}, max_new_tokens="
               f"{args.max_new_tokens}, {args.limit} prompts per workload, indexes={args.index or 'none'} "
               f"(load {load_s:.1f} s, cost model {cost_s:.1f} s: {engine.cost_model.tokens} tokens -> "
               f"{[round(c / 1e6, 1) for c in engine.cost_model.cost_ns]} ms)")
     rows = []
     for workload, group in traces.items():
         rows.append(run_workload(engine, loaded, drafter, workload, prompts_of(group, args.tokenizer),
-                                 args.max_new_tokens, not args.no_hf))
+                                 args.max_new_tokens, not args.no_hf, lookups))
         print(f"  {workload}: done", flush=True)
     print(table(rows, header))
     if args.json:

@@ -17,6 +17,10 @@ def model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", help="HF model id, local directory, GGUF file or 'smollm2' (default)")
     p.add_argument("--dtype", choices=["float32", "float64", "bfloat16", "float16"])
     p.add_argument("--device", help="cpu (default), cuda, cuda:N")
+    p.add_argument("--backend", choices=("auto", "hf", "llama.cpp"),
+                   help="the engine running the model: hf (transformers), llama.cpp (a GGUF file as it is, CPU), "
+                        "auto (default): llama.cpp for a .gguf file on the CPU, else hf")
+    p.add_argument("--threads", type=int, help="llama.cpp threads (default 0: every core)")
     p.add_argument("--cache-dir", help="where converted models are cached (default <repo>/.cache/models)")
     p.add_argument("--max-nodes", type=int, help="draft nodes asked per step (default 64)")
     p.add_argument("--draft-deadline-ms", type=float, help="per-draft deadline (default 50)")
@@ -49,6 +53,7 @@ def settings_from_args(args: argparse.Namespace, **overrides: object) -> Verifie
         "retriever_server_name")}
     return VerifierSettings.from_env(
         model=args.model, dtype=args.dtype, device=args.device, cache_dir=args.cache_dir, max_nodes=args.max_nodes,
+        backend=getattr(args, "backend", None), threads=getattr(args, "threads", None),
         draft_deadline_s=deadline / 1000 if deadline is not None else None, **security, **overrides)
 
 

@@ -32,7 +32,7 @@ from verifier.drafting import StreamDraftSource
 
 if TYPE_CHECKING:
     from retriever.client import DraftStreamSession, RetrieverClient
-    from verifier.decoding.model import LoadedModel
+    from verifier.decoding.backend import Backend
 
 
 @dataclass(frozen=True)
@@ -44,7 +44,7 @@ class Chunk:
 
 
 def run(engine: Engine, request: GenerationRequest, drafter: "DraftStreamSession | None",
-        model: "LoadedModel", metrics: VerifierMetrics | None = None,
+        model: "Backend", metrics: VerifierMetrics | None = None,
         stop: Callable[[], bool] | None = None) -> Iterator[Chunk]:
     """Streams the generation's chunks; the last one carries finish_reason and stats. `drafter`:
     the retriever session drafting for it (None: plain decoding). `metrics`: told of every step
@@ -99,7 +99,7 @@ class Generator:
     the gRPC servicer and the HTTP API) from its first chunk until it is exhausted or closed; at most
     `max_queued` more wait for it."""
 
-    def __init__(self, model: "LoadedModel", engine: Engine, retriever: "RetrieverClient | None",
+    def __init__(self, model: "Backend", engine: Engine, retriever: "RetrieverClient | None",
                  metrics: VerifierMetrics | None = None, max_queued: int = 4) -> None:
         self.model, self._engine, self._retriever = model, engine, retriever
         self.metrics = metrics if metrics is not None else VerifierMetrics.create()

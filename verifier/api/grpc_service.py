@@ -33,7 +33,7 @@ from verifier.api.requests import GRPC_NAMES, ChatMessage, GenerationRequest, Re
 from verifier.api.settings import VerifierSettings
 
 if TYPE_CHECKING:
-    from verifier.decoding.model import LoadedModel
+    from verifier.decoding.backend import Backend
 
 log = logging.getLogger(__name__)
 _FINISH = {"eos": pb.FINISH_REASON_EOS, "length": pb.FINISH_REASON_LENGTH, "stop": pb.FINISH_REASON_STOP}
@@ -53,7 +53,7 @@ def values_of(request: pb.GenerateRequest) -> RequestValues:
         request_id=request.request_id, no_draft=bool(request.no_draft))
 
 
-def validate(request: pb.GenerateRequest, model: "LoadedModel", settings: VerifierSettings) -> GenerationRequest:
+def validate(request: pb.GenerateRequest, model: "Backend", settings: VerifierSettings) -> GenerationRequest:
     """The checked, tokenized request; raises InvalidArgument / FailedPrecondition."""
     return check(values_of(request), model, settings, GRPC_NAMES)
 

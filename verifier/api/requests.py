@@ -20,7 +20,7 @@ from verifier.api.settings import VerifierSettings
 from verifier.decoding.accept import SamplingParams
 
 if TYPE_CHECKING:
-    from verifier.decoding.model import LoadedModel
+    from verifier.decoding.backend import Backend
 
 CHAT_ROLES = ("system", "user", "assistant")
 MAX_ID_BYTES = 128
@@ -97,7 +97,7 @@ def _fail(what: str, got: object, param: str | None = None, code: str | None = N
     return InvalidField(f"{what}, got {got}", param, code)
 
 
-def _prompt_ids(v: RequestValues, model: "LoadedModel", n: FieldNames) -> list[int]:
+def _prompt_ids(v: RequestValues, model: "Backend", n: FieldNames) -> list[int]:
     tok = model.tokenizer
     if v.text is not None:
         if not v.text:
@@ -152,7 +152,7 @@ def _stops(stops: tuple[str, ...], settings: VerifierSettings, n: FieldNames) ->
     return tuple(stops)
 
 
-def _max_new_tokens(requested: int, prompt_len: int, model: "LoadedModel", settings: VerifierSettings,
+def _max_new_tokens(requested: int, prompt_len: int, model: "Backend", settings: VerifierSettings,
                     n: FieldNames) -> int:
     room = model.max_positions - prompt_len
     if room < 1:
@@ -175,7 +175,7 @@ def _name(value: str, what: str, default: str) -> str:
     return value or default
 
 
-def check(values: RequestValues, model: "LoadedModel", settings: VerifierSettings,
+def check(values: RequestValues, model: "Backend", settings: VerifierSettings,
           names: FieldNames = GRPC_NAMES) -> GenerationRequest:
     """The checked, tokenized request; raises InvalidField / FailedPrecondition."""
     tenant = _name(values.tenant, names.tenant, settings.default_tenant)

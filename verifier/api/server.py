@@ -40,6 +40,7 @@ if TYPE_CHECKING:
     from retriever.client.channel import ChannelSecurity
     from verifier.api.http_api import HttpApi
     from verifier.decoding.engine import Engine
+    from verifier.decoding.backend import Backend
     from verifier.decoding.model import LoadedModel
 
 log = logging.getLogger(__name__)
@@ -90,14 +91,22 @@ class VerifierServer:
         return self._server.wait_for_termination(timeout)
 
 
-def load(settings: VerifierSettings) -> "LoadedModel":
-    """The model of the settings (converted once, then cached under settings.cache_dir)."""
+def load(settings: VerifierSettings) -> "Backend":
+    """The model of the settings as its backend (`settings.backend_kind()`): llama.cpp over the GGUF
+    file as it is, or HF transformers (a GGUF converted once, then cached under settings.cache_dir)."""
+    from verifier.decoding.hf import HFBackend
     from verifier.decoding.model import load_model
 
-    return load_model(settings.model_spec())
+    if settings.backend_kind() == "llama.cpp":
+        from verifier.decoding.llama_cpp import LlamaCppBackend
+        from verifier.decoding.model import resolve_gguf
+
+        return LlamaCppBackend(resolve_gguf(settings.model_spec()), max_nodes=settings.max_nodes,
+                               n_threads=settings.threads)
+    return HFBackend(load_model(settings.model_spec()))
 
 
-def _retriever(settings: VerifierSettings, model: "LoadedModel",
+def _retriever(settings: VerifierSettings, model: "Backend",
                security: "ChannelSecurity | None") -> "RetrieverClient | None":
     if not settings.retriever:
         return None
@@ -117,7 +126,7 @@ def _retriever(settings: VerifierSettings, model: "LoadedModel",
     return client
 
 
-def create_server(settings: VerifierSettings, *, model: "LoadedModel | None" = None,
+def create_server(settings: VerifierSettings, *, model: "Backend | LoadedModel | None" = None,
                   engine: "Engine | None" = None) -> tuple[VerifierServer, int]:
     """Binds host:http_port first (0: a free port; -1: no HTTP), answering 503 while the model
     loads; loads the model and builds its `Engine` (which measures the forward cost by tree size,
@@ -148,7 +157,7 @@ def _create(settings: VerifierSettings, model: "LoadedModel | None", engine: "En
 
     if engine is None:
         engine = Engine(model if model is not None else load(settings), max_nodes=settings.max_nodes)
-    model = engine.loaded
+    model = engine.backend
     retriever = _retriever(settings, model, security.retriever)
     generator = Generator(model, engine, retriever, metrics, settings.max_queued)
     server = grpc.server(futures.ThreadPoolExecutor(settings.max_workers, thread_name_prefix="verifier"))

@@ -18,6 +18,7 @@ retriever: `retriever_token_file` (a file, so the token is not in env or argv), 
 
 from __future__ import annotations
 
+import importlib.util
 from dataclasses import dataclass, field
 from typing import Mapping
 
@@ -26,6 +27,7 @@ from retriever.client import ChannelSecurity
 from retriever.config import boolean, integer, number, one_of
 from retriever.credentials import read_token_file
 from retriever.logs import FORMATS
+from verifier.decoding.backend import BACKENDS
 from verifier.decoding.model import DTYPES, ModelSpec
 
 ENV_PREFIX = "SPECDRAFT_VERIFIER_"
@@ -48,6 +50,8 @@ class VerifierSettings:
     retriever: str = ""  # host:port of a retriever; "" = no drafting
     draft_deadline_s: float = 0.05  # per draft; past it the step decodes without a draft
     max_nodes: int = 64  # draft nodes asked per step (the engine verifies the best prefix)
+    backend: str = "auto"  # hf, llama.cpp, or auto: llama.cpp for a .gguf file on the CPU (if installed), else hf
+    threads: int = 0  # llama.cpp threads; 0: every core of this machine
     default_tenant: str = "default"
     default_max_new_tokens: int = 256
     max_new_tokens_cap: int = 4096
@@ -111,6 +115,14 @@ class VerifierSettings:
         """What to load (`verifier.decoding.model.load_model`)."""
         return ModelSpec(self.model, dtype=self.dtype, device=self.device, cache_dir=self.cache_dir or None)
 
+    def backend_kind(self) -> str:
+        """`backend`, with auto resolved: llama.cpp for a .gguf file on the CPU when llama-cpp-python
+        is installed (the `llama` extra), else hf."""
+        if self.backend != "auto":
+            return self.backend
+        gguf_on_cpu = self.model.endswith(".gguf") and self.device == "cpu"
+        return "llama.cpp" if gguf_on_cpu and importlib.util.find_spec("llama_cpp") is not None else "hf"
+
     @property
     def model_name(self) -> str:
         """The model's name in the HTTP API."""
@@ -153,6 +165,8 @@ _RULES: dict[str, config.Rule] = {
     "retriever_server_name": (lambda v: isinstance(v, str) and not any(c.isspace() for c in v),
                               "a host name without whitespace"),
     "log_format": one_of(*FORMATS),
+    "backend": one_of("auto", *BACKENDS),
+    "threads": (integer(0), "an integer >= 0 (0: every core)"),
     **{name: (_path, "a file path or empty") for name in (
         "auth_tokens_file", "tls_cert", "tls_key", "tls_client_ca", "retriever_token_file", "retriever_ca",
         "retriever_client_cert", "retriever_client_key")},

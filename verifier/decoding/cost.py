@@ -8,19 +8,13 @@
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
-
-from retriever.drafting.types import DraftTree
-from verifier.decoding.cache import new_cache, truncate
-from verifier.decoding.tree import TreeInputs, build_tree_inputs
 
 if TYPE_CHECKING:
-    from verifier.decoding.model import LoadedModel
+    from verifier.decoding.backend import Backend
 
 
 @dataclass(frozen=True)
@@ -53,23 +47,17 @@ class CostModel:
         return CostModel((1, max_tokens), (1.0, 1.0))
 
     @staticmethod
-    def measure(loaded: "LoadedModel", max_tokens: int = 257, cache_len: int = 256, reps: int = 3,
+    def measure(backend: "Backend", max_tokens: int = 257, cache_len: int = 256, reps: int = 3,
                 stop_ratio: float = 8.0) -> "CostModel":
-        """Times chain-tree forwards of 1, 2, 4, ... tokens over a random cache of cache_len entries.
+        """Times chain forwards of 1, 2, 4, ... tokens over a random cache of cache_len entries.
 
         Stops past max_tokens or once a size costs stop_ratio times a single token (the rest is
         extrapolated linearly: no tree is worth that much on such a device).
         """
-        model, device = loaded.model, loaded.device
-        cache_len = max(1, min(cache_len, loaded.max_positions - 2 * max_tokens))
-        cache = new_cache(model)
-        with torch.inference_mode():
-            ids = torch.randint(0, loaded.vocab_size, (1, cache_len), generator=torch.Generator().manual_seed(0))
-            model(ids.to(device), past_key_values=cache, use_cache=True, logits_to_keep=1)
+        time_chain = backend.timer(max(1, min(cache_len, backend.max_positions - 2 * max_tokens)))
         sizes, costs, t = [], [], 1
         while True:
-            inputs = build_tree_inputs(0, DraftTree.chain([1] * (t - 1)), cache_len, loaded.dtype, device)
-            samples = [_timed_forward(model, inputs, cache, device) for _ in range(reps + 1)]  # first: warm-up
+            samples = [time_chain(t) for _ in range(reps + 1)]  # the first warms up
             sizes.append(t)
             costs.append(max(float(min(samples[1:])), costs[-1] if costs else 0.0))  # more tokens never cost less
             if t >= max_tokens or costs[-1] > stop_ratio * costs[0]:
@@ -110,17 +98,3 @@ class ScoreCalibration:
         bins = self._bin(scores)
         np.add.at(self.verified, bins, 1.0)
         np.add.at(self.accepted, bins[accepted_nodes], 1.0)
-
-
-@torch.inference_mode()
-def _timed_forward(model: torch.nn.Module, inputs: TreeInputs, cache, device: torch.device) -> int:
-    """ns of one tree forward; the cache is cut back to its length before the call."""
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    sync()
-    t0 = time.perf_counter_ns()
-    model(inputs.input_ids, attention_mask=inputs.attention_mask, position_ids=inputs.position_ids,
-          past_key_values=cache, use_cache=True)
-    sync()
-    elapsed = time.perf_counter_ns() - t0
-    truncate(cache, inputs.cache_len)
-    return elapsed

@@ -9,9 +9,9 @@ the acceptance rates observed so far, `ScoreCalibration`), verifies it in one
 forward pass with a 4-D tree mask, accepts (`verifier.decoding.accept`), and commits the KV cache to
 the accepted path. No draft (None, an error, or no drafter) means a plain decoding step.
 
-The 4-D float mask is passed as `attention_mask` and transformers (v5 `masking_utils`) uses a
-4-D mask as given, with both the sdpa and the eager attention of Llama and Qwen2; the tests
-check speculative greedy output against plain greedy output token for token.
+The model is a `Backend` (`verifier.decoding.backend`: HF transformers or llama.cpp); a
+`LoadedModel` is taken as the HF backend. The tests check speculative greedy output against
+plain greedy output token for token.
 
 Example:
     >>> engine = Engine(load_model(ModelSpec()), CostModel.flat())
@@ -25,7 +25,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Iterator, Protocol, Sequence, runtime_checkable
+from typing import Iterator, Protocol, Sequence, runtime_checkable
 
 import torch
 
@@ -38,13 +38,12 @@ from verifier.decoding.accept import (
     accept_sampling,
     accept_typical,
 )
-from verifier.decoding.cache import commit, new_cache
+from verifier.decoding.backend import Backend
 from verifier.decoding.cost import CostModel, ScoreCalibration
+from verifier.decoding.hf import HFBackend
+from verifier.decoding.model import LoadedModel
 from verifier.decoding.stats import StepResult
-from verifier.decoding.tree import TreeInputs, build_tree_inputs, prune
-
-if TYPE_CHECKING:
-    from verifier.decoding.model import LoadedModel
+from verifier.decoding.tree import TreeInputs, prune
 
 log = logging.getLogger(__name__)
 
@@ -63,7 +62,7 @@ class DraftSource(Protocol):
 
 @dataclass
 class _Sequence:
-    """Mutable state of one generation: the cache holds cache_len entries; root is not in it yet."""
+    """Mutable state of one generation: the backend's cache holds cache_len entries; root is not in it yet."""
 
     cache: object
     cache_len: int
@@ -75,21 +74,23 @@ class _Sequence:
 class Engine:
     """Generates with one model; not thread-safe (one generation at a time)."""
 
-    def __init__(self, loaded: "LoadedModel", cost_model: CostModel | None = None, max_nodes: int = 64,
+    def __init__(self, model: "Backend | LoadedModel", cost_model: CostModel | None = None, max_nodes: int = 64,
                  calibrate: bool = True) -> None:
-        """cost_model None: measured now on the model's device (a few seconds on a CPU).
-        calibrate: weigh draft scores by the acceptance rates observed so far (`ScoreCalibration`)."""
-        self.loaded = loaded
+        """model: a Backend, or a LoadedModel (the HF backend). cost_model None: measured now on
+        the model's device (a few seconds on a CPU). calibrate: weigh draft scores by the
+        acceptance rates observed so far (`ScoreCalibration`)."""
+        self.backend: Backend = HFBackend(model) if isinstance(model, LoadedModel) else model
         self.max_nodes = max_nodes
         self.calibration = ScoreCalibration() if calibrate else None
-        self.cost_model = cost_model if cost_model is not None else CostModel.measure(loaded, max_tokens=1 + max_nodes)
+        self.cost_model = cost_model if cost_model is not None else CostModel.measure(self.backend,
+                                                                                      max_tokens=1 + max_nodes)
 
     def generate(self, prompt_ids: Sequence[int], max_new_tokens: int, sampling: SamplingParams = SamplingParams(),
                  drafter: DraftSource | None = None, stop_token_ids: Sequence[int] | None = None
                  ) -> Iterator[StepResult]:
         """Steps until max_new_tokens tokens, a stop token (emitted, then the end), or the position limit."""
         prompt = self._check(prompt_ids, max_new_tokens)
-        stops = set(self.loaded.eos_token_ids if stop_token_ids is None else stop_token_ids)
+        stops = set(self.backend.eos_token_ids if stop_token_ids is None else stop_token_ids)
         if max_new_tokens == 0:
             return
         seq = self.prefill(prompt)
@@ -98,15 +99,14 @@ class Engine:
         if drafter is not None:
             drafter.start(list(prompt))
         try:
-            while seq.emitted < max_new_tokens and seq.cache_len < self.loaded.max_positions:
+            while seq.emitted < max_new_tokens and seq.cache_len < self.backend.max_positions:
                 left = max_new_tokens - seq.emitted
-                max_depth = min(left, self.loaded.max_positions - seq.cache_len) - 1  # deepest node worth verifying
+                max_depth = min(left, self.backend.max_positions - seq.cache_len) - 1  # deepest node worth verifying
                 t0 = time.perf_counter_ns()
                 draft = self._draft(drafter, unreported, max_depth)
                 t1 = time.perf_counter_ns()
                 tree = self._verified_prefix(draft, max_depth)
-                inputs = build_tree_inputs(seq.root, tree, seq.cache_len, self.loaded.dtype, self.loaded.device)
-                logits = self.forward(seq, inputs)  # [1+n, V]
+                logits, inputs = self.backend.verify(seq.cache, seq.cache_len, seq.root, tree)  # [1+n, V]
                 acceptance = self.accept(logits, inputs, tree, sampling, seq)
                 self.commit(seq, acceptance)
                 if self.calibration is not None:
@@ -127,11 +127,11 @@ class Engine:
         prompt = [int(t) for t in prompt_ids]
         if not prompt:
             raise ValueError("prompt_ids must hold at least one token, got none")
-        bad = [t for t in prompt if not 0 <= t < self.loaded.vocab_size]
+        bad = [t for t in prompt if not 0 <= t < self.backend.vocab_size]
         if bad:
-            raise ValueError(f"prompt_ids must be in [0, {self.loaded.vocab_size}), got {bad[0]}")
-        if len(prompt) > self.loaded.max_positions:
-            raise ValueError(f"prompt must be at most {self.loaded.max_positions} tokens, got {len(prompt)}")
+            raise ValueError(f"prompt_ids must be in [0, {self.backend.vocab_size}), got {bad[0]}")
+        if len(prompt) > self.backend.max_positions:
+            raise ValueError(f"prompt must be at most {self.backend.max_positions} tokens, got {len(prompt)}")
         if max_new_tokens < 0:
             raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
         return prompt
@@ -152,25 +152,13 @@ class Engine:
         """The nodes worth verifying: valid, at most max_depth deep, the best prefix under the cost model."""
         if draft is None or len(draft) == 0 or max_depth < 1:
             return DraftTree.empty()
-        draft = prune(draft, self.loaded.vocab_size, max_depth).prefix(self.max_nodes)
+        draft = prune(draft, self.backend.vocab_size, max_depth).prefix(self.max_nodes)
         scores = self.calibration(draft.scores) if self.calibration is not None else draft.scores
         return draft.prefix(self.cost_model.best_prefix(scores))
 
-    @torch.inference_mode()
     def prefill(self, prompt: list[int]) -> _Sequence:
         """A sequence whose cache holds prompt[:-1]; prompt[-1] is the first root."""
-        cache = new_cache(self.loaded.model)
-        if len(prompt) > 1:
-            ids = torch.tensor([prompt[:-1]], dtype=torch.int64, device=self.loaded.device)  # [1, L-1]
-            self.loaded.model(ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
-        return _Sequence(cache, len(prompt) - 1, prompt[-1])
-
-    @torch.inference_mode()
-    def forward(self, seq: _Sequence, inputs: TreeInputs) -> torch.Tensor:
-        """Logits [1+n, V] of the tree; the cache grows by 1 + n entries."""
-        out = self.loaded.model(inputs.input_ids, attention_mask=inputs.attention_mask,
-                                position_ids=inputs.position_ids, past_key_values=seq.cache, use_cache=True)
-        return out.logits[0]
+        return _Sequence(self.backend.start(prompt[:-1]), len(prompt) - 1, prompt[-1])
 
     @staticmethod
     def accept(logits: torch.Tensor, inputs: TreeInputs, tree: DraftTree, sampling: SamplingParams,
@@ -181,11 +169,9 @@ class Engine:
         rule = accept_typical if sampling.typical else accept_sampling
         return rule(logits, tree, sampling, uniforms)
 
-    @staticmethod
-    @torch.inference_mode()
-    def commit(seq: _Sequence, acceptance: Acceptance) -> None:
+    def commit(self, seq: _Sequence, acceptance: Acceptance) -> None:
         """Cache := prefix + root + accepted nodes; the bonus token becomes the next root."""
-        commit(seq.cache, seq.cache_len, acceptance.nodes.tolist())
+        self.backend.commit(seq.cache, seq.cache_len, acceptance.nodes.tolist())
         seq.cache_len += 1 + len(acceptance.nodes)
         seq.root = int(acceptance.tokens[-1])
         seq.emitted += len(acceptance.tokens)

