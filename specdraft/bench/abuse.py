@@ -81,7 +81,7 @@ class AbuseResult:
             ("peak growth vs session budget (MiB)", f"{f.growth_mib:.0f} vs {f.budget_mib:.0f} "
                                                      f"({'within' if f.within_budget else 'OVER'} +10%)"),
             (f"{f.tenants} one-call tenants: RSS growth (MiB)", f"{f.tenant_rss_growth_mib:.1f}"),
-            (f"idle DraftStreams held", f"{s.held} of {s.streams}"),
+            ("idle DraftStreams held", f"{s.held} of {s.streams}"),
             ("health checks while held: ok / failed", f"{s.health_ok} / {s.health_failed}"),
             ("fresh client's Drafts while held: ok / failed", f"{s.draft_ok} / {s.draft_failed}"),
             ("health p99 unloaded / held (us)", f"{s.unloaded_health_p99_us:.0f} / {s.held_health_p99_us:.0f}"),

@@ -17,6 +17,7 @@ from verifier.decoding.accept import SamplingParams, accept_greedy
 from verifier.decoding.cache import kv_tensors
 from verifier.decoding.cost import CostModel
 from verifier.decoding.engine import DraftSource, Engine
+from verifier.decoding.hf import HFBackend
 from verifier.decoding.stats import StepResult
 from verifier.drafting import LocalDraftSource
 
@@ -207,7 +208,7 @@ def test_stop_tokens_and_max_new_tokens(engine, smollm2, prompts, reference):
 
 
 def test_measured_cost_model(smollm2):
-    cm = CostModel.measure(smollm2, max_tokens=8, cache_len=32, reps=1)
+    cm = CostModel.measure(HFBackend(smollm2), max_tokens=8, cache_len=32, reps=1)
     assert cm.tokens[0] == 1 and list(cm.tokens) == sorted(cm.tokens) and all(c > 0 for c in cm.cost_ns)
     assert list(cm.cost_ns) == sorted(cm.cost_ns)  # more tokens never cost less
     assert cm.best_prefix(np.zeros(7, np.float32)) == 0  # nothing is accepted: verify nothing

@@ -84,13 +84,13 @@ def test_a_commit_leaves_the_cache_of_a_plain_run(backend, plain):
                      np.linspace(1, 0.5, 5).astype(np.float32), np.ones(5, np.uint8))
     logits, inputs = backend.verify(cache, len(ids) - 1, ids[-1], tree)
     assert logits.shape == (6, backend.vocab_size) and inputs.num_nodes == 5
-    assert [int(logits[r].argmax()) for r in (0, 2, 5)] == truth[:3]  # root, node 1, node 4 rows
-    backend.commit(cache, len(ids) - 1, [1, 4])
-    after, _ = backend.verify(cache, len(ids) + 2, truth[2], DraftTree.empty())
-    backend.commit(cache, len(ids) + 2, [])
+    assert [int(logits[r].argmax()) for r in (0, 2, 4, 5)] == truth[:4]  # root, nodes 1, 3, 4: the true path
+    backend.commit(cache, len(ids) - 1, [1, 3, 4])  # after the rejected node 0: decoded again next step
+    after, _ = backend.verify(cache, len(ids) + 3, truth[3], DraftTree.empty())
+    backend.commit(cache, len(ids) + 3, [])
     cache = backend.start(ids[:-1])
     want = None
-    for i, t in enumerate([ids[-1], *truth[:3]]):
+    for i, t in enumerate([ids[-1], *truth[:4]]):
         want, _ = backend.verify(cache, len(ids) - 1 + i, t, DraftTree.empty())
         backend.commit(cache, len(ids) - 1 + i, [])
     assert torch.equal(after, want)
