@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Iterator
 
 from verifier.api.metrics import VerifierMetrics
+from verifier.api.prediction import prediction_usage
 from verifier.api.requests import GenerationRequest
 from verifier.api.stops import TextStream
 from verifier.decoding.engine import Engine
@@ -34,6 +35,7 @@ class Chunk:
     token_ids: tuple[int, ...]
     finish_reason: str | None = None  # "eos" | "length" | "stop", last chunk only
     stats: GenerationStats | None = None  # last chunk only
+    prediction: tuple[int, int] | None = None  # last chunk, with a prediction: (accepted, rejected) tokens
 
 
 def run(engine: Engine, request: GenerationRequest, drafter: "DraftStreamSession | None",
@@ -42,10 +44,10 @@ def run(engine: Engine, request: GenerationRequest, drafter: "DraftStreamSession
     the retriever session drafting for it (None: plain decoding). `metrics`: told of every step
     and of draft fallbacks."""
     t0 = time.perf_counter()
-    stops = frozenset(model.eos_token_ids)
+    stops = frozenset(model.eos_token_ids) | frozenset(request.stop_token_ids)
     stream = TextStream(_decoder(model.tokenizer), request.stops, stops)
-    source = StreamDraftSource(drafter, metrics.draft_fallback if metrics is not None else None) \
-        if drafter is not None else None
+    source = StreamDraftSource(drafter, metrics.draft_fallback if metrics is not None else None,
+                               request.prediction_ids) if drafter is not None else None
     tally = StepTally()
     steps = engine.generate(list(request.prompt_ids), request.max_new_tokens, request.sampling, source, list(stops))
     try:
@@ -65,7 +67,8 @@ def run(engine: Engine, request: GenerationRequest, drafter: "DraftStreamSession
             source.finish(stream.kept)
     tail = stream.finish()
     reason = stream.finish_reason or ("length" if tally.generated >= request.max_new_tokens else "eos")
-    yield Chunk(tail, (), reason, tally.stats(len(request.prompt_ids), time.perf_counter() - t0))
+    prediction = prediction_usage(request.prediction_ids, stream.kept) if request.prediction_ids else None
+    yield Chunk(tail, (), reason, tally.stats(len(request.prompt_ids), time.perf_counter() - t0), prediction)
 
 
 def _decoder(tokenizer):
