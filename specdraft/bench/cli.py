@@ -1,4 +1,4 @@
-"""`specdraft bench replay|latency|ablation|index|generate|log|overload`: the benchmarks behind the README's figures.
+"""`specdraft bench replay|latency|ablation|index|generate|log|overload|predicted`: the benchmarks behind the README's figures.
 
 Each command prints a table and returns 0; `--json PATH` also writes the typed result.
 """
@@ -74,6 +74,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         "the server's own default, 5, leaves room for a noisy host)")
     p.add_argument("--json", metavar="PATH", help="also write the result as JSON")
     p.set_defaults(run=run_overload)
+
+    from specdraft.bench import predicted
+
+    p = sub.add_parser("predicted", help="edits with no / the right / a wrong prediction, and FIM: MAT, tokens/s")
+    predicted.add_arguments(p)
+    p.set_defaults(run=predicted.run)
 
     from specdraft.bench import log_bench
 
