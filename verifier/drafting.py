@@ -26,7 +26,7 @@ class InProcessDrafter(Protocol):
     """What `LocalDraftSource` needs of a `retriever.drafting.drafter.Drafter`."""
 
     def draft(self, tenant: str, session_id: str, prompt: np.ndarray | None, new_tokens: np.ndarray,
-              max_nodes: int) -> DraftResult: ...
+              max_nodes: int, prediction: np.ndarray | None = None) -> DraftResult: ...
 
     def end_session(self, tenant: str, session_id: str) -> int: ...
 
@@ -34,17 +34,21 @@ class InProcessDrafter(Protocol):
 class LocalDraftSource:
     """A DraftSource over an in-process drafter (one session per generation)."""
 
-    def __init__(self, drafter: InProcessDrafter, tenant: str = "local", session_id: str = "local") -> None:
+    def __init__(self, drafter: InProcessDrafter, tenant: str = "local", session_id: str = "local",
+                 prediction_ids: Sequence[int] = ()) -> None:
+        """`prediction_ids`: the predicted output's tokens (Source.PREDICTION), sent with the prompt."""
         self.drafter, self.tenant, self.session_id = drafter, tenant, session_id
         self._prompt: np.ndarray | None = None
+        self._prediction = np.asarray(prediction_ids, np.int32) if len(prediction_ids) else None
 
     def start(self, prompt_ids: list[int]) -> None:
         self._prompt = np.asarray(prompt_ids, np.int32)
 
     def draft(self, new_tokens: list[int], max_nodes: int) -> DraftTree | None:
         prompt, self._prompt = self._prompt, None  # the first call (re)starts the session
+        prediction = self._prediction if prompt is not None else None
         tree = self.drafter.draft(self.tenant, self.session_id, prompt, np.asarray(new_tokens, np.int32),
-                                  max_nodes).tree
+                                  max_nodes, prediction=prediction).tree
         return tree if len(tree) else None
 
     def end(self) -> None:
@@ -55,11 +59,14 @@ class LocalDraftSource:
 class StreamDraftSource:
     """A DraftSource over a retriever stream session; see the module docstring."""
 
-    def __init__(self, session: "DraftStreamSession", on_fallback: Callable[[str], None] | None = None) -> None:
+    def __init__(self, session: "DraftStreamSession", on_fallback: Callable[[str], None] | None = None,
+                 prediction_ids: Sequence[int] = ()) -> None:
+        """`prediction_ids`: the predicted output's tokens (Source.PREDICTION), sent with the prompt."""
         self._session, self.reported, self._on_fallback = session, 0, on_fallback
+        self._prediction = list(prediction_ids)
 
     def start(self, prompt_ids: list[int]) -> None:
-        self._session.start(prompt_ids)
+        self._session.start(prompt_ids, self._prediction)
 
     def draft(self, new_tokens: list[int], max_nodes: int) -> DraftTree | None:
         self.reported += len(new_tokens)

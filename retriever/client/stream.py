@@ -110,6 +110,7 @@ class DraftStreamSession:
     def __init__(self, client: SessionCalls, tenant: str, session_id: str) -> None:
         self._client, self.tenant, self.session_id = client, tenant, session_id
         self._prompt: list[int] = []
+        self._prediction: list[int] = []  # the predicted output's tokens: resent with every (re)start
         self._output: list[int] = []  # every token after the prompt
         self._unsent: list[int] = []  # output not sent on the current stream yet
         self._stream: _Stream | None = None
@@ -126,12 +127,14 @@ class DraftStreamSession:
     def refused(self) -> bool:
         return self._client.refusals.held(self.tenant)
 
-    def start(self, prompt_ids: Sequence[int]) -> None:
-        """Begins the generation; the stream opens now, the prompt goes with the first draft."""
+    def start(self, prompt_ids: Sequence[int], prediction_ids: Sequence[int] = ()) -> None:
+        """Begins the generation; the stream opens now, the prompt (and the predicted output's
+        tokens, if any: Source.PREDICTION drafts from them) go with the first draft."""
         if self._stream is not None:
             self._stream.cancel()
             self._stream = None
         self._prompt, self._output, self._unsent = [int(t) for t in prompt_ids], [], []
+        self._prediction = [int(t) for t in prediction_ids]
         self._open_if_due()
 
     def draft(self, new_tokens: Sequence[int], max_nodes: int) -> DraftTree | None:
@@ -219,7 +222,8 @@ class DraftStreamSession:
             request = draft_request(self.tenant, self.session_id, None, self._unsent, max_nodes)
         else:  # (re)start: the prompt, and the output so far as output
             self.restarts += self._sent_at > 0
-            request = draft_request(self.tenant, self.session_id, self._prompt, self._output, max_nodes)
+            request = draft_request(self.tenant, self.session_id, self._prompt, self._output, max_nodes,
+                                    self._prediction)
         self._stream.send(request)
         self._unsent, self._synced, self._sent_at = [], True, time.monotonic()
 

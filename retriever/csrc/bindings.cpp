@@ -86,26 +86,31 @@ using Flat32 = nb::ndarray<float, nb::ndim<1>, nb::c_contig, nb::device::cpu>;
 using Prior32 = nb::ndarray<const float, nb::ndim<1>, nb::c_contig, nb::device::cpu>;
 
 DraftTree step(Session& session, TokensIn new_tokens, const OnlineIndex* tenant, const OnlineIndex* reference,
-               const DraftPlan& plan, Flat64 hits, Flat64 trials, Flat32 table, Prior32 prior, int max_nodes) {
+               const DraftPlan& plan, Flat64 hits, Flat64 trials, Flat32 table, Prior32 prior, int max_nodes,
+               const OnlineIndex* prediction) {
   const size_t size = table.shape(0);
   if (hits.shape(0) != size || trials.shape(0) != size || prior.shape(0) != size)
     throw std::invalid_argument("hits, trials, table and prior must have one length");
   TenantInputs in{tenant, reference,
                   CalibState{hits.data(), trials.data(), table.data(), prior.data(), static_cast<int64_t>(size),
-                             plan.prior_strength, plan.decay}};
+                             plan.prior_strength, plan.decay},
+                  prediction};
   return draft_step(session, new_tokens.data(), new_tokens.shape(0), in, plan, max_nodes, &thread_draft_ns());
 }
 
 TreeArrays session_draft(Session& session, TokensIn new_tokens, const OnlineIndex* tenant,
                          const OnlineIndex* reference, const DraftPlan& plan, Flat64 hits, Flat64 trials,
-                         Flat32 table, Prior32 prior, int max_nodes) {
-  return tree_to_numpy(step(session, new_tokens, tenant, reference, plan, hits, trials, table, prior, max_nodes));
+                         Flat32 table, Prior32 prior, int max_nodes, const OnlineIndex* prediction) {
+  return tree_to_numpy(step(session, new_tokens, tenant, reference, plan, hits, trials, table, prior, max_nodes,
+                            prediction));
 }
 
 std::pair<nb::bytes, size_t> session_draft_response(Session& session, TokensIn new_tokens, const OnlineIndex* tenant,
                                                    const OnlineIndex* reference, const DraftPlan& plan, Flat64 hits,
-                                                   Flat64 trials, Flat32 table, Prior32 prior, int max_nodes) {
-  const DraftTree tree = step(session, new_tokens, tenant, reference, plan, hits, trials, table, prior, max_nodes);
+                                                   Flat64 trials, Flat32 table, Prior32 prior, int max_nodes,
+                                                   const OnlineIndex* prediction) {
+  const DraftTree tree = step(session, new_tokens, tenant, reference, plan, hits, trials, table, prior, max_nodes,
+                              prediction);
   const std::string wire = encode_draft_response(tree, static_cast<int64_t>(session.tokens().size()));
   return {nb::bytes(wire.data(), wire.size()), tree.tokens.size()};
 }
@@ -233,12 +238,13 @@ NB_MODULE(_core, m) {
       .def("__init__", [](DraftPlan* p, const SourceConfig& context, const SourceConfig& tenant,
                           const SourceConfig& reference, bool use_context, std::vector<const CorpusIndex*> corpora,
                           std::vector<SourceConfig> corpus, float min_score, bool calibrate, double prior_strength,
-                          double decay) {
+                          double decay, const SourceConfig& prediction) {
              if (corpora.size() != corpus.size()) throw std::invalid_argument("each corpus needs exactly one SourceConfig");
-             new (p) DraftPlan{context, tenant, reference, use_context, std::move(corpora), std::move(corpus),
-                               min_score, calibrate, prior_strength, decay};
+             new (p) DraftPlan{context, tenant, reference, prediction, use_context, std::move(corpora),
+                               std::move(corpus), min_score, calibrate, prior_strength, decay};
            }, "context"_a, "tenant"_a, "reference"_a, "use_context"_a, "corpora"_a, "corpus_configs"_a,
-           "min_score"_a, "calibrate"_a, "prior_strength"_a, "decay"_a, nb::keep_alive<1, 6>());
+           "min_score"_a, "calibrate"_a, "prior_strength"_a, "decay"_a, "prediction"_a = SourceConfig{},
+           nb::keep_alive<1, 6>());
 
   nb::class_<Session>(m, "Session", "One generation's context (prompt + accepted output) and its last draft.")
       .def("__init__", [](Session* s, TokensIn prompt, int64_t max_tokens) {
@@ -256,13 +262,14 @@ NB_MODULE(_core, m) {
            }, "start"_a, "int32 [length - start]: the context from position start on");
 
   m.def("session_draft", &session_draft, "session"_a, "new_tokens"_a, "tenant"_a.none(), "reference"_a.none(),
-        "plan"_a, "hits"_a, "trials"_a, "table"_a, "prior"_a, "max_nodes"_a,
+        "plan"_a, "hits"_a, "trials"_a, "table"_a, "prior"_a, "max_nodes"_a, "prediction"_a.none() = nb::none(),
         "One drafting step (core.h draft_step): new_tokens (int32) report on the session's last draft to the "
         "calibration (hits, trials float64 and table float32 [R * CALIB_CELLS], updated in place; prior "
-        "float32 likewise), extend the context; returns the draft's arrays (as draft). Holds the GIL.");
+        "float32 likewise), extend the context; returns the draft's arrays (as draft). prediction: the "
+        "session's predicted output index (its row: the one after the corpora). Holds the GIL.");
   m.def("session_draft_response", &session_draft_response, "session"_a, "new_tokens"_a, "tenant"_a.none(),
         "reference"_a.none(), "plan"_a, "hits"_a, "trials"_a, "table"_a, "prior"_a, "max_nodes"_a,
-        "session_draft, its draft returned as (bytes of a specdraft.v1.DraftResponse with the tree and the "
+        "prediction"_a.none() = nb::none(), "session_draft, its draft returned as (bytes of a specdraft.v1.DraftResponse with the tree and the "
         "context length, number of nodes). Holds the GIL.");
   m.attr("TAIL_TOKENS") = kTailTokens;
 

@@ -255,7 +255,8 @@ struct IndexSource {
 DraftTree draft_from(const int32_t* context, size_t n, const std::vector<IndexSource>& sources, int max_nodes,
                      float min_score, std::vector<int64_t>* lookup_ns);
 
-// Calibration rows of the sources of a session step (corpus i: kCorpusRow + i).
+// Calibration rows of the sources of a session step (corpus i: kCorpusRow + i; the session's
+// prediction, when it has one: the row after the corpora, kCorpusRow + corpora).
 constexpr int32_t kContextRow = 0, kTenantRow = 1, kReferenceRow = 2, kCorpusRow = 3;
 constexpr int kTailTokens = 64;  // context tokens a step queries with: the longest match considered
 
@@ -263,6 +264,7 @@ constexpr int kTailTokens = 64;  // context tokens a step queries with: the long
 // floor and the calibration's update rule. The corpora must outlive the plan.
 struct DraftPlan {
   SourceConfig context, tenant, reference;
+  SourceConfig prediction;  // the session's predicted output (OpenAI Predicted Outputs), when given
   bool use_context = true;
   std::vector<const CorpusIndex*> corpora;  // [corpora]
   std::vector<SourceConfig> corpus;         // [corpora]
@@ -290,12 +292,14 @@ class Session {
 };
 
 // The tenant's part of a step: its prior outputs' index, the session's reference set (null:
-// none) and its calibration table (table/hits/trials/prior of [rows * kCalibCells]; with
-// plan.calibrate, rows must cover kCorpusRow + corpora).
+// none), the session's prediction (null: none) and its calibration table (table/hits/trials/prior
+// of [rows * kCalibCells]; with plan.calibrate, rows must cover kCorpusRow + corpora, plus one
+// for the prediction when it is set).
 struct TenantInputs {
   const OnlineIndex* tenant = nullptr;
   const OnlineIndex* reference = nullptr;
   CalibState calib{};
+  const OnlineIndex* prediction = nullptr;
 };
 
 // One drafting step: new_tokens[0:k] (accepted since the last draft) first report on the

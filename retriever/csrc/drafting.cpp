@@ -70,7 +70,8 @@ void Session::extend(const int32_t* tokens, size_t n) {
 DraftTree draft_step(Session& session, const int32_t* new_tokens, size_t k, const TenantInputs& tenant,
                      const DraftPlan& plan, int max_nodes, std::vector<int64_t>* lookup_ns) {
   const CalibState& cal = tenant.calib;
-  const int64_t rows_needed = (kCorpusRow + static_cast<int64_t>(plan.corpora.size())) * kCalibCells;
+  const int32_t prediction_row = kCorpusRow + static_cast<int32_t>(plan.corpora.size());
+  const int64_t rows_needed = (prediction_row + (tenant.prediction ? 1 : 0)) * static_cast<int64_t>(kCalibCells);
   if (plan.calibrate && cal.size < rows_needed)
     throw std::invalid_argument("calibration table must have " + std::to_string(rows_needed) + " cells, got " +
                                 std::to_string(cal.size));
@@ -97,6 +98,8 @@ DraftTree draft_step(Session& session, const int32_t* new_tokens, size_t k, cons
     const int32_t r = kCorpusRow + static_cast<int32_t>(i);
     sources.push_back(IndexSource{nullptr, plan.corpora[i], &plan.corpus[i], row(r), r});
   }
+  if (tenant.prediction)
+    sources.push_back(IndexSource{tenant.prediction, nullptr, &plan.prediction, row(prediction_row), prediction_row});
   const std::vector<int32_t>& context = session.tokens();
   const size_t tail = std::min<size_t>(context.size(), kTailTokens);
   DraftTree tree = draft_from(context.data() + context.size() - tail, tail, sources, max_nodes, plan.min_score,

@@ -1,7 +1,8 @@
 """Drafting sessions over the C++ core: the pure heart of the retriever (no grpc, no redis).
 
 A session holds its context (prompt + accepted output) in an `OnlineIndex`; each draft
-queries that index, the tenant's index of prior outputs, the session's reference set (the
+queries that index, the tenant's index of prior outputs, the session's predicted output (when its first call
+brought one: OpenAI Predicted Outputs), the session's reference set (the
 tenant's prior outputs and the FAISS stores' passages most similar to it, `reference_set.py`)
 and every corpus datastore with the context tail, and the core merges their tries into one `DraftTree`.
 
@@ -57,9 +58,10 @@ class _Session:
     """One generation: its core session (context index and last draft), reference set, idle clock
     and what it is accounted for (`bytes`, `tokens`: its memory and context length at its last step)."""
 
-    __slots__ = ("core", "last_used_s", "reference", "reference_at", "owner", "bytes", "tokens")
+    __slots__ = ("core", "last_used_s", "reference", "reference_at", "owner", "bytes", "tokens", "prediction")
 
-    def __init__(self, prompt: np.ndarray, max_context_tokens: int, now_s: float, owner: "_Tenant") -> None:
+    def __init__(self, prompt: np.ndarray, max_context_tokens: int, now_s: float, owner: "_Tenant",
+                 prediction: np.ndarray | None = None) -> None:
         self.core = _core.Session(prompt, max_context_tokens)
         self.last_used_s = now_s
         self.reference: _core.OnlineIndex | None = None
@@ -67,6 +69,11 @@ class _Session:
         self.owner = owner
         self.bytes = 0
         self.tokens = 0
+        self.prediction: _core.OnlineIndex | None = None  # the predicted output, one document
+        if prediction is not None and prediction.shape[0]:
+            self.prediction = _core.OnlineIndex(max(int(prediction.shape[0]), 1))
+            self.prediction.append(prediction)
+            self.prediction.end_document()
 
     def recent(self, n: int) -> np.ndarray:  # [<= n] int32: the last n context tokens
         return self.core.tokens(max(self.core.length - n, 0))
@@ -113,9 +120,11 @@ class Drafter:
         self._session_bytes = 0  # running total of the sessions' accounted memory (`_account`)
         p = config.params
         self._cfg = {Source.CONTEXT: p.context.config(Source.CONTEXT), Source.TENANT: p.tenant.config(Source.TENANT),
-                     Source.REFERENCE: p.reference.config(Source.REFERENCE)}
+                     Source.REFERENCE: p.reference.config(Source.REFERENCE),
+                     Source.PREDICTION: p.prediction.config(Source.PREDICTION)}
         self._corpus_cfg = p.corpus.config(Source.CORPUS)
         self._use_tenant, self._use_reference = Source.TENANT in config.sources, Source.REFERENCE in config.sources
+        self._use_prediction = Source.PREDICTION in config.sources
         self.set_corpora(corpora, references)
 
     def set_corpora(self, corpora: Sequence["CorpusDatastore"], references: Sequence["FaissStore"] = ()) -> None:
@@ -123,49 +132,53 @@ class Drafter:
         now on, only with Source.REFERENCE); the tenants' calibrations restart from the prior."""
         self._corpora = [ds.index for ds in corpora] if Source.CORPUS in self._config.sources else []
         self._corpus_labels = [f"corpus:{ds.name}" for ds in corpora][:len(self._corpora)]
-        self._last_used = (False, False)  # whether the last draft queried a tenant index, a reference set
+        self._last_used = (False, False, False)  # whether the last draft queried a tenant index, a reference set,
+        # a prediction
         self._references = list(references) if Source.REFERENCE in self._config.sources else []
         p, cal = self._config.params, self._config.calibration
         self._plan = _core.DraftPlan(self._cfg[Source.CONTEXT], self._cfg[Source.TENANT], self._cfg[Source.REFERENCE],
                                      Source.CONTEXT in self._config.sources, self._corpora,
                                      [self._corpus_cfg] * len(self._corpora), p.min_score, self._config.calibrate,
-                                     cal.prior_strength, cal.decay)
+                                     cal.prior_strength, cal.decay, self._cfg[Source.PREDICTION])
         rows = [prior_row(w.reliability, w.half_match) for w in (p.context, p.tenant, p.reference)]
         rows += [prior_row(p.corpus.reliability, p.corpus.half_match)] * len(self._corpora)
-        self._prior = np.stack(rows)  # [3 + corpora, CALIB_CELLS] float32
+        rows.append(prior_row(p.prediction.reliability, p.prediction.half_match))  # the core's row after the corpora
+        self._prior = np.stack(rows)  # [3 + corpora + 1, CALIB_CELLS] float32
         for t in self._tenants.values():
             t.calibration = Calibration(self._prior, self._config.calibration)
 
     def draft(self, tenant: str, session_id: str, prompt: np.ndarray | None, new_tokens: np.ndarray,
-              max_nodes: int) -> DraftResult:
+              max_nodes: int, prediction: np.ndarray | None = None) -> DraftResult:
         """Advance the session by `prompt` (restart) and/or `new_tokens`, then draft.
+        `prediction` ([k] int32, with `prompt` only): the session's predicted output, one more
+        draft source (Source.PREDICTION) for its whole life.
 
         Raises NotFound for new_tokens alone on an unknown session, ResourceExhausted when
         the context would exceed `max_context_tokens`, or a memory bound (module doc) would be
         passed with no idle session left to evict, or a new tenant finds `max_tenants` all busy.
         """
-        session, step = self._step(tenant, session_id, prompt, new_tokens)
-        arrays = _core.session_draft(*step, max_nodes)
+        session, step = self._step(tenant, session_id, prompt, new_tokens, prediction)
+        arrays = _core.session_draft(*step[:-1], max_nodes, step[-1])
         self._account(session)
         return DraftResult(DraftTree(*arrays), step[0].length)
 
     def draft_response(self, tenant: str, session_id: str, prompt: np.ndarray | None, new_tokens: np.ndarray,
-                       max_nodes: int) -> EncodedDraft:
+                       max_nodes: int, prediction: np.ndarray | None = None) -> EncodedDraft:
         """As `draft`, the draft encoded by the core as a specdraft.v1.DraftResponse (the service's
         answer, without numpy arrays or a protobuf message in between)."""
-        session, step = self._step(tenant, session_id, prompt, new_tokens)
-        encoded = EncodedDraft(*_core.session_draft_response(*step, max_nodes))
+        session, step = self._step(tenant, session_id, prompt, new_tokens, prediction)
+        encoded = EncodedDraft(*_core.session_draft_response(*step[:-1], max_nodes, step[-1]))
         self._account(session)
         return encoded
 
-    def _step(self, tenant: str, session_id: str, prompt: np.ndarray | None,
-              new_tokens: np.ndarray) -> tuple[_Session, tuple]:
+    def _step(self, tenant: str, session_id: str, prompt: np.ndarray | None, new_tokens: np.ndarray,
+              prediction: np.ndarray | None = None) -> tuple[_Session, tuple]:
         """The session (started or advanced, room made for it: `_make_room`) and the arguments of
-        its core step but max_nodes."""
+        its core step but max_nodes (the last one, the prediction index, goes after max_nodes)."""
         now_s = time.monotonic()
         key = (tenant, session_id)
         if prompt is not None:
-            session = self._start(key, prompt, new_tokens, now_s)
+            session = self._start(key, prompt, new_tokens, now_s, prediction)
         else:
             session = self._sessions.get(key)
             if session is None:
@@ -181,17 +194,20 @@ class Drafter:
         if self._use_reference:
             self._refresh_reference(session, state, new_tokens)
         tenant_index = state.index if self._use_tenant else None
-        self._last_used = (tenant_index is not None, session.reference is not None)
+        prediction_index = session.prediction if self._use_prediction else None
+        self._last_used = (tenant_index is not None, session.reference is not None, prediction_index is not None)
         return session, (session.core, new_tokens, tenant_index, session.reference, self._plan,
-                         *state.calibration.buffers)
+                         *state.calibration.buffers, prediction_index)
 
     def last_lookup_s(self) -> tuple[tuple[str, float], ...]:
         """(label, seconds) of the last draft on this thread: each index query ("context", "tenant",
-        "reference", "corpus:NAME") and "build_tree"; () before any draft. Call on the drafting thread."""
+        "reference", "corpus:NAME", "prediction") and "build_tree"; () before any draft. Call on the drafting
+        thread."""
         ns = _core.last_draft_ns()  # [inputs + 1] int64
-        tenant, reference = self._last_used
+        tenant, reference, prediction = self._last_used
         labels = (["context"] if Source.CONTEXT in self._config.sources else []) + (["tenant"] if tenant else [])
-        labels += (["reference"] if reference else []) + self._corpus_labels + ["build_tree"]
+        labels += (["reference"] if reference else []) + self._corpus_labels
+        labels += (["prediction"] if prediction else []) + ["build_tree"]
         return tuple(zip(labels, (float(x) / 1e9 for x in ns))) if len(ns) == len(labels) else ()
 
     def _refresh_reference(self, session: _Session, state: _Tenant, pending: np.ndarray) -> None:
@@ -213,7 +229,8 @@ class Drafter:
         if (tenant, session_id) not in self._sessions:
             raise NotFound(f"session must exist to be ended, got unknown session {session_id!r}")
         if new_tokens is not None and new_tokens.shape[0]:
-            _core.session_draft(*self._step(tenant, session_id, None, new_tokens)[1], 0)
+            step = self._step(tenant, session_id, None, new_tokens)[1]
+            _core.session_draft(*step[:-1], 0, step[-1])
         return self._retire((tenant, session_id))
 
     def add_prior_output(self, tenant: str, tokens: np.ndarray) -> None:
@@ -263,9 +280,12 @@ class Drafter:
         if state is not None and not state.sessions and state.index is None:
             del self._tenants[tenant]
 
-    def _start(self, key: tuple[str, str], prompt: np.ndarray, new_tokens: np.ndarray, now_s: float) -> _Session:
+    def _start(self, key: tuple[str, str], prompt: np.ndarray, new_tokens: np.ndarray, now_s: float,
+               prediction: np.ndarray | None = None) -> _Session:
         n = int(prompt.shape[0]) + int(new_tokens.shape[0])
         self._check_length(n)
+        if prediction is not None:
+            self._check_length(int(prediction.shape[0]))
         if key in self._sessions:
             self._drop(key)  # a restart resends the old output inside the prompt
         owner = self._tenant(key[0])
@@ -275,7 +295,7 @@ class Drafter:
             self._forget_if_empty(key[0])
             raise
         self._tenants[key[0]] = owner  # back if evicting its last (empty) session forgot it
-        session = _Session(prompt, self._config.max_context_tokens, now_s, owner)
+        session = _Session(prompt, self._config.max_context_tokens, now_s, owner, prediction)
         self._sessions[key] = owner.sessions[key[1]] = session
         self._account(session)
         while len(self._sessions) > self._config.max_sessions:
@@ -319,8 +339,8 @@ class Drafter:
 
     def _account(self, session: _Session) -> None:
         """Brings the running totals up to date with the session's memory and context length (O(1))."""
-        ref = session.reference
-        now_bytes = session.core.memory_bytes + (ref.memory_bytes if ref is not None else 0)
+        now_bytes = session.core.memory_bytes + sum(ix.memory_bytes for ix in (session.reference, session.prediction)
+                                                     if ix is not None)
         length = session.core.length
         self._session_bytes += now_bytes - session.bytes
         session.owner.context_tokens += length - session.tokens

@@ -22,11 +22,13 @@ class Source(IntEnum):
     TENANT = 2
     CORPUS = 3
     REFERENCE = 4  # the session's reference set: the tenant's prior outputs and FAISS passages most like it
+    PREDICTION = 5  # the session's predicted output (OpenAI Predicted Outputs), when its client sent one
 
 
 ALL_SOURCES = frozenset(Source)
 # REFERENCE is off by default: it did not raise the replayed MAT (`specdraft bench ablation`).
-DEFAULT_SOURCES = frozenset({Source.CONTEXT, Source.TENANT, Source.CORPUS})
+# PREDICTION is on by default: it costs nothing to a session without a prediction.
+DEFAULT_SOURCES = frozenset({Source.CONTEXT, Source.TENANT, Source.CORPUS, Source.PREDICTION})
 
 
 @dataclass(frozen=True)
@@ -82,6 +84,8 @@ class DraftingParams:
     corpus: SourceWeights = SourceWeights(reliability=0.5, half_match=8.0, max_occurrences=16, max_candidates=256,
                                           max_depth=16)
     reference: SourceWeights = SourceWeights(reliability=1.0, half_match=0.5)
+    # the prediction is matched like the context (it is, in effect, more of it)
+    prediction: SourceWeights = SourceWeights(reliability=1.0, half_match=2.0)
     min_score: float = 1e-3
 
 

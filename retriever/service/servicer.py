@@ -272,8 +272,9 @@ class RetrieverServicer(pb_grpc.RetrieverServicer):
 
     def _draft(self, request: pb.DraftRequest) -> EncodedDraft:
         v = validate_draft(request.tenant, request.session_id, request.prompt, request.new_tokens,
-                           request.max_nodes, self._require_limits())
-        return self._drafter.draft_response(v.tenant, v.session_id, v.prompt, v.new_tokens, v.max_nodes)
+                           request.max_nodes, self._require_limits(), request.prediction)
+        return self._drafter.draft_response(v.tenant, v.session_id, v.prompt, v.new_tokens, v.max_nodes,
+                                            v.prediction)
 
     def _draft_measured(self, request: pb.DraftRequest, rpc: str = "draft") -> bytes:
         """`_draft`'s serialized DraftResponse, counted in the metrics (its time, nodes and reported

@@ -28,6 +28,7 @@ class ValidatedDraft:
     prompt: np.ndarray | None  # [k >= 1] int32, ids in [0, vocab); None: continue the session
     new_tokens: np.ndarray  # [k >= 0] int32, ids in [0, vocab)
     max_nodes: int  # in [1, max_nodes_cap]
+    prediction: np.ndarray | None = None  # [k >= 1] int32, ids in [0, vocab); None: none
 
 
 def check_name(value: str, what: str) -> str:
@@ -81,10 +82,11 @@ def _raise_first_bad(ids: np.ndarray, what: str, vocab_size: int) -> None:
 
 def validate_draft(tenant: str, session_id: str, prompt: Sequence[int] | np.ndarray,
                    new_tokens: Sequence[int] | np.ndarray,
-                   max_nodes: int, limits: Limits) -> ValidatedDraft:
+                   max_nodes: int, limits: Limits, prediction: Sequence[int] | np.ndarray = ()) -> ValidatedDraft:
     """The checked request; an empty prompt means none (continue the session).
 
-    At least one of prompt and new_tokens must be non-empty; max_nodes 0 takes the default.
+    At least one of prompt and new_tokens must be non-empty; max_nodes 0 takes the default; a
+    prediction (empty: none) comes with a prompt only and has the prompt's limits.
     """
     check_name(tenant, "tenant")
     check_name(session_id, "session_id")
@@ -97,4 +99,11 @@ def validate_draft(tenant: str, session_id: str, prompt: Sequence[int] | np.ndar
         raise InvalidArgument(f"max_nodes must be >= 0 (0: the default {limits.default_max_nodes}), got {max_nodes}")
     if max_nodes > limits.max_nodes_cap:
         raise InvalidArgument(f"max_nodes must be at most {limits.max_nodes_cap}, got {max_nodes}")
-    return ValidatedDraft(tenant, session_id, prompt_ids, new_ids, max_nodes or limits.default_max_nodes)
+    prediction_ids = None
+    if len(prediction):
+        if prompt_ids is None:
+            raise InvalidArgument(f"prediction must come with a prompt (a session's first call), got "
+                                  f"{len(prediction)} prediction tokens without one")
+        prediction_ids = check_token_ids(prediction, "prediction", limits.max_context_tokens, limits.vocab_size)
+    return ValidatedDraft(tenant, session_id, prompt_ids, new_ids, max_nodes or limits.default_max_nodes,
+                          prediction_ids)

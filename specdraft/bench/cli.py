@@ -1,5 +1,5 @@
-"""`specdraft bench replay|latency|ablation|index|generate|log|overload|abuse|abuse-http`: the benchmarks
-behind the README's figures.
+"""`specdraft bench replay|latency|ablation|index|generate|log|overload|abuse|abuse-http|predicted`: the
+benchmarks behind the README's figures.
 
 Each command prints a table and returns 0; `--json PATH` also writes the typed result.
 """
@@ -89,6 +89,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--streams", type=int, default=1300, help="idle DraftStreams held (default %(default)s)")
     p.add_argument("--json", metavar="PATH", help="also write the result as JSON")
     p.set_defaults(run=run_abuse)
+
+    from specdraft.bench import predicted
+
+    p = sub.add_parser("predicted", help="edits with no / the right / a wrong prediction, and FIM: MAT, tokens/s")
+    predicted.add_arguments(p)
+    p.set_defaults(run=predicted.run)
 
     from specdraft.bench import log_bench
 

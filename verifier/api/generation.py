@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Callable, Iterator
 from retriever import errors
 
 from verifier.api.metrics import VerifierMetrics
+from verifier.api.prediction import prediction_usage
 from verifier.api.requests import GenerationRequest
 from verifier.api.stops import TextStream
 from verifier.decoding.engine import Engine
@@ -41,6 +42,7 @@ class Chunk:
     token_ids: tuple[int, ...]
     finish_reason: str | None = None  # "eos" | "length" | "stop", last chunk only
     stats: GenerationStats | None = None  # last chunk only
+    prediction: tuple[int, int] | None = None  # last chunk, with a prediction: (accepted, rejected) tokens
 
 
 def run(engine: Engine, request: GenerationRequest, drafter: "DraftStreamSession | None",
@@ -51,10 +53,10 @@ def run(engine: Engine, request: GenerationRequest, drafter: "DraftStreamSession
     and of draft fallbacks. `stop`: asked after every step; True ends the generation there, without
     a last chunk."""
     t0 = time.perf_counter()
-    stops = frozenset(model.eos_token_ids)
+    stops = frozenset(model.eos_token_ids) | frozenset(request.stop_token_ids)
     stream = TextStream(_decoder(model.tokenizer), request.stops, stops)
-    source = StreamDraftSource(drafter, metrics.draft_fallback if metrics is not None else None) \
-        if drafter is not None else None
+    source = StreamDraftSource(drafter, metrics.draft_fallback if metrics is not None else None,
+                               request.prediction_ids) if drafter is not None else None
     tally = StepTally()
     steps = engine.generate(list(request.prompt_ids), request.max_new_tokens, request.sampling, source, list(stops))
     try:
@@ -76,7 +78,8 @@ def run(engine: Engine, request: GenerationRequest, drafter: "DraftStreamSession
             source.finish(stream.kept)
     tail = stream.finish()
     reason = stream.finish_reason or ("length" if tally.generated >= request.max_new_tokens else "eos")
-    yield Chunk(tail, (), reason, tally.stats(len(request.prompt_ids), time.perf_counter() - t0))
+    prediction = prediction_usage(request.prediction_ids, stream.kept) if request.prediction_ids else None
+    yield Chunk(tail, (), reason, tally.stats(len(request.prompt_ids), time.perf_counter() - t0), prediction)
 
 
 def _decoder(tokenizer):

@@ -50,7 +50,8 @@ def values_of(request: pb.GenerateRequest) -> RequestValues:
         temperature=float(s.temperature), top_p=float(s.top_p) if s.HasField("top_p") else 1.0, top_k=int(s.top_k),
         seed=s.seed if s.HasField("seed") else None, typical=bool(s.typical_acceptance),
         max_new_tokens=int(s.max_new_tokens), stops=tuple(s.stop), tenant=request.tenant,
-        request_id=request.request_id, no_draft=bool(request.no_draft))
+        request_id=request.request_id, no_draft=bool(request.no_draft), prediction=request.prediction,
+        suffix=request.suffix)
 
 
 def validate(request: pb.GenerateRequest, model: "Backend", settings: VerifierSettings) -> GenerationRequest:
@@ -70,6 +71,8 @@ def encode_chunk(chunk: Chunk) -> pb.GenerateResponse:
             tokens_per_s=s.tokens_per_s, draft_nodes=s.draft_nodes, accepted_draft_tokens=s.accepted_draft_tokens,
             wall_s=s.wall_s, accepted_by_source=[pb.SourceTokens(source=k, tokens=v)
                                                  for k, v in s.accepted_by_source.items()]))
+        if chunk.prediction is not None:
+            response.stats.accepted_prediction_tokens, response.stats.rejected_prediction_tokens = chunk.prediction
     return response
 
 

@@ -10,6 +10,10 @@ raises `ApiError` (OpenAI's error JSON and its HTTP status) on a malformed or un
 Defaults follow OpenAI: temperature 1, top_p 1, completions max_tokens 16 (chat: the server's
 default, capped by the model's window). Extensions: `top_k` (0 or -1 = off), `no_draft`, and a
 `specdraft` object (the verifier's stats) in the response / the stream chunk with finish_reason.
+`prediction` (Predicted Outputs, both kinds): {"type": "content", "content": a string or a list of
+text parts}; the usage then holds `completion_tokens_details.accepted_prediction_tokens` /
+`rejected_prediction_tokens` (counted as `verifier.api.prediction` says). `suffix` (completions
+only): fill-in-the-middle (`verifier.api.fim`).
 """
 
 from __future__ import annotations
@@ -41,7 +45,7 @@ NAMES = {
 _FINISH = {"eos": "stop", "stop": "stop", "length": "length"}
 # fields that change the output: accepted only at their neutral value
 _NEUTRAL = {"n": (None, 1), "best_of": (None, 1), "echo": (None, False), "logprobs": (None, False, 0),
-            "top_logprobs": (None, 0), "suffix": (None, ""), "frequency_penalty": (None, 0),
+            "top_logprobs": (None, 0), "frequency_penalty": (None, 0),
             "presence_penalty": (None, 0),
             "logit_bias": (None, {}), "tools": (None, []), "functions": (None, []), "tool_choice": (None, "none"),
             "response_format": (None, {"type": "text"})}
@@ -183,6 +187,31 @@ def _messages(body: Mapping) -> dict:
     return {"messages": tuple(out)}
 
 
+def _prediction(body: Mapping) -> str:
+    """The prediction's text ("" = none); ApiError 400 on any other shape."""
+    v = body.get("prediction")
+    if v is None:
+        return ""
+    what = '{"type": "content", "content": a string or a list of text parts}'
+    if not isinstance(v, dict) or v.get("type") != "content":
+        raise _bad("prediction", what, v)
+    c = v.get("content")
+    if isinstance(c, str):
+        return c
+    if isinstance(c, list) and all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str)
+                                   for p in c):
+        return "".join(p["text"] for p in c)
+    raise _bad("prediction.content", "a string or a list of text parts", c)
+
+
+def _suffix(body: Mapping, kind: str) -> str:
+    v = body.get("suffix")
+    if kind == "chat" and v not in (None, ""):
+        raise ApiError(400, f'suffix must be null or "" on chat completions (not supported), got {show(v)}',
+                       param="suffix", code="unsupported_parameter")
+    return _string(body, "suffix")
+
+
 def _is(value: object, neutral: object) -> bool:
     if neutral is None or isinstance(neutral, bool):
         return value is neutral
@@ -238,7 +267,8 @@ def parse(kind: str, body: object, tenant_header: str = "") -> OpenAIRequest:
         temperature=_number(body, "temperature", 1.0), top_p=_number(body, "top_p", 1.0),
         top_k=0 if top_k == -1 else top_k, seed=_integer(body, "seed", None),
         max_new_tokens=_max_tokens(body, kind), stops=_stops(body),
-        tenant=tenant_header or _string(body, "user"), no_draft=_boolean(body, "no_draft"))
+        tenant=tenant_header or _string(body, "user"), no_draft=_boolean(body, "no_draft"),
+        prediction=_prediction(body), suffix=_suffix(body, kind))
     stream = _boolean(body, "stream")
     return OpenAIRequest(kind, model, values, stream, _stream_options(body, stream))
 
@@ -246,10 +276,15 @@ def parse(kind: str, body: object, tenant_header: str = "") -> OpenAIRequest:
 # ---------------------------------------------------------------- responses
 
 
-def usage(stats: "GenerationStats") -> dict:
-    """completion_tokens: the tokens generated up to the stop (an EOS token included)."""
-    return {"prompt_tokens": stats.prompt_tokens, "completion_tokens": stats.new_tokens,
-            "total_tokens": stats.prompt_tokens + stats.new_tokens}
+def usage(stats: "GenerationStats", prediction: tuple[int, int] | None = None) -> dict:
+    """completion_tokens: the tokens generated up to the stop (an EOS token included); with a
+    prediction, `completion_tokens_details` holds its (accepted, rejected) tokens."""
+    out = {"prompt_tokens": stats.prompt_tokens, "completion_tokens": stats.new_tokens,
+           "total_tokens": stats.prompt_tokens + stats.new_tokens}
+    if prediction is not None:
+        out["completion_tokens_details"] = {"accepted_prediction_tokens": prediction[0],
+                                            "rejected_prediction_tokens": prediction[1]}
+    return out
 
 
 def specdraft_stats(stats: "GenerationStats", tenant: str) -> dict:
@@ -290,7 +325,7 @@ class Formatter:
             choice["text"] = text
         else:
             choice["message"] = {"role": "assistant", "content": text}
-        return {**self._head(False), "choices": [choice], "usage": usage(last.stats),
+        return {**self._head(False), "choices": [choice], "usage": usage(last.stats, last.prediction),
                 "specdraft": specdraft_stats(last.stats, self.tenant)}
 
     def _chunk(self, text: str | None, finish: str | None, role: bool = False) -> dict:
@@ -314,4 +349,4 @@ class Formatter:
         final["specdraft"] = specdraft_stats(chunk.stats, self.tenant)
         if not self.include_usage:
             return [final]
-        return [final, {**self._head(True), "choices": [], "usage": usage(chunk.stats)}]
+        return [final, {**self._head(True), "choices": [], "usage": usage(chunk.stats, chunk.prediction)}]

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from retriever import errors
+from verifier.api.fim import fim_prompt, fim_tokens
 from verifier.api.settings import VerifierSettings
 from verifier.decoding.accept import SamplingParams
 
@@ -52,6 +53,8 @@ class FieldNames:
     stop: str = "sampling.stop"
     tenant: str = "tenant"
     request_id: str = "request_id"
+    prediction: str = "prediction"
+    suffix: str = "suffix"
 
 
 GRPC_NAMES = FieldNames()
@@ -80,6 +83,8 @@ class RequestValues:
     tenant: str = ""  # "" = settings.default_tenant
     request_id: str = ""  # "" = a fresh one
     no_draft: bool = False
+    prediction: str = ""  # the predicted output (OpenAI Predicted Outputs); "" = none
+    suffix: str = ""  # fill-in-the-middle: the text after the completion (text prompts only); "" = none
 
 
 @dataclass(frozen=True)
@@ -91,10 +96,33 @@ class GenerationRequest:
     tenant: str
     no_draft: bool
     request_id: str
+    prediction_ids: tuple[int, ...] = ()  # the predicted output's tokens (a draft source); () = none
+    stop_token_ids: tuple[int, ...] = ()  # tokens that end the generation besides EOS (FIM: the middle's ends)
 
 
 def _fail(what: str, got: object, param: str | None = None, code: str | None = None) -> InvalidField:
     return InvalidField(f"{what}, got {got}", param, code)
+
+
+def _fim_ids(v: RequestValues, model: "Backend", model_name: str, n: FieldNames) -> tuple[list[int], tuple]:
+    """The FIM prompt of a text prompt with a suffix and the tokens that end its middle."""
+    if v.text is None:
+        raise _fail(f"{n.suffix} must come with a text prompt", "another prompt kind", n.suffix)
+    tokens = fim_tokens(model.tokenizer)
+    if tokens is None:
+        raise InvalidField(f"model {model_name} has no fill-in-the-middle tokens", n.suffix)
+    return fim_prompt(tokens, model.tokenizer, v.text, v.suffix), tokens.end_ids
+
+
+def _prediction_ids(v: RequestValues, model: "Backend", n: FieldNames) -> tuple[int, ...]:
+    """The prediction's tokens, with the prompt's limit (at most max_positions - 1 tokens)."""
+    if not v.prediction:
+        return ()
+    ids = tuple(model.tokenizer.encode(v.prediction, add_special_tokens=False))
+    if len(ids) > model.max_positions - 1:
+        raise _fail(f"{n.prediction} must be at most {model.max_positions - 1} tokens for this model",
+                    f"{len(ids)} tokens", n.prediction, CONTEXT_LENGTH_EXCEEDED)
+    return ids
 
 
 def _prompt_ids(v: RequestValues, model: "Backend", n: FieldNames) -> list[int]:
@@ -182,6 +210,12 @@ def check(values: RequestValues, model: "Backend", settings: VerifierSettings,
     request_id = _name(values.request_id, names.request_id, uuid.uuid4().hex)
     sampling = _sampling(values, model.vocab_size, names)
     stops = _stops(values.stops, settings, names)
-    ids = _prompt_ids(values, model, names)
+    end_ids: tuple[int, ...] = ()
+    if values.suffix:  # the prefix may be empty (a cursor at the file's start)
+        ids, end_ids = _fim_ids(values, model, settings.model_name, names)
+    else:
+        ids = _prompt_ids(values, model, names)
     max_new = _max_new_tokens(values.max_new_tokens, len(ids), model, settings, names)
-    return GenerationRequest(tuple(ids), sampling, max_new, stops, tenant, values.no_draft, request_id)
+    prediction = _prediction_ids(values, model, names)
+    return GenerationRequest(tuple(ids), sampling, max_new, stops, tenant, values.no_draft, request_id, prediction,
+                             end_ids)

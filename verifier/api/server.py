@@ -148,7 +148,7 @@ def create_server(settings: VerifierSettings, *, model: "Backend | LoadedModel |
         raise
 
 
-def _create(settings: VerifierSettings, model: "LoadedModel | None", engine: "Engine | None",
+def _create(settings: VerifierSettings, model: "Backend | LoadedModel | None", engine: "Engine | None",
             http: "HttpApi | None", metrics: VerifierMetrics, metrics_server: MetricsServer | None,
             security: "_Security") -> tuple[VerifierServer, int]:
     from verifier.api.generation import Generator

@@ -14,27 +14,31 @@ class Source(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     SOURCE_TENANT: _ClassVar[Source]
     SOURCE_CORPUS: _ClassVar[Source]
     SOURCE_REFERENCE: _ClassVar[Source]
+    SOURCE_PREDICTION: _ClassVar[Source]
 SOURCE_UNSPECIFIED: Source
 SOURCE_CONTEXT: Source
 SOURCE_TENANT: Source
 SOURCE_CORPUS: Source
 SOURCE_REFERENCE: Source
+SOURCE_PREDICTION: Source
 
 class DraftRequest(_message.Message):
-    __slots__ = ("tenant", "session_id", "prompt", "new_tokens", "max_nodes", "sent_unix_us")
+    __slots__ = ("tenant", "session_id", "prompt", "new_tokens", "max_nodes", "sent_unix_us", "prediction")
     TENANT_FIELD_NUMBER: _ClassVar[int]
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     PROMPT_FIELD_NUMBER: _ClassVar[int]
     NEW_TOKENS_FIELD_NUMBER: _ClassVar[int]
     MAX_NODES_FIELD_NUMBER: _ClassVar[int]
     SENT_UNIX_US_FIELD_NUMBER: _ClassVar[int]
+    PREDICTION_FIELD_NUMBER: _ClassVar[int]
     tenant: str
     session_id: str
     prompt: _containers.RepeatedScalarFieldContainer[int]
     new_tokens: _containers.RepeatedScalarFieldContainer[int]
     max_nodes: int
     sent_unix_us: int
-    def __init__(self, tenant: _Optional[str] = ..., session_id: _Optional[str] = ..., prompt: _Optional[_Iterable[int]] = ..., new_tokens: _Optional[_Iterable[int]] = ..., max_nodes: _Optional[int] = ..., sent_unix_us: _Optional[int] = ...) -> None: ...
+    prediction: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, tenant: _Optional[str] = ..., session_id: _Optional[str] = ..., prompt: _Optional[_Iterable[int]] = ..., new_tokens: _Optional[_Iterable[int]] = ..., max_nodes: _Optional[int] = ..., sent_unix_us: _Optional[int] = ..., prediction: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class DraftTree(_message.Message):
     __slots__ = ("token_ids", "parents", "scores", "sources")

@@ -25,15 +25,15 @@ _sym_db = _symbol_database.Default()
 from protos.specdraft.v1 import retriever_pb2 as protos_dot_specdraft_dot_v1_dot_retriever__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\"protos/specdraft/v1/verifier.proto\x12\x0cspecdraft.v1\x1a#protos/specdraft/v1/retriever.proto\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"9\n\nChatPrompt\x12+\n\x08messages\x18\x01 \x03(\x0b\x32\x19.specdraft.v1.ChatMessage\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\x05\"\xb0\x01\n\x0eSamplingParams\x12\x13\n\x0btemperature\x18\x01 \x01(\x02\x12\x12\n\x05top_p\x18\x02 \x01(\x02H\x00\x88\x01\x01\x12\r\n\x05top_k\x18\x03 \x01(\r\x12\x11\n\x04seed\x18\x04 \x01(\x04H\x01\x88\x01\x01\x12\x16\n\x0emax_new_tokens\x18\x05 \x01(\r\x12\x0c\n\x04stop\x18\x06 \x03(\t\x12\x1a\n\x12typical_acceptance\x18\x07 \x01(\x08\x42\x08\n\x06_top_pB\x07\n\x05_seed\"\xe8\x01\n\x0fGenerateRequest\x12\x0e\n\x04text\x18\x01 \x01(\tH\x00\x12+\n\ttoken_ids\x18\x02 \x01(\x0b\x32\x16.specdraft.v1.TokenIdsH\x00\x12(\n\x04\x63hat\x18\x03 \x01(\x0b\x32\x18.specdraft.v1.ChatPromptH\x00\x12.\n\x08sampling\x18\x04 \x01(\x0b\x32\x1c.specdraft.v1.SamplingParams\x12\x0e\n\x06tenant\x18\x05 \x01(\t\x12\x10\n\x08no_draft\x18\x06 \x01(\x08\x12\x12\n\nrequest_id\x18\x07 \x01(\tB\x08\n\x06prompt\"D\n\x0cSourceTokens\x12$\n\x06source\x18\x01 \x01(\x0e\x32\x14.specdraft.v1.Source\x12\x0e\n\x06tokens\x18\x02 \x01(\x04\"\x9c\x02\n\rGenerateStats\x12\x15\n\rprompt_tokens\x18\x01 \x01(\x04\x12\x12\n\nnew_tokens\x18\x02 \x01(\x04\x12\r\n\x05steps\x18\x03 \x01(\x04\x12\x1c\n\x14mean_accepted_tokens\x18\x04 \x01(\x01\x12\x0f\n\x07\x64raft_s\x18\x05 \x01(\x01\x12\x10\n\x08verify_s\x18\x06 \x01(\x01\x12\x14\n\x0ctokens_per_s\x18\x07 \x01(\x01\x12\x36\n\x12\x61\x63\x63\x65pted_by_source\x18\x08 \x03(\x0b\x32\x1a.specdraft.v1.SourceTokens\x12\x13\n\x0b\x64raft_nodes\x18\t \x01(\x04\x12\x1d\n\x15\x61\x63\x63\x65pted_draft_tokens\x18\n \x01(\x04\x12\x0e\n\x06wall_s\x18\x0b \x01(\x01\"\x92\x01\n\x10GenerateResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\x12\x31\n\rfinish_reason\x18\x03 \x01(\x0e\x32\x1a.specdraft.v1.FinishReason\x12*\n\x05stats\x18\x04 \x01(\x0b\x32\x1b.specdraft.v1.GenerateStats*v\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x15\n\x11\x46INISH_REASON_EOS\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x03\x32W\n\x08Verifier\x12K\n\x08Generate\x12\x1d.specdraft.v1.GenerateRequest\x1a\x1e.specdraft.v1.GenerateResponse0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\"protos/specdraft/v1/verifier.proto\x12\x0cspecdraft.v1\x1a#protos/specdraft/v1/retriever.proto\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"9\n\nChatPrompt\x12+\n\x08messages\x18\x01 \x03(\x0b\x32\x19.specdraft.v1.ChatMessage\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\x05\"\xb0\x01\n\x0eSamplingParams\x12\x13\n\x0btemperature\x18\x01 \x01(\x02\x12\x12\n\x05top_p\x18\x02 \x01(\x02H\x00\x88\x01\x01\x12\r\n\x05top_k\x18\x03 \x01(\r\x12\x11\n\x04seed\x18\x04 \x01(\x04H\x01\x88\x01\x01\x12\x16\n\x0emax_new_tokens\x18\x05 \x01(\r\x12\x0c\n\x04stop\x18\x06 \x03(\t\x12\x1a\n\x12typical_acceptance\x18\x07 \x01(\x08\x42\x08\n\x06_top_pB\x07\n\x05_seed\"\x8c\x02\n\x0fGenerateRequest\x12\x0e\n\x04text\x18\x01 \x01(\tH\x00\x12+\n\ttoken_ids\x18\x02 \x01(\x0b\x32\x16.specdraft.v1.TokenIdsH\x00\x12(\n\x04\x63hat\x18\x03 \x01(\x0b\x32\x18.specdraft.v1.ChatPromptH\x00\x12.\n\x08sampling\x18\x04 \x01(\x0b\x32\x1c.specdraft.v1.SamplingParams\x12\x0e\n\x06tenant\x18\x05 \x01(\t\x12\x10\n\x08no_draft\x18\x06 \x01(\x08\x12\x12\n\nrequest_id\x18\x07 \x01(\t\x12\x12\n\nprediction\x18\x08 \x01(\t\x12\x0e\n\x06suffix\x18\t \x01(\tB\x08\n\x06prompt\"D\n\x0cSourceTokens\x12$\n\x06source\x18\x01 \x01(\x0e\x32\x14.specdraft.v1.Source\x12\x0e\n\x06tokens\x18\x02 \x01(\x04\"\xe4\x02\n\rGenerateStats\x12\x15\n\rprompt_tokens\x18\x01 \x01(\x04\x12\x12\n\nnew_tokens\x18\x02 \x01(\x04\x12\r\n\x05steps\x18\x03 \x01(\x04\x12\x1c\n\x14mean_accepted_tokens\x18\x04 \x01(\x01\x12\x0f\n\x07\x64raft_s\x18\x05 \x01(\x01\x12\x10\n\x08verify_s\x18\x06 \x01(\x01\x12\x14\n\x0ctokens_per_s\x18\x07 \x01(\x01\x12\x36\n\x12\x61\x63\x63\x65pted_by_source\x18\x08 \x03(\x0b\x32\x1a.specdraft.v1.SourceTokens\x12\x13\n\x0b\x64raft_nodes\x18\t \x01(\x04\x12\x1d\n\x15\x61\x63\x63\x65pted_draft_tokens\x18\n \x01(\x04\x12\x0e\n\x06wall_s\x18\x0b \x01(\x01\x12\"\n\x1a\x61\x63\x63\x65pted_prediction_tokens\x18\x0c \x01(\x04\x12\"\n\x1arejected_prediction_tokens\x18\r \x01(\x04\"\x92\x01\n\x10GenerateResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\x12\x31\n\rfinish_reason\x18\x03 \x01(\x0e\x32\x1a.specdraft.v1.FinishReason\x12*\n\x05stats\x18\x04 \x01(\x0b\x32\x1b.specdraft.v1.GenerateStats*v\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x15\n\x11\x46INISH_REASON_EOS\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x03\x32W\n\x08Verifier\x12K\n\x08Generate\x12\x1d.specdraft.v1.GenerateRequest\x1a\x1e.specdraft.v1.GenerateResponse0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'protos.specdraft.v1.verifier_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_FINISHREASON']._serialized_start=1139
-  _globals['_FINISHREASON']._serialized_end=1257
+  _globals['_FINISHREASON']._serialized_start=1247
+  _globals['_FINISHREASON']._serialized_end=1365
   _globals['_CHATMESSAGE']._serialized_start=89
   _globals['_CHATMESSAGE']._serialized_end=133
   _globals['_CHATPROMPT']._serialized_start=135
@@ -43,13 +43,13 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_SAMPLINGPARAMS']._serialized_start=220
   _globals['_SAMPLINGPARAMS']._serialized_end=396
   _globals['_GENERATEREQUEST']._serialized_start=399
-  _globals['_GENERATEREQUEST']._serialized_end=631
-  _globals['_SOURCETOKENS']._serialized_start=633
-  _globals['_SOURCETOKENS']._serialized_end=701
-  _globals['_GENERATESTATS']._serialized_start=704
-  _globals['_GENERATESTATS']._serialized_end=988
-  _globals['_GENERATERESPONSE']._serialized_start=991
-  _globals['_GENERATERESPONSE']._serialized_end=1137
-  _globals['_VERIFIER']._serialized_start=1259
-  _globals['_VERIFIER']._serialized_end=1346
+  _globals['_GENERATEREQUEST']._serialized_end=667
+  _globals['_SOURCETOKENS']._serialized_start=669
+  _globals['_SOURCETOKENS']._serialized_end=737
+  _globals['_GENERATESTATS']._serialized_start=740
+  _globals['_GENERATESTATS']._serialized_end=1096
+  _globals['_GENERATERESPONSE']._serialized_start=1099
+  _globals['_GENERATERESPONSE']._serialized_end=1245
+  _globals['_VERIFIER']._serialized_start=1367
+  _globals['_VERIFIER']._serialized_end=1454
 # @@protoc_insertion_point(module_scope)

@@ -58,7 +58,7 @@ class SamplingParams(_message.Message):
     def __init__(self, temperature: _Optional[float] = ..., top_p: _Optional[float] = ..., top_k: _Optional[int] = ..., seed: _Optional[int] = ..., max_new_tokens: _Optional[int] = ..., stop: _Optional[_Iterable[str]] = ..., typical_acceptance: _Optional[bool] = ...) -> None: ...
 
 class GenerateRequest(_message.Message):
-    __slots__ = ("text", "token_ids", "chat", "sampling", "tenant", "no_draft", "request_id")
+    __slots__ = ("text", "token_ids", "chat", "sampling", "tenant", "no_draft", "request_id", "prediction", "suffix")
     TEXT_FIELD_NUMBER: _ClassVar[int]
     TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     CHAT_FIELD_NUMBER: _ClassVar[int]
@@ -66,6 +66,8 @@ class GenerateRequest(_message.Message):
     TENANT_FIELD_NUMBER: _ClassVar[int]
     NO_DRAFT_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    PREDICTION_FIELD_NUMBER: _ClassVar[int]
+    SUFFIX_FIELD_NUMBER: _ClassVar[int]
     text: str
     token_ids: TokenIds
     chat: ChatPrompt
@@ -73,7 +75,9 @@ class GenerateRequest(_message.Message):
     tenant: str
     no_draft: bool
     request_id: str
-    def __init__(self, text: _Optional[str] = ..., token_ids: _Optional[_Union[TokenIds, _Mapping]] = ..., chat: _Optional[_Union[ChatPrompt, _Mapping]] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., tenant: _Optional[str] = ..., no_draft: _Optional[bool] = ..., request_id: _Optional[str] = ...) -> None: ...
+    prediction: str
+    suffix: str
+    def __init__(self, text: _Optional[str] = ..., token_ids: _Optional[_Union[TokenIds, _Mapping]] = ..., chat: _Optional[_Union[ChatPrompt, _Mapping]] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., tenant: _Optional[str] = ..., no_draft: _Optional[bool] = ..., request_id: _Optional[str] = ..., prediction: _Optional[str] = ..., suffix: _Optional[str] = ...) -> None: ...
 
 class SourceTokens(_message.Message):
     __slots__ = ("source", "tokens")
@@ -84,7 +88,7 @@ class SourceTokens(_message.Message):
     def __init__(self, source: _Optional[_Union[_retriever_pb2.Source, str]] = ..., tokens: _Optional[int] = ...) -> None: ...
 
 class GenerateStats(_message.Message):
-    __slots__ = ("prompt_tokens", "new_tokens", "steps", "mean_accepted_tokens", "draft_s", "verify_s", "tokens_per_s", "accepted_by_source", "draft_nodes", "accepted_draft_tokens", "wall_s")
+    __slots__ = ("prompt_tokens", "new_tokens", "steps", "mean_accepted_tokens", "draft_s", "verify_s", "tokens_per_s", "accepted_by_source", "draft_nodes", "accepted_draft_tokens", "wall_s", "accepted_prediction_tokens", "rejected_prediction_tokens")
     PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     NEW_TOKENS_FIELD_NUMBER: _ClassVar[int]
     STEPS_FIELD_NUMBER: _ClassVar[int]
@@ -96,6 +100,8 @@ class GenerateStats(_message.Message):
     DRAFT_NODES_FIELD_NUMBER: _ClassVar[int]
     ACCEPTED_DRAFT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     WALL_S_FIELD_NUMBER: _ClassVar[int]
+    ACCEPTED_PREDICTION_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    REJECTED_PREDICTION_TOKENS_FIELD_NUMBER: _ClassVar[int]
     prompt_tokens: int
     new_tokens: int
     steps: int
@@ -107,7 +113,9 @@ class GenerateStats(_message.Message):
     draft_nodes: int
     accepted_draft_tokens: int
     wall_s: float
-    def __init__(self, prompt_tokens: _Optional[int] = ..., new_tokens: _Optional[int] = ..., steps: _Optional[int] = ..., mean_accepted_tokens: _Optional[float] = ..., draft_s: _Optional[float] = ..., verify_s: _Optional[float] = ..., tokens_per_s: _Optional[float] = ..., accepted_by_source: _Optional[_Iterable[_Union[SourceTokens, _Mapping]]] = ..., draft_nodes: _Optional[int] = ..., accepted_draft_tokens: _Optional[int] = ..., wall_s: _Optional[float] = ...) -> None: ...
+    accepted_prediction_tokens: int
+    rejected_prediction_tokens: int
+    def __init__(self, prompt_tokens: _Optional[int] = ..., new_tokens: _Optional[int] = ..., steps: _Optional[int] = ..., mean_accepted_tokens: _Optional[float] = ..., draft_s: _Optional[float] = ..., verify_s: _Optional[float] = ..., tokens_per_s: _Optional[float] = ..., accepted_by_source: _Optional[_Iterable[_Union[SourceTokens, _Mapping]]] = ..., draft_nodes: _Optional[int] = ..., accepted_draft_tokens: _Optional[int] = ..., wall_s: _Optional[float] = ..., accepted_prediction_tokens: _Optional[int] = ..., rejected_prediction_tokens: _Optional[int] = ...) -> None: ...
 
 class GenerateResponse(_message.Message):
     __slots__ = ("text", "token_ids", "finish_reason", "stats")

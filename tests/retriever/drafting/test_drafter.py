@@ -113,3 +113,28 @@ def test_ending_with_new_tokens_equals_a_draft_then_an_end():
     probe = rng.integers(0, 12, 30).astype(np.int32)
     a, b = (d.draft("t", "probe", probe, np.empty(0, np.int32), 16).tree for d in (one, two))
     np.testing.assert_array_equal(a.token_ids, b.token_ids)
+
+
+def test_prediction_drafts_its_continuation_and_picks_it_up_after_a_departure():
+    """The predicted output is one more per-session source: the tail matched inside it, its
+    continuation proposed; where the output departs and comes back, the drafts follow it again."""
+    d = Drafter(DrafterConfig())
+    prediction = ids(10, 11, 12, 13, 14, 15, 16, 17, 18, 19)
+    tree = d.draft("t", "s", ids(1, 2, 10, 11), EMPTY, 8, prediction=prediction).tree
+    assert tree.token_ids[:4].tolist() == [12, 13, 14, 15]
+    assert set(tree.sources.tolist()) == {Source.PREDICTION}
+    departed = d.draft("t", "s", None, ids(12, 13, 99), 8).tree  # no n-gram of the prediction ends in 99
+    assert len(departed) == 0
+    back = d.draft("t", "s", None, ids(15, 16), 8).tree  # the output rejoins the prediction
+    assert back.token_ids[:3].tolist() == [17, 18, 19] and back.sources[0] == Source.PREDICTION
+    assert [label for label, _ in d.last_lookup_s()] == ["context", "prediction", "build_tree"]
+
+
+def test_prediction_only_with_the_session_and_off_with_its_source():
+    d = Drafter(DrafterConfig())
+    d.draft("t", "s", ids(1, 2, 10, 11), EMPTY, 8, prediction=ids(10, 11, 12, 13))
+    assert len(d.draft("t", "other", ids(1, 2, 10, 11), EMPTY, 8).tree) == 0  # another session: no prediction
+    off = Drafter(DrafterConfig(sources=frozenset({Source.CONTEXT})))
+    assert len(off.draft("t", "s", ids(1, 2, 10, 11), EMPTY, 8, prediction=ids(10, 11, 12, 13)).tree) == 0
+    with pytest.raises(ResourceExhausted, match="at most 4 tokens, got 5"):
+        Drafter(DrafterConfig(max_context_tokens=4)).draft("t", "s", ids(1), EMPTY, 8, prediction=ids(1, 2, 3, 4, 5))

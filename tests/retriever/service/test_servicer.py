@@ -31,6 +31,18 @@ def test_draft_continues_the_context_and_the_corpus(stub):
     assert corpus.tree.sources[0] == pb.SOURCE_CORPUS
 
 
+def test_draft_with_a_prediction_drafts_from_it_for_the_session(stub):
+    """DraftRequest.prediction (on the first call) is the session's SOURCE_PREDICTION for its life."""
+    first = pb.DraftRequest(tenant="p", session_id="pred", prompt=[1, 2, 600, 601], max_nodes=4,
+                            prediction=[600, 601, 602, 603, 604, 605, 606, 607])
+    r = stub.Draft(first, timeout=5)
+    assert best_path(r.tree) == [602, 603, 604, 605] and set(r.tree.sources) == {pb.SOURCE_PREDICTION}
+    step = stub.Draft(req(tenant="p", session_id="pred", new_tokens=[602, 603], max_nodes=2), timeout=5)
+    assert best_path(step.tree) == [604, 605] and step.tree.sources[0] == pb.SOURCE_PREDICTION
+    plain = stub.Draft(req(tenant="p", session_id="plain", prompt=[1, 2, 600, 601], max_nodes=4), timeout=5)
+    assert pb.SOURCE_PREDICTION not in set(plain.tree.sources)
+
+
 @pytest.mark.parametrize("request_, details", [
     (req(prompt=[1, 2, 3, VOCAB]), f"prompt[3] must be a token id in [0, {VOCAB}), got {VOCAB}"),
     (req(prompt=[1, 2, 3, -5]), f"prompt[3] must be a token id in [0, {VOCAB}), got -5"),

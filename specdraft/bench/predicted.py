@@ -1,0 +1,181 @@
+"""`specdraft bench predicted`: OpenAI Predicted Outputs and FIM completions, end to end (HF backend).
+
+Edits: the first `--limit` refactor prompts of the dev traces, shaped as edit clients send them:
+the user message holds the instruction and the file (the function's code block), under the
+model's chat template, and the prediction is the file. Each request runs greedily three times,
+interleaved (none / right / wrong: the next request's function), on one `Engine` drafting from an
+in-process `Drafter` (tenant = the variant, so each variant sees its own earlier outputs alike).
+Printed: MAT and tokens/s per variant, the worst per-request MAT ratio right/none (target >= 0.98),
+the mean MAT ratio (target > 1), the tokens/s ratio wrong/none (target >= 0.95), and whether the
+three outputs agree (they must: greedy). FIM: `--fim` completions cut from stdlib files (prefix of
+up to 40 lines, middle of 1-5 lines, suffix of up to 20 lines; files and cuts drawn with a fixed
+seed), run on the model's FIM prompt (`verifier.api.fim`): MAT, tokens/s and exact-match of the
+middle; a model without FIM tokens skips them (SmolLM2, the default, has none).
+"""
+
+from __future__ import annotations
+
+import random
+import re
+import sysconfig
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+_BLOCK = re.compile(r"```python\n(.*?)```", re.S)
+VARIANTS = ("none", "right", "wrong")
+
+
+@dataclass
+class Tally:
+    tokens: int = 0
+    steps: int = 0
+    seconds: float = 0.0
+    mats: list[float] = field(default_factory=list)  # per request
+
+    @property
+    def mat(self) -> float:
+        return self.tokens / max(self.steps, 1)
+
+    @property
+    def tok_s(self) -> float:
+        return self.tokens / self.seconds if self.seconds else 0.0
+
+
+def edit_requests(traces, tokenizer_path: str) -> list[tuple[str, str]]:
+    """(user message, file) of each refactor trace whose message holds one python code block."""
+    from specdraft.bench.generate import prompts_of
+
+    out = []
+    for p in prompts_of(traces, tokenizer_path):
+        blocks = _BLOCK.findall(p.text)
+        if p.chat and blocks:
+            out.append((p.text, blocks[0]))
+    return out
+
+
+def _generate(engine, ids: list[int], max_new: int, source, stop_ids: list[int] | None = None) -> tuple:
+    """(tokens, steps, seconds) of one greedy generation."""
+    t0 = time.perf_counter()
+    results = list(engine.generate(ids, max_new, drafter=source, stop_token_ids=stop_ids))
+    return [t for r in results for t in r.tokens], len(results), time.perf_counter() - t0
+
+
+def run_edits(engine, loaded, drafter, requests: list[tuple[str, str]], max_new: int) -> tuple[dict, bool]:
+    """Tallies by variant and whether every request's three outputs agree."""
+    from verifier.drafting import LocalDraftSource
+
+    tok = loaded.tokenizer
+    tallies = {v: Tally() for v in VARIANTS}
+    same = True
+    for i, (message, file) in enumerate(requests):
+        text = tok.apply_chat_template([{"role": "user", "content": message}], add_generation_prompt=True,
+                                       tokenize=False)
+        ids = list(tok.encode(text, add_special_tokens=False))
+        wrong = requests[(i + 1) % len(requests)][1]
+        outputs = []
+        for variant, prediction in zip(VARIANTS, ("", file, wrong)):
+            pred_ids = tok.encode(prediction, add_special_tokens=False) if prediction else []
+            source = LocalDraftSource(drafter, tenant=variant, session_id=f"{variant}-{i}", prediction_ids=pred_ids)
+            tokens, steps, s = _generate(engine, ids, max_new, source)
+            t = tallies[variant]
+            t.tokens, t.steps, t.seconds = t.tokens + len(tokens), t.steps + steps, t.seconds + s
+            t.mats.append(len(tokens) / max(steps, 1))
+            outputs.append(tokens)
+        same &= outputs[0] == outputs[1] == outputs[2]
+        print(f"  edit {i}: MAT none {tallies['none'].mats[-1]:.2f} right {tallies['right'].mats[-1]:.2f} "
+              f"wrong {tallies['wrong'].mats[-1]:.2f}", flush=True)
+    return tallies, same
+
+
+def fim_cuts(n: int, seed: int = 0) -> list[tuple[str, str, str]]:
+    """(prefix, middle, suffix) cut from n stdlib .py files (middle: 1-5 whole lines, not blank)."""
+    root = Path(sysconfig.get_paths()["stdlib"])
+    files = sorted(p for p in root.glob("*.py") if p.stat().st_size > 2000)
+    rng = random.Random(seed)
+    cuts = []
+    for path in rng.sample(files, min(n, len(files))):
+        lines = path.read_text(encoding="utf-8", errors="replace").splitlines(keepends=True)
+        k = rng.randint(1, 5)
+        start = rng.randrange(10, max(11, len(lines) - k - 10))
+        middle = "".join(lines[start:start + k])
+        if not middle.strip():
+            continue
+        cuts.append(("".join(lines[max(0, start - 40):start]), middle, "".join(lines[start + k:start + k + 20])))
+    return cuts
+
+
+def run_fim(engine, loaded, drafter, cuts, max_new: int) -> tuple[Tally, int] | None:
+    """Tally and exact matches of the FIM completions; None when the model has no FIM tokens."""
+    from verifier.api.fim import fim_prompt, fim_tokens
+    from verifier.drafting import LocalDraftSource
+
+    tokens = fim_tokens(loaded.tokenizer)
+    if tokens is None:
+        return None
+    tally, exact = Tally(), 0
+    for i, (prefix, middle, suffix) in enumerate(cuts):
+        ids = fim_prompt(tokens, loaded.tokenizer, prefix, suffix)
+        source = LocalDraftSource(drafter, tenant="fim", session_id=f"fim-{i}")
+        out, steps, s = _generate(engine, ids, max_new, source, [*loaded.eos_token_ids, *tokens.end_ids])
+        out = [t for t in out if t not in tokens.end_ids]
+        tally.tokens, tally.steps, tally.seconds = tally.tokens + len(out), tally.steps + steps, tally.seconds + s
+        tally.mats.append(len(out) / max(steps, 1))
+        exact += loaded.tokenizer.decode(out, skip_special_tokens=True) == middle
+    return tally, exact
+
+
+def table(tallies: dict, same: bool, fim, model: str, n_fim: int) -> str:
+    none, right, wrong = (tallies[v] for v in VARIANTS)
+    lines = ["| variant | requests | tokens | MAT | tokens/s |", "|---|---|---|---|---|"]
+    lines += [f"| {v} | {len(t.mats)} | {t.tokens} | {t.mat:.2f} | {t.tok_s:.1f} |" for v, t in tallies.items()]
+    worst = min((r / n for r, n in zip(right.mats, none.mats) if n), default=0.0)
+    mean = (sum(right.mats) / len(right.mats)) / (sum(none.mats) / len(none.mats)) if none.mats else 0.0
+    lines += ["", f"right/none MAT: worst request {worst:.3f} (target >= 0.98), mean {mean:.3f} (target > 1); "
+              f"wrong/none tokens/s {wrong.tok_s / none.tok_s if none.tok_s else 0:.3f} (target >= 0.95); "
+              f"same output in all three: {'yes' if same else 'NO'}"]
+    if fim is None:
+        lines.append(f"FIM: skipped, model {model} has no fill-in-the-middle tokens")
+    else:
+        t, exact = fim
+        lines.append(f"FIM: {len(t.mats)} completions, MAT {t.mat:.2f}, {t.tok_s:.1f} tokens/s, "
+                     f"exact-match {exact}/{len(t.mats)} (of {n_fim} asked)")
+    return "\n".join(lines)
+
+
+def add_arguments(p) -> None:
+    p.add_argument("--model", default="smollm2", help="HF folder, cached HF id, .gguf file or smollm2 (default)")
+    p.add_argument("--dtype", default="float32", choices=("float32", "float64", "bfloat16", "float16"))
+    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--max-nodes", type=int, default=64, help="draft budget per step (default: %(default)s)")
+    p.add_argument("--limit", type=int, default=20, help="edit requests (refactor traces, default %(default)s)")
+    p.add_argument("--fim", type=int, default=20, help="FIM completions from stdlib files (default %(default)s)")
+    p.add_argument("--traces", default=None, help="JSONL traces (default: the dev traces)")
+    p.add_argument("--tokenizer", default="../shared/models/qwen2.5-coder-1.5b",
+                   help="the traces' tokenizer (to decode their prompts)")
+
+
+def run(args) -> int:
+    """The command: one model, one engine, one drafter; edits then FIM."""
+    from retriever.drafting.drafter import Drafter
+    from retriever.drafting.types import DrafterConfig
+    from specdraft.bench.replay import DEFAULT_TRACES, load_traces
+    from verifier.decoding.engine import Engine
+    from verifier.decoding.model import ModelSpec, load_model
+
+    traces = load_traces(args.traces or DEFAULT_TRACES, ["refactor"], None)["refactor"]
+    requests = edit_requests(traces, args.tokenizer)[:args.limit]
+    if len(requests) < 2:
+        raise SystemExit(f"error: the traces must hold at least 2 refactor prompts with a code block, "
+                         f"got {len(requests)}")
+    loaded = load_model(ModelSpec(args.model, dtype=args.dtype, device=args.device))
+    engine = Engine(loaded, max_nodes=args.max_nodes)
+    for _ in engine.generate(list(loaded.tokenizer.encode("def f(x):\n    return")), 4):  # first-call costs
+        pass
+    tallies, same = run_edits(engine, loaded, Drafter(DrafterConfig()), requests, args.max_new_tokens)
+    fim = run_fim(engine, loaded, Drafter(DrafterConfig()), fim_cuts(args.fim), min(args.max_new_tokens, 128))
+    print(f"Predicted outputs: model={args.model} {args.dtype} {args.device}, max_new_tokens={args.max_new_tokens}, "
+          f"max_nodes={args.max_nodes}, {len(requests)} edit requests")
+    print(table(tallies, same, fim, args.model, args.fim))
+    return 0
