@@ -87,6 +87,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--prompt-tokens", type=int, default=2000, help="prompt tokens per flood session (default %(default)s)")
     p.add_argument("--tenants", type=int, default=5000, help="one-call tenants after the flood (default %(default)s)")
     p.add_argument("--streams", type=int, default=1300, help="idle DraftStreams held (default %(default)s)")
+    p.add_argument("--no-http", action="store_true",
+                   help="skip the verifier part (the next request's wait after abandoned ones: `bench abuse-http`)")
     p.add_argument("--json", metavar="PATH", help="also write the result as JSON")
     p.set_defaults(run=run_abuse)
 
@@ -219,7 +221,13 @@ def run_overload(args: argparse.Namespace) -> int:
 
 
 def run_abuse(args: argparse.Namespace) -> int:
+    """Items 1 and 2 of issue 18 (the retriever), then item 3 (`abuse-http` at its defaults) unless --no-http."""
+    from specdraft.bench import abuse_http
     from specdraft.bench.abuse import run_abuse as abuse
 
     _emit(abuse(args.budget_mib, args.sessions, args.prompt_tokens, args.tenants, args.streams), args.json)
-    return 0
+    if args.no_http:
+        return 0
+    http = argparse.ArgumentParser()
+    abuse_http.add_arguments(http)
+    return abuse_http.run(http.parse_args([]))
