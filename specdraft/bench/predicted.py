@@ -1,4 +1,4 @@
-"""`specdraft bench predicted`: OpenAI Predicted Outputs and FIM completions, end to end (HF backend).
+"""`specdraft bench predicted`: OpenAI Predicted Outputs and FIM completions, end to end (either backend).
 
 Edits: the first `--limit` refactor prompts of the dev traces, shaped as edit clients send them:
 the user message holds the instruction and the file (the function's code block), under the
@@ -149,6 +149,9 @@ def add_arguments(p) -> None:
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     p.add_argument("--max-new-tokens", type=int, default=256)
     p.add_argument("--max-nodes", type=int, default=64, help="draft budget per step (default: %(default)s)")
+    p.add_argument("--backend", default="auto", choices=("auto", "hf", "llama.cpp"),
+                   help="the engine: auto (default: llama.cpp for a .gguf file on the CPU), hf, llama.cpp")
+    p.add_argument("--threads", type=int, default=0, help="llama.cpp threads (default 0: every core)")
     p.add_argument("--limit", type=int, default=20, help="edit requests (refactor traces, default %(default)s)")
     p.add_argument("--fim", type=int, default=20, help="FIM completions from stdlib files (default %(default)s)")
     p.add_argument("--traces", default=None, help="JSONL traces (default: the dev traces)")
@@ -161,21 +164,24 @@ def run(args) -> int:
     from retriever.drafting.drafter import Drafter
     from retriever.drafting.types import DrafterConfig
     from specdraft.bench.replay import DEFAULT_TRACES, load_traces
+    from verifier.api.server import load
+    from verifier.api.settings import VerifierSettings
     from verifier.decoding.engine import Engine
-    from verifier.decoding.model import ModelSpec, load_model
 
     traces = load_traces(args.traces or DEFAULT_TRACES, ["refactor"], None)["refactor"]
     requests = edit_requests(traces, args.tokenizer)[:args.limit]
     if len(requests) < 2:
         raise SystemExit(f"error: the traces must hold at least 2 refactor prompts with a code block, "
                          f"got {len(requests)}")
-    loaded = load_model(ModelSpec(args.model, dtype=args.dtype, device=args.device))
+    loaded = load(VerifierSettings.from_env(model=args.model, dtype=args.dtype, device=args.device,
+                                            backend=args.backend, threads=args.threads, max_nodes=args.max_nodes))
     engine = Engine(loaded, max_nodes=args.max_nodes)
     for _ in engine.generate(list(loaded.tokenizer.encode("def f(x):\n    return")), 4):  # first-call costs
         pass
     tallies, same = run_edits(engine, loaded, Drafter(DrafterConfig()), requests, args.max_new_tokens)
     fim = run_fim(engine, loaded, Drafter(DrafterConfig()), fim_cuts(args.fim), min(args.max_new_tokens, 128))
-    print(f"Predicted outputs: model={args.model} {args.dtype} {args.device}, max_new_tokens={args.max_new_tokens}, "
+    print(f"Predicted outputs: model={args.model} backend={loaded.kind} {loaded.precision}, "
+          f"max_new_tokens={args.max_new_tokens}, "
           f"max_nodes={args.max_nodes}, {len(requests)} edit requests")
     print(table(tallies, same, fim, args.model, args.fim))
     return 0
