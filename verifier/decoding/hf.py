@@ -41,9 +41,13 @@ class HFBackend:
     @torch.inference_mode()
     def verify(self, cache: object, cache_len: int, root: int, tree: DraftTree) -> tuple[torch.Tensor, TreeInputs]:
         inputs = build_tree_inputs(root, tree, cache_len, self.loaded.dtype, self.loaded.device)
+        return self._forward(cache, inputs), inputs
+
+    def _forward(self, cache: object, inputs: TreeInputs) -> torch.Tensor:
+        """Logits [1+n, V] of one tree forward; the cache grows by 1 + n entries."""
         out = self.loaded.model(inputs.input_ids, attention_mask=inputs.attention_mask,
                                 position_ids=inputs.position_ids, past_key_values=cache, use_cache=True)
-        return out.logits[0], inputs  # [1+n, V]
+        return out.logits[0]
 
     @torch.inference_mode()
     def commit(self, cache: object, cache_len: int, accepted: list[int]) -> None:
@@ -60,8 +64,7 @@ class HFBackend:
             inputs = build_tree_inputs(0, DraftTree.chain([1] * (t - 1)), cache_len, loaded.dtype, loaded.device)
             sync()
             t0 = time.perf_counter_ns()
-            loaded.model(inputs.input_ids, attention_mask=inputs.attention_mask, position_ids=inputs.position_ids,
-                         past_key_values=cache, use_cache=True)
+            self._forward(cache, inputs)
             sync()
             elapsed = time.perf_counter_ns() - t0
             truncate(cache, cache_len)

@@ -151,7 +151,7 @@ class LlamaCppBackend:
         if chain + 1 + len(order) > self._batch.size:
             raise ValueError(f"a tree must fit one batch of {self._batch.size} tokens, got {chain} + 1 + {len(order)}")
         self._batch.fill_chain(self._uncached, self._cached, len(leaves), outputs=False)
-        first_seq = self._batch.fill_tree(chain, root, tree.token_ids[order], parents, leaves,
+        first_seq = self._batch.fill_tree(chain, root, tree.token_ids[order], parents, tree.depths()[order], leaves,
                                           self._cached + chain)
         self._decode(chain + 1 + len(order))
         self._cached += chain
@@ -229,14 +229,11 @@ class _Batch:
         self.tok[:m], self.pos[:m] = tokens, np.arange(start_pos, start_pos + m)
         self.nseq[:m], self.seq[:m, :n_seqs], self.out[:m] = n_seqs, np.arange(n_seqs), int(outputs)
 
-    def fill_tree(self, at: int, root: int, tokens: np.ndarray, parents: np.ndarray, leaves: np.ndarray,
-                  root_pos: int) -> np.ndarray:
-        """Root then nodes (batch order) from slot `at`; leaf k's path on sequence k. Returns [n] int32,
-        the first sequence of each node (a path through it)."""
+    def fill_tree(self, at: int, root: int, tokens: np.ndarray, parents: np.ndarray, depth: np.ndarray,
+                  leaves: np.ndarray, root_pos: int) -> np.ndarray:
+        """Root then nodes (batch order; depth [n] int32, root 0) from slot `at`; leaf k's path on
+        sequence k. Returns [n] int32, the first sequence of each node (a path through it)."""
         n, k = len(tokens), len(leaves)
-        depth = np.zeros(n, np.int32)
-        for i, p in enumerate(parents.tolist()):
-            depth[i] = 1 if p < 0 else depth[p] + 1
         first = np.full(n, -1, np.int32)
         counts = np.zeros(n, np.int32)
         for seq, leaf in enumerate(leaves.tolist()):
