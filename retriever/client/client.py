@@ -193,10 +193,13 @@ class RetrieverClient:
         return [error_of(x.error.code, x.error.message) if x.HasField("error") and x.error.code
                 else DraftReply(tree_from_proto(x.tree), int(x.context_tokens)) for x in r.responses]
 
-    def end_session(self, tenant: str, session_id: str, new_tokens: Sequence[int] = ()) -> int:
-        """Ends a session after reporting `new_tokens` (accepted since its last draft); returns the
-        output tokens handed to the tenant."""
+    def end_session(self, tenant: str, session_id: str, new_tokens: Sequence[int] = (),
+                    verified_nodes: int | None = None) -> int:
+        """Ends a session after reporting `new_tokens` (accepted since its last draft) and
+        `verified_nodes` (of its last draft; None: all); returns the output tokens handed to the tenant."""
         request = pb.EndSessionRequest(tenant=tenant, session_id=session_id, new_tokens=list(new_tokens))
+        if verified_nodes is not None:
+            request.verified_nodes = max(0, int(verified_nodes))
         try:
             with self.lifecycle.call():
                 r = self._stub.EndSession(request, timeout=self.call_timeout_s)

@@ -53,7 +53,8 @@ class SessionCalls(Protocol):
     def draft(self, tenant: str, session_id: str, prompt: Sequence[int] | None = None, new_tokens: Sequence[int] = (),
               max_nodes: int = 0, timeout_s: float | None = None) -> object: ...
 
-    def end_session(self, tenant: str, session_id: str, new_tokens: Sequence[int] = ()) -> int: ...
+    def end_session(self, tenant: str, session_id: str, new_tokens: Sequence[int] = (),
+                    verified_nodes: int | None = None) -> int: ...
 
 
 @dataclass(frozen=True)
@@ -118,6 +119,8 @@ class DraftStreamSession:
         self._sent_at = 0.0
         self._retry_at = 0.0
         self._backoff = client.backoff_s[0]
+        self._delivered = False  # the caller got the answer to the latest request as its draft
+        self._verified: int | None = None  # what the next request reports on the server's last draft
         self._ended = False
         self.restarts = self.timeouts = 0
         self.output_tokens: int | None = None
@@ -135,12 +138,17 @@ class DraftStreamSession:
             self._stream = None
         self._prompt, self._output, self._unsent = [int(t) for t in prompt_ids], [], []
         self._prediction = [int(t) for t in prediction_ids]
+        self._delivered, self._verified = False, None
         self._open_if_due()
 
-    def draft(self, new_tokens: Sequence[int], max_nodes: int) -> DraftTree | None:
-        """Reports the tokens emitted since the last call; the draft, or None (no draft this step)."""
+    def draft(self, new_tokens: Sequence[int], max_nodes: int, verified_nodes: int | None = None
+              ) -> DraftTree | None:
+        """Reports the tokens emitted since the last call, and how many nodes of the draft it
+        returned were verified (None: not said, i.e. all); the draft, or None (no draft this step).
+        A draft the caller never got (late, dropped) is reported as 0 nodes verified."""
         if self._ended:
             return None
+        self._note_verified(verified_nodes)
         tokens = [int(t) for t in new_tokens]
         self._output += tokens
         self._unsent += tokens
@@ -156,17 +164,21 @@ class DraftStreamSession:
             if not isinstance(item, _Closed):
                 self._backoff = self._client.backoff_s[0]
                 self._client.refusals.accepted(self.tenant)
-                return self._tree(item)
+                tree = self._tree(item)
+                self._delivered = tree is not None
+                return tree
             code = self._drop_stream(*item.status())
             if code != grpc.StatusCode.NOT_FOUND or not self._open_if_due():
                 return None
             self._send(max_nodes)
         return None
 
-    def end(self, new_tokens: Sequence[int] = ()) -> None:
-        """Hands over the last tokens and ends the session, in the background; idempotent."""
+    def end(self, new_tokens: Sequence[int] = (), verified_nodes: int | None = None) -> None:
+        """Hands over the last tokens (and `verified_nodes`, as `draft`) and ends the session, in the
+        background; idempotent."""
         if self._ended:
             return
+        self._note_verified(verified_nodes)
         self._ended = True
         self._output += [int(t) for t in new_tokens]
         self._unsent += [int(t) for t in new_tokens]
@@ -179,6 +191,11 @@ class DraftStreamSession:
         threading.Thread(target=self._finish, daemon=True, name="draft-session-end").start()
 
     # ------------------------------------------------------------ internals
+
+    def _note_verified(self, verified_nodes: int | None) -> None:
+        """The caller's report on the draft this session handed it last (if it did)."""
+        if self._delivered:
+            self._verified, self._delivered = verified_nodes, False
 
     def _tree(self, response: pb.DraftResponse) -> DraftTree | None:
         """The answer's tree, checked; None when empty or broken (logged)."""
@@ -219,13 +236,15 @@ class DraftStreamSession:
 
     def _send(self, max_nodes: int) -> None:
         if self._synced:
-            request = draft_request(self.tenant, self.session_id, None, self._unsent, max_nodes)
+            request = draft_request(self.tenant, self.session_id, None, self._unsent, max_nodes,
+                                    verified_nodes=self._verified)
         else:  # (re)start: the prompt, and the output so far as output
             self.restarts += self._sent_at > 0
             request = draft_request(self.tenant, self.session_id, self._prompt, self._output, max_nodes,
                                     self._prediction)
         self._stream.send(request)
         self._unsent, self._synced, self._sent_at = [], True, time.monotonic()
+        self._verified, self._delivered = 0, False  # until the caller gets (and verifies) the answer
 
     def _wait(self, deadline: float) -> pb.DraftResponse | _Closed | None:
         """The answer to the latest request (late ones dropped), the stream's end, or None at the deadline."""
@@ -285,7 +304,7 @@ class DraftStreamSession:
             if not self._close_stream(timeout_s):  # (re)start the session with everything
                 self._client.draft(self.tenant, self.session_id, self._prompt, self._output, 1, timeout_s=timeout_s)
                 unsent = []
-            self.output_tokens = self._client.end_session(self.tenant, self.session_id, unsent)
+            self.output_tokens = self._client.end_session(self.tenant, self.session_id, unsent, self._verified)
         except (errors.Unauthenticated, errors.PermissionDenied) as e:
             code = REFUSAL_CODES[0] if isinstance(e, errors.Unauthenticated) else REFUSAL_CODES[1]
             self._client.refusals.refused(self.tenant, code, str(e))

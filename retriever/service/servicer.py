@@ -272,9 +272,10 @@ class RetrieverServicer(pb_grpc.RetrieverServicer):
 
     def _draft(self, request: pb.DraftRequest) -> EncodedDraft:
         v = validate_draft(request.tenant, request.session_id, request.prompt, request.new_tokens,
-                           request.max_nodes, self._require_limits(), request.prediction)
+                           request.max_nodes, self._require_limits(), request.prediction,
+                           request.verified_nodes if request.HasField("verified_nodes") else None)
         return self._drafter.draft_response(v.tenant, v.session_id, v.prompt, v.new_tokens, v.max_nodes,
-                                            v.prediction)
+                                            v.prediction, v.verified_nodes)
 
     def _draft_measured(self, request: pb.DraftRequest, rpc: str = "draft") -> bytes:
         """`_draft`'s serialized DraftResponse, counted in the metrics (its time, nodes and reported
@@ -320,7 +321,8 @@ class RetrieverServicer(pb_grpc.RetrieverServicer):
         limits = self._require_limits()
         tenant, session_id = check_name(request.tenant, "tenant"), check_name(request.session_id, "session_id")
         new = check_token_ids(request.new_tokens, "new_tokens", limits.max_new_tokens, limits.vocab_size)
-        return pb.EndSessionResponse(output_tokens=self._drafter.end_session(tenant, session_id, new))
+        verified = request.verified_nodes if request.HasField("verified_nodes") else None
+        return pb.EndSessionResponse(output_tokens=self._drafter.end_session(tenant, session_id, new, verified))
 
     def _describe(self, request: pb.DescribeRequest) -> pb.DescribeResponse:
         """limits.vocab_size 0: no vocabulary fixed (no indexes, no setting): any 24-bit id goes."""

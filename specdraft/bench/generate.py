@@ -195,7 +195,7 @@ def run(args) -> int:
     settings = VerifierSettings.from_env(model=args.model, dtype=args.dtype, device=args.device, backend=args.backend,
                                          threads=args.threads, max_nodes=args.max_nodes)
     backend, load_s = _timed(lambda: load(settings))
-    engine, cost_s = _timed(lambda: Engine(backend, max_nodes=args.max_nodes))
+    engine, cost_s = _timed(lambda: Engine(backend, max_nodes=args.max_nodes, cost_store=settings.cost_store()))
     loaded = getattr(backend, "loaded", backend)  # the HF model, for HF's own generate
     lookups = llama_lookups(resolve_gguf(settings.model_spec()), args.threads) \
         if backend.kind == "llama.cpp" and not args.no_hf else ()

@@ -23,7 +23,7 @@ SOURCE_REFERENCE: Source
 SOURCE_PREDICTION: Source
 
 class DraftRequest(_message.Message):
-    __slots__ = ("tenant", "session_id", "prompt", "new_tokens", "max_nodes", "sent_unix_us", "prediction")
+    __slots__ = ("tenant", "session_id", "prompt", "new_tokens", "max_nodes", "sent_unix_us", "prediction", "verified_nodes")
     TENANT_FIELD_NUMBER: _ClassVar[int]
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     PROMPT_FIELD_NUMBER: _ClassVar[int]
@@ -31,6 +31,7 @@ class DraftRequest(_message.Message):
     MAX_NODES_FIELD_NUMBER: _ClassVar[int]
     SENT_UNIX_US_FIELD_NUMBER: _ClassVar[int]
     PREDICTION_FIELD_NUMBER: _ClassVar[int]
+    VERIFIED_NODES_FIELD_NUMBER: _ClassVar[int]
     tenant: str
     session_id: str
     prompt: _containers.RepeatedScalarFieldContainer[int]
@@ -38,7 +39,8 @@ class DraftRequest(_message.Message):
     max_nodes: int
     sent_unix_us: int
     prediction: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, tenant: _Optional[str] = ..., session_id: _Optional[str] = ..., prompt: _Optional[_Iterable[int]] = ..., new_tokens: _Optional[_Iterable[int]] = ..., max_nodes: _Optional[int] = ..., sent_unix_us: _Optional[int] = ..., prediction: _Optional[_Iterable[int]] = ...) -> None: ...
+    verified_nodes: int
+    def __init__(self, tenant: _Optional[str] = ..., session_id: _Optional[str] = ..., prompt: _Optional[_Iterable[int]] = ..., new_tokens: _Optional[_Iterable[int]] = ..., max_nodes: _Optional[int] = ..., sent_unix_us: _Optional[int] = ..., prediction: _Optional[_Iterable[int]] = ..., verified_nodes: _Optional[int] = ...) -> None: ...
 
 class DraftTree(_message.Message):
     __slots__ = ("token_ids", "parents", "scores", "sources")
@@ -83,14 +85,16 @@ class DraftBatchResponse(_message.Message):
     def __init__(self, responses: _Optional[_Iterable[_Union[DraftResponse, _Mapping]]] = ...) -> None: ...
 
 class EndSessionRequest(_message.Message):
-    __slots__ = ("tenant", "session_id", "new_tokens")
+    __slots__ = ("tenant", "session_id", "new_tokens", "verified_nodes")
     TENANT_FIELD_NUMBER: _ClassVar[int]
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     NEW_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    VERIFIED_NODES_FIELD_NUMBER: _ClassVar[int]
     tenant: str
     session_id: str
     new_tokens: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, tenant: _Optional[str] = ..., session_id: _Optional[str] = ..., new_tokens: _Optional[_Iterable[int]] = ...) -> None: ...
+    verified_nodes: int
+    def __init__(self, tenant: _Optional[str] = ..., session_id: _Optional[str] = ..., new_tokens: _Optional[_Iterable[int]] = ..., verified_nodes: _Optional[int] = ...) -> None: ...
 
 class EndSessionResponse(_message.Message):
     __slots__ = ("output_tokens",)

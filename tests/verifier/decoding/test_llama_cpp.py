@@ -48,7 +48,7 @@ class Oracle:
     def start(self, prompt_ids: list[int]) -> None:
         self.pos = 0
 
-    def draft(self, new_tokens: list[int], max_nodes: int) -> DraftTree | None:
+    def draft(self, new_tokens: list[int], max_nodes: int, verified_nodes: int = 0) -> DraftTree | None:
         self.pos += len(new_tokens)
         rest = self.truth[self.pos:self.pos + 8]
         tokens, parents, prev = [], [], -1
@@ -61,7 +61,7 @@ class Oracle:
         return DraftTree(np.array(tokens[:n], np.int32), np.array(parents[:n], np.int32),
                          np.linspace(1, 0.1, n).astype(np.float32), np.ones(n, np.uint8)) if n else None
 
-    def end(self) -> None:
+    def end(self, verified_nodes: int = 0) -> None:
         pass
 
 
