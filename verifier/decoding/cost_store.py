@@ -20,6 +20,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import numpy as np
+
 from verifier.decoding.cost import CostModel
 
 if TYPE_CHECKING:
@@ -77,7 +79,8 @@ class CostStore:
         """Writes the curve atomically (a temporary file renamed over the old one)."""
         key = CostKey.of(backend)
         path = self.folder / key.file_name()
-        data = {"version": VERSION, "key": asdict(key), "tokens": list(cost.tokens), "cost_ns": list(cost.cost_ns)}
+        data = {"version": VERSION, "key": asdict(key), "tokens": list(cost.tokens),
+                "cost_ns": [float(c) for c in cost.at(np.asarray(cost.tokens))]}  # the scale folded in
         try:
             self.folder.mkdir(parents=True, exist_ok=True)
             tmp = path.with_suffix(f".{os.getpid()}.tmp")

@@ -140,7 +140,7 @@ class Engine:
                 unreported.extend(tokens)
         finally:
             if drafter is not None:
-                drafter.end(verified)
+                drafter.end(verified_nodes=verified)
             self._keep_cost()
 
     def _check(self, prompt_ids: Sequence[int], max_new_tokens: int) -> list[int]:
@@ -161,7 +161,7 @@ class Engine:
         new_tokens = unreported.copy()
         unreported.clear()
         try:
-            return drafter.draft(new_tokens, self.max_nodes, verified)
+            return drafter.draft(new_tokens, self.max_nodes, verified_nodes=verified)
         except Exception:  # noqa: BLE001 - drafting is an optimization: never fail the generation
             log.warning("draft source failed; decoding this step without a draft", exc_info=True)
             return None

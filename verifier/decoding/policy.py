@@ -66,5 +66,5 @@ class StepPolicy:
         """A forward of num_tokens inputs (root + the verified nodes, scored `scores` [n]) took
         step_ns with its acceptance and commit; `accepted_nodes` are the accepted node indexes."""
         self.cost.observe(num_tokens, step_ns)
-        if self.calibration is not None and len(scores):
+        if self.calibration is not None:  # every step: evidence decays while nothing is verified
             self.calibration.update(scores, accepted_nodes)
