@@ -5,10 +5,11 @@
 tokenizer has none. `fim_prompt(tokens, tokenizer, prefix, suffix)` is the prompt in the
 prefix-suffix-middle order every listed family uses: P prefix S suffix M (the model writes the
 middle, then one of `tokens.end_ids`). `extra_context(tokens, tokenizer, extra, extra_budget)` is
-what goes before it for llama.cpp's `/infill` `input_extra` ((filename, text) chunks of other files), as llama.cpp's `format_infill` lays it out: with the
-tokenizer's repo-level tokens R (repo name) and F (file separator), "R myproject\n" then
-"F filename\n text" per chunk and "F filename\n" for the file being edited; without F, each chunk
-after "\n\n--- snippet ---\n\n"; ids beyond `extra_budget` are dropped from the front.
+what goes before it for llama.cpp's `/infill` `input_extra` ((filename, text) chunks of other
+files), laid out as llama.cpp's `format_infill` does: with the tokenizer's repo-level tokens R
+(repo name) and F (file separator), "R myproject\n", then "F filename\n text" per chunk, then
+"F filename\n" for the file being edited; without F, each chunk after "\n\n--- snippet ---\n\n";
+ids beyond `extra_budget` are dropped from the front.
 
 Example (Qwen2.5-Coder): "<|fim_prefix|>def f(x):\n<|fim_suffix|>\n    return y<|fim_middle|>",
 ended by <|endoftext|>, <|fim_pad|>, <|file_sep|>, <|repo_name|> or a FIM marker.

@@ -80,9 +80,11 @@ class _Api:
         """The caller (None: auth off); ApiError 401 without a valid token, 403 when `admin` and not one."""
         return authorize_http(self.auth, request, admin)
 
-    def scoped(self, request: Request, values: RequestValues, principal: Principal | None) -> RequestValues:
-        """`values` with the tenant its token drafts for; ApiError 403 (another tenant) or 400."""
-        tenant = http_tenant(self.auth, principal, request, values.tenant, self.settings.default_tenant)
+    def scoped(self, request: Request, values: RequestValues, principal: Principal | None,
+               body_field: str | None = "user") -> RequestValues:
+        """`values` with the tenant its token drafts for (`body_field`: the body's tenant field, None:
+        only the header names one); ApiError 403 (another tenant) or 400."""
+        tenant = http_tenant(self.auth, principal, request, values.tenant, self.settings.default_tenant, body_field)
         return dataclasses.replace(values, tenant=tenant)
 
     def model_card(self) -> dict:
@@ -211,7 +213,7 @@ class _Routes:
         generator = api.generator_ready()
         body = await _body(request, api.settings.http_max_body_bytes)
         parsed = parse_infill(body, request.headers.get(TENANT_HEADER, ""))
-        values = api.scoped(request, parsed.values, principal)
+        values = api.scoped(request, parsed.values, principal, body_field=None)
         checked = await anyio.to_thread.run_sync(api.checked, generator, values, INFILL_NAMES)
         fmt = InfillFormatter.new(api.name, checked, generator.model.max_positions)
         log.info("infill %s: %d prompt tokens, tenant %s, stream %s", fmt.id, len(checked.prompt_ids),

@@ -236,6 +236,9 @@ def test_infill_takes_the_same_auth_and_tenants_in_llama_cpps_error_shape(authed
     with pytest.raises(urllib.error.HTTPError) as info:
         urllib.request.urlopen(req, timeout=120)
     assert info.value.code == 403 and json.loads(info.value.read())["error"]["code"] == 403
+    status, _, err = _post(server.http_port, "/infill", body, V_TOKEN_BC)  # 2 tenants, none named: no `user` here
+    assert status == 400 and err["error"]["message"].startswith(
+        "the X-Specdraft-Tenant header must name one of the caller's token's 2 tenants")
     status, _, err = _post(server.http_port, "/infill", body, V_TOKEN_A)  # past auth: SmolLM2 has no FIM tokens
     assert status == 400 and err["error"]["message"] == "model smollm2 has no fill-in-the-middle tokens"
 

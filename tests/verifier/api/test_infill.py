@@ -161,3 +161,24 @@ def test_model_without_fim_tokens_is_a_400(plain_server):
     assert status == 400
     assert json.loads(raw) == {"error": {"code": 400, "message": "model smollm2 has no fill-in-the-middle tokens",
                                          "type": "invalid_request_error"}}
+
+
+def test_an_error_after_the_stream_began_is_a_llama_cpp_error_event(bigram_fim_model, retriever_target):
+    """Past the deadline (here: after the first step) a stream ends with llama.cpp's error object."""
+    from verifier.api.server import create_server
+    from verifier.decoding.cost import CostModel
+    from verifier.decoding.engine import Engine
+    from verifier.decoding.model import ModelSpec, load_model
+
+    loaded = load_model(ModelSpec(str(bigram_fim_model), dtype="float32", device="cpu"))
+    server, _ = create_server(VerifierSettings(host="127.0.0.1", port=0, http_port=0, retriever=retriever_target,
+                                               request_deadline_s=1e-6), engine=Engine(loaded, CostModel.flat()))
+    try:
+        status, raw = _raw(server.http_port, {"input_prefix": PREFIX, "input_suffix": SUFFIX, "stream": True,
+                                              "temperature": 0, "n_predict": 16})
+    finally:
+        server.stop(0).wait()
+    events = [json.loads(line[6:]) for line in raw.splitlines() if line.startswith("data: ")]
+    assert status == 200 and "[DONE]" not in raw
+    assert events[-1]["error"]["code"] == 504 and events[-1]["error"]["type"] == "server_error", events[-1]
+    assert "deadline" in events[-1]["error"]["message"]
