@@ -25,7 +25,8 @@ ENV_PREFIX = "SPECDRAFT_"
 MAX_VOCAB_SIZE = 16_777_214  # token ids are stored as 24 bits; 0xFFFFFF is the document separator
 MAX_NODES_LIMIT = 4096  # the largest max_nodes_cap a server accepts
 _DRAFTER = DrafterConfig()  # the drafting limits' defaults
-SESSION_MEMORY_FRACTION = 0.25  # session_memory_bytes 0: this share of physical RAM
+SESSION_MEMORY_FRACTION = 0.25
+REDIS_SCHEMES = ("redis", "rediss", "unix", "redis+cluster", "rediss+cluster")  # session_memory_bytes 0: this share of physical RAM
 
 
 @dataclass(frozen=True)
@@ -75,7 +76,7 @@ class RetrieverSettings:
     event_loop: str = "auto"  # auto (uvloop if installed), uvloop, asyncio (retriever.service.event_loop)
     # The shared output log (docs/OUTPUT_LOG.md): auto = Redis if redis_url is set, else the file log.
     output_log: str = "auto"  # auto, redis, file or off
-    redis_url: str = field(default="", repr=False)  # redis://, rediss:// or unix:// (may hold a password)
+    redis_url: str = field(default="", repr=False)  # redis://, rediss://, unix://, redis+cluster://h:p[,h:p] (password)
     redis_username: str = ""  # ACL user (overrides the URL's)
     redis_password: str = field(default="", repr=False)  # (overrides the URL's)
     redis_timeout_s: float = 0.5  # connect and command timeout; failures are retried in the background
@@ -191,8 +192,8 @@ _RULES: dict[str, config.Rule] = {
     "max_queue_wait_ms": (number(0, True), "a finite number of milliseconds >= 0 (0: off)"),
     "event_loop": one_of("auto", "uvloop", "asyncio"),
     "output_log": one_of("auto", "redis", "file", "off"),
-    "redis_url": (lambda v: isinstance(v, str) and (not v or v.split("://", 1)[0] in ("redis", "rediss", "unix")),
-                  "empty or a redis://, rediss:// or unix:// URL"),
+    "redis_url": (lambda v: isinstance(v, str) and (not v or v.split("://", 1)[0] in REDIS_SCHEMES),
+                  "empty or a redis://, rediss://, unix:// or redis+cluster://host:port[,host:port...] URL"),
     "redis_username": (lambda v: isinstance(v, str), "a string"),
     "redis_password": (lambda v: isinstance(v, str), "a string"),
     "redis_timeout_s": (number(0, False), "a finite number of seconds > 0"),
