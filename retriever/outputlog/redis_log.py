@@ -146,6 +146,35 @@ def tenant_tag(tenant: str) -> str:
     return quote(tenant, safe="")
 
 
+def redis_client(c: LogConfig, socket_timeout_s: float) -> "aioredis.Redis | RedisCluster":
+    """A client of `c.redis_url` (a RedisCluster for redis+cluster://): short timeouts, redis-py's
+    retries off, connections opened lazily; ValueError (password hidden) for a bad URL."""
+    auth = {k: v for k, v in (("username", c.redis_username), ("password", c.redis_password)) if v}
+    common = dict(socket_timeout=socket_timeout_s, socket_connect_timeout=c.timeout_s, retry=Retry(NoBackoff(), 0),
+                  protocol=2)
+    try:
+        if is_cluster_url(c.redis_url):
+            address = parse_cluster_url(c.redis_url)
+            auth = {k: v for k, v in {"username": address.username, "password": address.password, **auth}.items() if v}
+            return RedisCluster(startup_nodes=[ClusterNode(h, p) for h, p in address.seeds], ssl=address.tls,
+                                require_full_coverage=False, **auth, **common)
+        return aioredis.Redis.from_url(c.redis_url, health_check_interval=0, **auth, **common)
+    except ValueError as e:
+        raise ValueError(f"SPECDRAFT_REDIS_URL must be a redis://, rediss://, unix:// or redis+cluster:// URL, "
+                         f"got {redact(c.redis_url)!r} ({e})") from None
+
+
+async def forget_slots(client: "aioredis.Redis | RedisCluster") -> None:
+    """Cluster, after a failure: drops the client's connections and slot map, so the next call asks
+    the cluster again (a failed-over master's slots are found on the promoted replica); redis-py's
+    cluster pipelines keep the stale map otherwise. A single-node client is left alone."""
+    if isinstance(client, RedisCluster):
+        try:
+            await client.aclose()
+        except (RedisError, OSError):
+            pass
+
+
 class RedisLog:
     """The `OutputLog` contract over Redis or a Redis Cluster (`redis+cluster://` URL); connections
     open lazily (construction never fails on an unreachable server). `config.redis_url` must be set."""
@@ -166,20 +195,7 @@ class RedisLog:
         self._tenant_of: dict[bytes, str] = {}
 
     def _client(self, socket_timeout_s: float) -> "aioredis.Redis | RedisCluster":
-        c = self._config
-        auth = {k: v for k, v in (("username", c.redis_username), ("password", c.redis_password)) if v}
-        common = dict(socket_timeout=socket_timeout_s, socket_connect_timeout=c.timeout_s, retry=Retry(NoBackoff(), 0),
-                      protocol=2)
-        try:
-            if self.cluster:
-                address = parse_cluster_url(c.redis_url)
-                auth = {"username": address.username, "password": address.password, **auth}
-                return RedisCluster(startup_nodes=[ClusterNode(h, p) for h, p in address.seeds], ssl=address.tls,
-                                    require_full_coverage=False, **{k: v for k, v in auth.items() if v}, **common)
-            return aioredis.Redis.from_url(c.redis_url, health_check_interval=0, **auth, **common)
-        except ValueError as e:
-            raise ValueError(f"SPECDRAFT_REDIS_URL must be a redis://, rediss://, unix:// or redis+cluster:// URL, "
-                             f"got {redact(c.redis_url)!r} ({e})") from None
+        return redis_client(self._config, socket_timeout_s)
 
     def keys(self, tenant: str) -> tuple[str, str, str]:
         """(stream, tokens, seqs) keys of `tenant`."""
@@ -199,11 +215,11 @@ class RedisLog:
                 await self._writer.script_load(APPEND_LUA)
                 results, waits = await self._append_pipeline(batch)
         except (RedisError, OSError, asyncio.TimeoutError) as e:
-            await self._forget_slots(self._writer)
+            await forget_slots(self._writer)
             raise LogUnavailable(f"redis append must succeed, got {type(e).__name__}: {e}") from None
         failed = next((r for r in results if isinstance(r, Exception)), None)
         if failed is not None:
-            await self._forget_slots(self._writer)
+            await forget_slots(self._writer)
             raise LogUnavailable(f"redis append must succeed, got {type(failed).__name__}: {failed}")
         c = self._config
         for acked in waits:
@@ -247,7 +263,7 @@ class RedisLog:
             streams = {self.keys(tenant)[0]: cursor for tenant, cursor in cursors.items()}
             reply = await self._reader.xread(streams, count=count, block=block_ms or None)
         except (RedisError, OSError, asyncio.TimeoutError) as e:
-            await self._forget_slots(self._reader)
+            await forget_slots(self._reader)
             raise LogUnavailable(f"redis read must succeed, got {type(e).__name__}: {e}") from None
         entries, advanced = [], dict(cursors)
         for key, items in reply or ():
@@ -290,7 +306,7 @@ class RedisLog:
             if count != len(self._known):
                 self._known = sorted(m.decode() for m in await self._writer.smembers(self._tenants_key))
         except (RedisError, OSError, asyncio.TimeoutError) as e:
-            await self._forget_slots(self._writer)
+            await forget_slots(self._writer)
             raise LogUnavailable(f"redis tenants must be readable, got {type(e).__name__}: {e}") from None
         return list(self._known)
 
@@ -306,16 +322,6 @@ class RedisLog:
         except (RedisError, OSError, asyncio.TimeoutError) as e:
             raise LogUnavailable(f"redis size must be readable, got {type(e).__name__}: {e}") from None
         return LogSize(len(tenants), sum(int(v) for v in values[0::2]), sum(int(v or 0) for v in values[1::2]))
-
-    async def _forget_slots(self, client: "aioredis.Redis | RedisCluster") -> None:
-        """Cluster, after a failure: drops the client's connections and slot map, so the next call
-        asks the cluster again (a failed-over master's slots are found on the promoted replica).
-        redis-py's cluster pipelines keep the stale map otherwise."""
-        if self.cluster:
-            try:
-                await client.aclose()
-            except (RedisError, OSError):
-                pass
 
     async def close(self) -> None:
         for client in (self._writer, self._reader):
