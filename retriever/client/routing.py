@@ -4,8 +4,9 @@ A client starts from one or more seed addresses ("h1:p1,h2:p2"). It learns the m
 a seed's Describe (`members`, `owners_per_tenant`): with placement on, the owners of a tenant are
 computed here as on the replicas (`retriever.placement.owners`, rendezvous hashing); without it
 (owners_per_tenant 0, an older server, or no answer) every session goes to the seeds, first
-seed first. The membership is asked on a background thread (a route never waits for it): at
-construction, again after `refresh_s`, and soon (at most every `min_refresh_s`) after a replica refused
+seed first. The membership is asked on a background thread (a route never waits for it): at the
+first route when there are several seeds (one seed: only once a replica refused or failed, so a
+client of a single retriever makes no extra call), again after `refresh_s`, and soon (at most every `min_refresh_s`) after a replica refused
 a tenant or could not be reached (`stale()`). Until it is known, a refusal's owners (`hint`) route
 the tenant. Channels are opened per address on first use and kept. Thread-safe.
 """
@@ -54,6 +55,7 @@ class Targets:
         self.members: tuple[Member, ...] = ()
         self.owners_per_tenant = 0  # 0: no placement learnt; the seeds serve every tenant
         self._learnt_s = self._tried_s = float("-inf")
+        self._wanted = len(seeds) > 1  # learn the membership (one seed: once a replica refused or failed)
         self.refreshes = 0
 
     def stub(self, address: str) -> pb_grpc.RetrieverStub:
@@ -80,7 +82,7 @@ class Targets:
 
     def stale(self) -> None:
         """A replica refused or failed: ask for the membership again on the next route."""
-        self._learnt_s = float("-inf")
+        self._learnt_s, self._wanted = float("-inf"), True
 
     def hint(self, tenant: str, owners: Sequence[str]) -> None:
         """A refusal named the tenant's owners: route it there until the membership is known."""
@@ -91,7 +93,7 @@ class Targets:
 
     def _maybe_learn(self) -> None:
         now = time.monotonic()
-        if now - self._learnt_s < self._refresh_s or now - self._tried_s < self._min_refresh_s:
+        if not self._wanted or now - self._learnt_s < self._refresh_s or now - self._tried_s < self._min_refresh_s:
             return
         with self._lock:
             if self._learner is not None and self._learner.is_alive():
