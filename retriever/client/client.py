@@ -4,7 +4,8 @@
   addresses ("h1:p1,h2:p2"); channels (TLS, mTLS and a bearer token as `retriever.client.channel`
   says; default plaintext) are opened per replica. With placement (several replicas sharing tenants,
   `retriever.client.routing.Targets`) each tenant's calls go to an owner of the tenant; a call refused
-  UNAVAILABLE or FAILED_PRECONDITION "not an owner" (errors.NotOwner) is re-sent to the next owner. Unary helpers `draft`, `draft_batch`,
+  UNAVAILABLE or FAILED_PRECONDITION "not an owner" (errors.NotOwner) is re-sent to the next owner
+  (`draft_batch` goes to the first seed). Unary helpers `draft`, `draft_batch`,
   `end_session`, `describe` raise the domain errors of `retriever.errors` (mapped back from
   status codes by `retriever.status.error_of`); they return typed values (`DraftReply` holds a
   `retriever.drafting.types.DraftTree`).
@@ -166,7 +167,8 @@ class RetrieverClient:
         if deadline_s <= 0:
             raise ValueError(f"deadline_s must be > 0, got {deadline_s}")
         seeds = split_seeds(target)
-        self.target, self.deadline_s, self.call_timeout_s, self.backoff_s = ",".join(seeds), deadline_s, call_timeout_s, backoff_s
+        self.target, self.deadline_s = ",".join(seeds), deadline_s
+        self.call_timeout_s, self.backoff_s = call_timeout_s, backoff_s
         self.refusals = Refusals(self.target, auth_retry_s)
         options = [("grpc.initial_reconnect_backoff_ms", int(backoff_s[0] * 1000)),
                    ("grpc.min_reconnect_backoff_ms", int(backoff_s[0] * 1000)),
@@ -201,7 +203,8 @@ class RetrieverClient:
                     return call(self.targets.stub(target))
             except grpc.RpcError as e:
                 error = _raise_from(e)
-            if not isinstance(error, (errors.NotOwner, errors.Unavailable)) or isinstance(error, errors.DeadlineExceeded):
+            moves_on = isinstance(error, (errors.NotOwner, errors.Unavailable))
+            if not moves_on or isinstance(error, errors.DeadlineExceeded):
                 raise error
             self.targets.stale()
             if isinstance(error, errors.NotOwner):

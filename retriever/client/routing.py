@@ -6,9 +6,10 @@ computed here as on the replicas (`retriever.placement.owners`, rendezvous hashi
 (owners_per_tenant 0, an older server, or no answer) every session goes to the seeds, first
 seed first. The membership is asked on a background thread (a route never waits for it): at the
 first route when there are several seeds (one seed: only once a replica refused or failed, so a
-client of a single retriever makes no extra call), again after `refresh_s`, and soon (at most every `min_refresh_s`) after a replica refused
-a tenant or could not be reached (`stale()`). Until it is known, a refusal's owners (`hint`) route
-the tenant. Channels are opened per address on first use and kept. Thread-safe.
+client of a single retriever makes no extra call), again after `refresh_s`, and soon (at most every
+`min_refresh_s`) after a replica refused a tenant or could not be reached (`stale()`). Until it is
+known, a refusal's owners (`hint`) route the tenant. Channels are opened per address on first use
+and kept. Thread-safe.
 """
 
 from __future__ import annotations
