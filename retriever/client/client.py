@@ -206,7 +206,8 @@ class RetrieverClient:
             moves_on = isinstance(error, (errors.NotOwner, errors.Unavailable))
             if not moves_on or isinstance(error, errors.DeadlineExceeded):
                 raise error
-            self.targets.stale()
+            if isinstance(error, errors.NotOwner) or len(addresses) > 1:  # one replica failing: nothing to learn
+                self.targets.stale()
             if isinstance(error, errors.NotOwner):
                 self.targets.hint(tenant, error.owners)
             if i == len(addresses) - 1:

@@ -227,11 +227,11 @@ class DraftStreamSession:
         if code != grpc.StatusCode.UNAVAILABLE and not (code == grpc.StatusCode.FAILED_PRECONDITION
                                                         and owners_in(details)):
             return False
-        targets = getattr(self._client, "targets", None)
-        if targets is not None:
+        targets, owners = getattr(self._client, "targets", None), owners_in(details)
+        if targets is not None and (owners or len(self._route()) > 1):  # one replica and no refusal: nothing to learn
             targets.stale()
-            if owners_in(details):
-                targets.hint(self.tenant, owners_in(details))
+            if owners:
+                targets.hint(self.tenant, owners)
         if address:
             self._failed.append(address)
         if all(a in self._failed for a in self._route()):
