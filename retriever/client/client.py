@@ -5,7 +5,7 @@
   says; default plaintext) are opened per replica. With placement (several replicas sharing tenants,
   `retriever.client.routing.Targets`) each tenant's calls go to an owner of the tenant; a call refused
   UNAVAILABLE or FAILED_PRECONDITION "not an owner" (errors.NotOwner) is re-sent to the next owner
-  (`draft_batch` goes to the first seed). Unary helpers `draft`, `draft_batch`,
+  (`draft_batch` groups its calls by owner). Unary helpers `draft`, `draft_batch`,
   `end_session`, `describe` raise the domain errors of `retriever.errors` (mapped back from
   status codes by `retriever.status.error_of`); they return typed values (`DraftReply` holds a
   `retriever.drafting.types.DraftTree`).
@@ -224,14 +224,48 @@ class RetrieverClient:
 
     def draft_batch(self, calls: Sequence[DraftCall], timeout_s: float | None = None
                     ) -> list[DraftReply | errors.SpecdraftError]:
-        """Many sessions' steps; a failed item is its domain error, in place."""
+        """Many sessions' steps; a failed item is its domain error, in place. With placement the calls
+        go, grouped, to their tenants' owners (one DraftBatch per replica, in turn); an item refused
+        UNAVAILABLE or not-an-owner is re-sent to its tenant's next owner (a call that fails as a whole
+        with another error raises it)."""
+        if not calls:  # the server's answer (INVALID_ARGUMENT), as ever
+            return self._batch_on(self.targets.seeds[0], calls, timeout_s)
+        results: list[DraftReply | errors.SpecdraftError | None] = [None] * len(calls)
+        tried: list[set[str]] = [set() for _ in calls]
+        pending = list(range(len(calls)))
+        while pending:
+            groups: dict[str, list[int]] = {}
+            for i in pending:
+                route = self.route(calls[i].tenant)
+                groups.setdefault(next((a for a in route if a not in tried[i]), route[0]), []).append(i)
+            pending = []
+            for address, items in groups.items():
+                for i, item in zip(items, self._batch_on(address, [calls[i] for i in items], timeout_s)):
+                    tried[i].add(address)
+                    results[i] = item
+                    if isinstance(item, errors.NotOwner):  # route it by the owners the refusal names
+                        self.targets.stale()
+                        self.targets.hint(calls[i].tenant, item.owners)
+                    movable = isinstance(item, (errors.NotOwner, errors.Unavailable)) and not isinstance(
+                        item, errors.DeadlineExceeded)
+                    if movable and not tried[i].issuperset(self.route(calls[i].tenant)):
+                        pending.append(i)
+        return results  # type: ignore[return-value]
+
+    def _batch_on(self, address: str, calls: Sequence[DraftCall], timeout_s: float | None
+                  ) -> list[DraftReply | errors.SpecdraftError]:
+        """One DraftBatch on `address`; a whole-call UNAVAILABLE becomes each item's error (re-sent)."""
         req = pb.DraftBatchRequest(requests=[
             draft_request(c.tenant, c.session_id, c.prompt, c.new_tokens, c.max_nodes) for c in calls])
         try:
             with self.lifecycle.call():
-                r = self._stub.DraftBatch(req, timeout=timeout_s or self.deadline_s)
+                r = self.targets.stub(address).DraftBatch(req, timeout=timeout_s or self.deadline_s)
         except grpc.RpcError as e:
-            raise _raise_from(e) from None
+            error = _raise_from(e)
+            if isinstance(error, errors.Unavailable) and not isinstance(error, errors.DeadlineExceeded) and len(
+                    self.targets.seeds) + len(self.targets.members) > 1:
+                return [error] * len(calls)
+            raise error from None
         return [error_of(x.error.code, x.error.message) if x.HasField("error") and x.error.code
                 else DraftReply(tree_from_proto(x.tree), int(x.context_tokens)) for x in r.responses]
 

@@ -89,6 +89,28 @@ def test_client_sends_sessions_to_owners_and_re_sends_when_an_owner_dies(redis_s
                 pass
 
 
+def test_draft_batch_sends_each_call_to_an_owner_of_its_tenant(redis_server):
+    from retriever.client import DraftCall
+
+    nodes = cluster_of(redis_server.url)
+    client = RetrieverClient(address(nodes[0]), deadline_s=2.0, call_timeout_s=2.0)
+    try:
+        tenants = [f"team-{i}" for i in range(12)]
+        calls = [DraftCall(t, "s", [5, 6, 7, 8, 9, 5, 6, 7], (), 4) for t in tenants]
+        replies = client.draft_batch(calls)  # some refused by the seed as not an owner, re-sent to owners
+        assert all(not isinstance(r, errors.SpecdraftError) for r in replies), replies
+        assert [int(r.tree.token_ids[0]) for r in replies] == [8] * len(tenants)
+        with pytest.raises(grpc.RpcError):  # the seed itself refuses a tenant it does not own
+            outsider = next(t for t in tenants if address(nodes[0]) not in client.route(t)[:2])
+            nodes[0].stub.Draft(pb.DraftRequest(tenant=outsider, session_id="x", prompt=[1], max_nodes=4), timeout=2)
+        with pytest.raises(errors.InvalidArgument):
+            client.draft_batch([])
+    finally:
+        client.close()
+        for node in nodes:
+            node.stop()
+
+
 def test_not_owner_is_one_row_of_the_status_table():
     from retriever.status import TABLE, error_of, status_of
 
