@@ -208,16 +208,24 @@ def _replica_kill(procs: list[ServerProcess], args: argparse.Namespace) -> tuple
 
 def _unserved(probes: list, pending: set[tuple[int, int]]) -> set[tuple[int, int]]:
     """The (survivor, tenant) pairs of `pending` that still refuse (not an owner yet, or warming up):
-    each survivor owns every tenant once the dead replica is out (R = 2 of 2)."""
-    from retriever import errors
+    each survivor owns every tenant once the dead replica is out (R = 2 of 2). One DraftBatch of up to
+    200 probes per call, straight to the survivor (no client re-send)."""
+    from protos.specdraft.v1 import retriever_pb2 as pb
 
     left = set()
-    for i, t in pending:
-        c = probes[i]
-        try:
-            c.draft(f"tenant-{t}", f"probe-{t}", [1, 2, 3], (), 1, address=c.target)
-        except (errors.NotOwner, errors.Unavailable, errors.ResourceExhausted):
-            left.add((i, t))
+    for i, c in enumerate(probes):
+        tenants = sorted(t for j, t in pending if j == i)
+        stub = c.targets.stub(c.target)
+        for k in range(0, len(tenants), 200):
+            chunk = tenants[k:k + 200]
+            request = pb.DraftBatchRequest(requests=[pb.DraftRequest(tenant=f"tenant-{t}", session_id=f"probe-{t}",
+                                                                     prompt=[1, 2, 3], max_nodes=1) for t in chunk])
+            try:
+                reply = stub.DraftBatch(request, timeout=5.0)
+            except Exception:  # noqa: BLE001 - the survivor is busy: probe again
+                left |= {(i, t) for t in chunk}
+                continue
+            left |= {(i, t) for t, r in zip(chunk, reply.responses) if r.HasField("error") and r.error.code}
     return left
 
 
