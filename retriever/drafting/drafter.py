@@ -246,6 +246,18 @@ class Drafter:
         if state is not None:  # None: the tenant cap is reached and every tenant has open sessions
             state.add(tokens)
 
+    def drop_tenant(self, tenant: str) -> bool:
+        """Frees the tenant's prior outputs (index, reference outputs; e.g. another replica owns it now);
+        its open sessions go on. True if it held any."""
+        state = self._tenants.get(tenant)
+        if state is None or state.index is None:
+            return False
+        if state.sessions:
+            state.index, state.prior_outputs = None, PriorOutputs(self._config.reference)
+        else:
+            del self._tenants[tenant]
+        return True
+
     def expire_idle(self, now_s: float | None = None) -> int:
         """End every session idle longer than `session_idle_s`; returns how many."""
         now_s = time.monotonic() if now_s is None else now_s

@@ -1,4 +1,4 @@
-"""`specdraft bench replay|latency|ablation|index|generate|log|overload|abuse|abuse-http|predicted`: the
+"""`specdraft bench replay|latency|ablation|index|generate|log|overload|abuse|abuse-http|predicted|cluster`: the
 benchmarks behind the README's figures.
 
 Each command prints a table and returns 0; `--json PATH` also writes the typed result.
@@ -104,6 +104,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p = sub.add_parser("log", help="output log: ingest rate, 10M-token warm-up, memory; Draft p99 in a Redis outage")
     log_bench.add_arguments(p)
     p.set_defaults(run=log_bench.run)
+
+    from specdraft.bench import cluster
+
+    p = sub.add_parser("cluster", help="tenants sharded over 3 retrievers on a Redis Cluster: memory, kill -9s")
+    cluster.add_arguments(p)
+    p.set_defaults(run=cluster.run)
 
     from specdraft.bench import abuse_http
 

@@ -103,8 +103,10 @@ class EndSessionResponse(_message.Message):
     def __init__(self, output_tokens: _Optional[int] = ...) -> None: ...
 
 class DescribeRequest(_message.Message):
-    __slots__ = ()
-    def __init__(self) -> None: ...
+    __slots__ = ("tenant",)
+    TENANT_FIELD_NUMBER: _ClassVar[int]
+    tenant: str
+    def __init__(self, tenant: _Optional[str] = ...) -> None: ...
 
 class IndexInfo(_message.Message):
     __slots__ = ("name", "kind", "tokens", "documents", "tokenizer_name", "tokenizer_sha256", "vocab_size", "path")
@@ -147,13 +149,31 @@ class Limits(_message.Message):
     def __init__(self, default_max_nodes: _Optional[int] = ..., max_nodes_cap: _Optional[int] = ..., vocab_size: _Optional[int] = ..., max_context_tokens: _Optional[int] = ..., max_new_tokens: _Optional[int] = ..., max_batch: _Optional[int] = ..., max_sessions: _Optional[int] = ..., tenant_token_budget: _Optional[int] = ...) -> None: ...
 
 class DescribeResponse(_message.Message):
-    __slots__ = ("version", "indexes", "limits", "ready")
+    __slots__ = ("version", "indexes", "limits", "ready", "members", "replica_id", "owners_per_tenant", "owners")
     VERSION_FIELD_NUMBER: _ClassVar[int]
     INDEXES_FIELD_NUMBER: _ClassVar[int]
     LIMITS_FIELD_NUMBER: _ClassVar[int]
     READY_FIELD_NUMBER: _ClassVar[int]
+    MEMBERS_FIELD_NUMBER: _ClassVar[int]
+    REPLICA_ID_FIELD_NUMBER: _ClassVar[int]
+    OWNERS_PER_TENANT_FIELD_NUMBER: _ClassVar[int]
+    OWNERS_FIELD_NUMBER: _ClassVar[int]
     version: str
     indexes: _containers.RepeatedCompositeFieldContainer[IndexInfo]
     limits: Limits
     ready: bool
-    def __init__(self, version: _Optional[str] = ..., indexes: _Optional[_Iterable[_Union[IndexInfo, _Mapping]]] = ..., limits: _Optional[_Union[Limits, _Mapping]] = ..., ready: _Optional[bool] = ...) -> None: ...
+    members: _containers.RepeatedCompositeFieldContainer[ReplicaMember]
+    replica_id: str
+    owners_per_tenant: int
+    owners: _containers.RepeatedCompositeFieldContainer[ReplicaMember]
+    def __init__(self, version: _Optional[str] = ..., indexes: _Optional[_Iterable[_Union[IndexInfo, _Mapping]]] = ..., limits: _Optional[_Union[Limits, _Mapping]] = ..., ready: _Optional[bool] = ..., members: _Optional[_Iterable[_Union[ReplicaMember, _Mapping]]] = ..., replica_id: _Optional[str] = ..., owners_per_tenant: _Optional[int] = ..., owners: _Optional[_Iterable[_Union[ReplicaMember, _Mapping]]] = ...) -> None: ...
+
+class ReplicaMember(_message.Message):
+    __slots__ = ("replica_id", "address", "capacity")
+    REPLICA_ID_FIELD_NUMBER: _ClassVar[int]
+    ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    CAPACITY_FIELD_NUMBER: _ClassVar[int]
+    replica_id: str
+    address: str
+    capacity: int
+    def __init__(self, replica_id: _Optional[str] = ..., address: _Optional[str] = ..., capacity: _Optional[int] = ...) -> None: ...
