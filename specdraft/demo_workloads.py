@@ -43,6 +43,16 @@ class Order:
     refunded: bool = False
 
 
+def revenue_by_customer(orders: list[Order]) -> dict[str, int]:
+    """Cents per customer, refunds left out, largest first."""
+    acc: dict[str, int] = {}
+    for o in orders:
+        if o.refunded:
+            continue
+        acc[o.customer] = acc.get(o.customer, 0) + o.amount_cents
+    return dict(sorted(acc.items(), key=lambda kv: kv[1], reverse=True))
+
+
 def read_orders(path: Path) -> list[Order]:
     """Reads the orders of a CSV export (header: id,customer,amount,created,refunded)."""
     orders = []
@@ -56,16 +66,6 @@ def read_orders(path: Path) -> list[Order]:
                 refunded=row["refunded"] == "yes",
             ))
     return orders
-
-
-def revenue_by_customer(orders: list[Order]) -> dict[str, int]:
-    """Cents per customer, refunds left out, largest first."""
-    acc: dict[str, int] = {}
-    for o in orders:
-        if o.refunded:
-            continue
-        acc[o.customer] = acc.get(o.customer, 0) + o.amount_cents
-    return dict(sorted(acc.items(), key=lambda kv: kv[1], reverse=True))
 
 
 def daily_totals(orders: list[Order], start: dt.date, end: dt.date) -> list[tuple[dt.date, int]]:
@@ -166,16 +166,16 @@ def _renamed(source: str) -> str:
 DEMO_PROMPTS: tuple[DemoPrompt, ...] = (
     DemoPrompt("rename", "edit", "chat", _chat(
         f"In `revenue_by_customer`, rename the local variable `acc` to `totals`. {_REPLY}", ORDERS_PY,
-        "orders.py"), 192),
+        "orders.py"), 160),
     DemoPrompt("add-param", "edit", "chat", _chat(
         "Add a keyword parameter `timeout: float = 10.0` to `with_retries` and pass it on to `_request`. "
-        f"{_REPLY}", RETRY_PY, "inventory_client.py"), 160),
+        "Reply with the updated `with_retries` only, in a python code block.", RETRY_PY, "inventory_client.py"), 128),
     DemoPrompt("apply-change", "edit", "chat", _chat(
-        f"Replace the two print calls with `log.warning` calls (same messages). {_REPLY}", RETRY_PY,
-        "inventory_client.py"), 160),
-    DemoPrompt("complete", "completion", "text", ORDERS_PY.split("def daily_totals")[0] + "def daily_totals(", 96),
-    DemoPrompt("tests", "tenant", "chat", _chat(_TESTS, ORDERS_PY, "orders.py"), 160),
-    DemoPrompt("tests-again", "tenant", "chat", _chat(_TESTS, _renamed(ORDERS_PY), "orders.py"), 160),
+        "Replace the two print calls with `log.warning` calls (same messages). Reply with the functions you "
+        "changed, in one python code block.", RETRY_PY, "inventory_client.py"), 128),
+    DemoPrompt("complete", "completion", "text", ORDERS_PY.split("def daily_totals")[0] + "def daily_totals(", 64),
+    DemoPrompt("tests", "tenant", "chat", _chat(_TESTS, ORDERS_PY, "orders.py"), 96),
+    DemoPrompt("tests-again", "tenant", "chat", _chat(_TESTS, _renamed(ORDERS_PY), "orders.py"), 96),
 )
 
 

@@ -117,17 +117,22 @@ def llama_lookup(llm, ids: list[int], max_new_tokens: int) -> tuple[list[int], f
     return out, seconds, first[0] if first else seconds
 
 
-def llama_lookups(model_path: str, threads: int) -> tuple[object, object]:
-    """Two `llama_cpp.Llama` objects over the GGUF file drafting by prompt lookup: 10 (its default) and 16 tokens."""
+def llama_lookup_model(model_path: str, threads: int, num_pred_tokens: int = 10, n_ctx: int = 4096):
+    """A `llama_cpp.Llama` over the GGUF file drafting by prompt lookup (`num_pred_tokens` predicted tokens;
+    10 is its default). It holds n_ctx x vocab float32 logits (`logits_all`, which the lookup needs)."""
     import os
 
     from llama_cpp import Llama
     from llama_cpp.llama_speculative import LlamaPromptLookupDecoding
 
     threads = threads or len(os.sched_getaffinity(0))
-    return tuple(Llama(model_path=model_path, n_ctx=4096, n_threads=threads, n_threads_batch=threads,
-                       logits_all=True, verbose=False, draft_model=LlamaPromptLookupDecoding(num_pred_tokens=n))
-                 for n in (10, 16))
+    return Llama(model_path=model_path, n_ctx=n_ctx, n_threads=threads, n_threads_batch=threads, logits_all=True,
+                 verbose=False, draft_model=LlamaPromptLookupDecoding(num_pred_tokens=num_pred_tokens))
+
+
+def llama_lookups(model_path: str, threads: int) -> tuple[object, object]:
+    """Two `llama_lookup_model`s: 10 (its default) and 16 predicted tokens."""
+    return tuple(llama_lookup_model(model_path, threads, n) for n in (10, 16))
 
 
 def run_workload(engine, loaded, drafter, workload: str, prompts: list[Prompt], max_new_tokens: int,

