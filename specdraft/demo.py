@@ -55,12 +55,14 @@ def ensure_stdlib_index(out: Path, tokenizer, tokenizer_name: str = "tokenizer")
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     demo = subparsers.add_parser("demo", help="end-to-end demo on CPU: a code assistant's requests, plain vs "
-                                              "prompt lookup vs specdraft")
+                                              "prompt lookup vs specdraft",
+                                 description="--model defaults to qwen (Qwen2.5-Coder-1.5B-Instruct Q4_K_M on llama.cpp, "
+                                             "fetched once into the model cache), to smollm2 with --backend hf")
     model_args(demo)
     demo.add_argument("--index-dir", type=Path, help="stdlib datastore (built if missing)")
     demo.add_argument("--out", type=Path, default=Path("out/demo.png"), help="chart (PNG)")
     demo.add_argument("--json", type=Path, help="figures as JSON (default: --out with .json)")
-    demo.add_argument("--max-new-tokens", type=int, help="every row's budget (default: each row's own, 96-192)")
+    demo.add_argument("--max-new-tokens", type=int, help="every row's budget (default: each row's own, 64-160)")
     demo.add_argument("--rows", help="comma-separated rows to run (default: all: "
                                      f"{','.join(p.name for p in DEMO_PROMPTS)})")
     demo.add_argument("--tenant", help="drafting tenant (default: a fresh one per run; reuse one to see prior "
