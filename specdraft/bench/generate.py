@@ -90,7 +90,7 @@ def _timed(fn):
     return out, time.perf_counter() - t0
 
 
-def _hf(loaded, ids: list[int], max_new_tokens: int, **kwargs) -> tuple[list[int], float]:
+def hf_generate(loaded, ids: list[int], max_new_tokens: int, **kwargs) -> tuple[list[int], float]:
     import torch
 
     x = torch.tensor([ids], device=loaded.device)
@@ -100,29 +100,40 @@ def _hf(loaded, ids: list[int], max_new_tokens: int, **kwargs) -> tuple[list[int
     return out[0, len(ids):].tolist(), s
 
 
-def _llama_lookup(llm, ids: list[int], max_new_tokens: int) -> tuple[list[int], float]:
-    """llama.cpp's own greedy generation (with the draft model its Llama object was made with)."""
+def llama_lookup(llm, ids: list[int], max_new_tokens: int) -> tuple[list[int], float, float]:
+    """llama.cpp's own greedy generation (with the draft model its Llama object was made with):
+    (tokens, seconds, seconds to the first token)."""
     out: list[int] = []
+    first: list[float] = []
 
     def run() -> None:
+        t0 = time.perf_counter()
         for t in llm.generate(ids, top_k=1, temp=0.0, reset=True):
             out.append(int(t))
+            if not first:
+                first.append(time.perf_counter() - t0)
             if len(out) >= max_new_tokens or llm.token_eos() == t:
                 return
-    return out, _timed(run)[1]
+    seconds = _timed(run)[1]
+    return out, seconds, first[0] if first else seconds
 
 
-def llama_lookups(model_path: str, threads: int) -> tuple[object, object]:
-    """Two `llama_cpp.Llama` objects over the GGUF file drafting by prompt lookup: 10 (its default) and 16 tokens."""
+def llama_lookup_model(model_path: str, threads: int, num_pred_tokens: int = 10, n_ctx: int = 4096):
+    """A `llama_cpp.Llama` over the GGUF file drafting by prompt lookup (`num_pred_tokens` predicted tokens;
+    10 is its default). It holds n_ctx x vocab float32 logits (`logits_all`, which the lookup needs)."""
     import os
 
     from llama_cpp import Llama
     from llama_cpp.llama_speculative import LlamaPromptLookupDecoding
 
     threads = threads or len(os.sched_getaffinity(0))
-    return tuple(Llama(model_path=model_path, n_ctx=4096, n_threads=threads, n_threads_batch=threads,
-                       logits_all=True, verbose=False, draft_model=LlamaPromptLookupDecoding(num_pred_tokens=n))
-                 for n in (10, 16))
+    return Llama(model_path=model_path, n_ctx=n_ctx, n_threads=threads, n_threads_batch=threads, logits_all=True,
+                 verbose=False, draft_model=LlamaPromptLookupDecoding(num_pred_tokens=num_pred_tokens))
+
+
+def llama_lookups(model_path: str, threads: int) -> tuple[object, object]:
+    """Two `llama_lookup_model`s: 10 (its default) and 16 predicted tokens."""
+    return tuple(llama_lookup_model(model_path, threads, n) for n in (10, 16))
 
 
 def run_workload(engine, loaded, drafter, workload: str, prompts: list[Prompt], max_new_tokens: int,
@@ -152,17 +163,17 @@ def run_workload(engine, loaded, drafter, workload: str, prompts: list[Prompt], 
             divergence = first_divergence(engine.backend, ids, plain, drafted)
             margins += [divergence.margin] if divergence is not None else []
         if lookups:
-            add("hf", *_len_s(_llama_lookup(lookups[0], ids, max_new_tokens)))
-            add("lookup", *_len_s(_llama_lookup(lookups[1], ids, max_new_tokens)))
+            add("hf", *_len_s(llama_lookup(lookups[0], ids, max_new_tokens)))
+            add("lookup", *_len_s(llama_lookup(lookups[1], ids, max_new_tokens)))
         elif hf:
-            add("hf", *_len_s(_hf(loaded, ids, max_new_tokens)))
-            add("lookup", *_len_s(_hf(loaded, ids, max_new_tokens, prompt_lookup_num_tokens=10)))
+            add("hf", *_len_s(hf_generate(loaded, ids, max_new_tokens)))
+            add("lookup", *_len_s(hf_generate(loaded, ids, max_new_tokens, prompt_lookup_num_tokens=10)))
     rate = {k: (n / s if s else 0.0) for k, (n, s) in totals.items()}
     return WorkloadSpeed(workload, len(prompts), totals["draft"][0], steps, rate["plain"], rate["draft"],
                          rate["hf"], rate["lookup"], same, tuple(margins), engine.backend.kind)
 
 
-def _len_s(result: tuple[list[int], float]) -> tuple[int, float]:
+def _len_s(result: tuple) -> tuple[int, float]:  # (tokens, seconds, ...)
     return len(result[0]), result[1]
 
 
