@@ -68,6 +68,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--backend", default="hf", choices=("hf", "llama.cpp"),
                    help="the engine under test: hf (default) or llama.cpp on a .gguf --model (or smollm2)")
     p.add_argument("--threads", type=int, default=0, help="llama.cpp threads (default 0: every core)")
+    p.add_argument("--variants", action=argparse.BooleanOptionalAction, default=None,
+                   help="compare five decoders (HF eager, HF static cache + torch.compile, HF prompt lookup, "
+                        "specdraft eager, specdraft with CUDA graphs): default on for --device cuda, off on a CPU")
+    p.add_argument("--static-positions", type=int, default=2048,
+                   help="--variants: tokens a generation may hold in the static cache (default %(default)s)")
 
     p = sub.add_parser("overload", help="retriever at 10x its concurrency cap: counts, p99, RSS, cancelled streams")
     p.add_argument("--cap", type=int, default=64, help="server max_inflight; 10x this many callers (default %(default)s)")

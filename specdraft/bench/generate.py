@@ -180,7 +180,12 @@ def write_json(rows: list[WorkloadSpeed], path: str) -> None:
 
 
 def run(args) -> int:
-    """The command: loads the model and the drafter once, then runs each workload."""
+    """The command: loads the model and the drafter once, then runs each workload (`--variants`:
+    `specdraft.bench.generate_variants`, the default on CUDA)."""
+    if args.variants or (args.variants is None and args.device.startswith("cuda")):
+        from specdraft.bench import generate_variants
+
+        return generate_variants.run(args)
     from retriever.drafting.drafter import Drafter
     from retriever.drafting.types import DrafterConfig
     from retriever.store.datastore import open_datastore
