@@ -81,15 +81,17 @@ def _engine_generate(engine, ids: list[int], new: int, drafter) -> tuple[list[in
 class Variants:
     """The decoders of one run over one loaded model (engines measure their cost models once)."""
 
-    def __init__(self, loaded, max_nodes: int, static_positions: int, warm_tokens: int) -> None:
+    def __init__(self, loaded, max_nodes: int, static_positions: int, warm_tokens: int,
+                 cost_model=None) -> None:
+        """cost_model None: each engine measures its own at start-up (tests pass a flat one)."""
         from verifier.decoding.engine import Engine
         from verifier.decoding.hf import HFBackend
         from verifier.decoding.hf_static import HFStaticBackend
 
         self.loaded, self.cuda = loaded, loaded.device.type == "cuda"
-        self.eager = Engine(HFBackend(loaded), max_nodes=max_nodes)
+        self.eager = Engine(HFBackend(loaded), cost_model, max_nodes=max_nodes)
         static = HFStaticBackend(loaded, max_positions=static_positions, graphs=True)
-        self.graphs = Engine(static, max_nodes=max_nodes)
+        self.graphs = Engine(static, cost_model, max_nodes=max_nodes)
         self.notes = {"hf-static-compile": "" if self.cuda else "cpu: static cache, not compiled",
                       "specdraft-graphs": "" if static.graphs else "cpu: no CUDA graphs; the static cache eagerly"}
         if self.cuda and not all(step.graph is not None for step in static._steps.values()):
@@ -97,7 +99,7 @@ class Variants:
         warm = list(range(100, 100 + warm_tokens))  # compiles HF's static forward at the longest cache once
         _hf_generate(loaded, warm, 4, cache_implementation="static")
         for engine in (self.eager, self.graphs):
-            for _ in engine.generate(warm[:32], 4):
+            for _ in engine.generate(warm[:8], 4):
                 pass
 
     def run(self, variant: str, ids: list[int], new: int, drafter) -> tuple[list[int], float, list]:
