@@ -81,9 +81,10 @@ def _engine_generate(engine, ids: list[int], new: int, drafter) -> tuple[list[in
 class Variants:
     """The decoders of one run over one loaded model (engines measure their cost models once)."""
 
-    def __init__(self, loaded, max_nodes: int, static_positions: int, warm_tokens: int,
+    def __init__(self, loaded, max_nodes: int, static_positions: int, warm_tokens: int, warm_new: int,
                  cost_model=None) -> None:
-        """cost_model None: each engine measures its own at start-up (tests pass a flat one)."""
+        """warm_tokens + warm_new: the longest prompt + max new tokens (HF's static cache is sized,
+        and compiled, once for them). cost_model None: each engine measures its own (tests pass a flat one)."""
         from verifier.decoding.engine import Engine
         from verifier.decoding.hf import HFBackend
         from verifier.decoding.hf_static import HFStaticBackend
@@ -97,7 +98,7 @@ class Variants:
         if self.cuda and not all(step.graph is not None for step in static._steps.values()):
             self.notes["specdraft-graphs"] = "some sizes failed to capture and ran eagerly (see the log)"
         warm = list(range(100, 100 + warm_tokens))  # compiles HF's static forward at the longest cache once
-        _hf_generate(loaded, warm, 4, cache_implementation="static")
+        _hf_generate(loaded, warm, warm_new, cache_implementation="static")
         for engine in (self.eager, self.graphs):
             for _ in engine.generate(warm[:8], 4):
                 pass
@@ -169,7 +170,10 @@ def run(args) -> int:
     loaded = load_model(ModelSpec(args.model, dtype=args.dtype, device=args.device))
     groups = {w: prompts_of(g, args.tokenizer) for w, g in traces.items()}
     longest = max((len(prompt_ids(p, loaded.tokenizer)) for g in groups.values() for p in g), default=16)
-    variants = Variants(loaded, args.max_nodes, args.static_positions, min(longest + 8, args.static_positions // 2))
+    if longest + args.max_new_tokens > args.static_positions:
+        raise ValueError(f"--static-positions must hold the longest prompt + --max-new-tokens, got "
+                         f"{args.static_positions} < {longest} + {args.max_new_tokens}")
+    variants = Variants(loaded, args.max_nodes, args.static_positions, longest, args.max_new_tokens)
     setup_s = time.perf_counter() - t0
     device = torch.cuda.get_device_name(loaded.device) if loaded.device.type == "cuda" else "cpu"
     header = (f"Decoders compared: model={args.model} {args.dtype} on {device}, max_new_tokens={args.max_new_tokens}, "

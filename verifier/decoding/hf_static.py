@@ -99,9 +99,9 @@ class HFStaticBackend:
         self.cache = StaticCache(config=loaded.model.config, max_cache_len=self.slots)
         self._generation = 0
         self._cols = torch.arange(self.slots, device=loaded.device)  # [slots] int64
-        self._forward_model(torch.zeros((1, 1), dtype=torch.int64, device=loaded.device),
-                            torch.zeros((1, 1), dtype=torch.int64, device=loaded.device),
-                            self._causal_mask(1), 0)  # allocates the cache on the device
+        with torch.no_grad():  # allocates the cache on the device (plain tensors, not inference tensors)
+            zero = torch.zeros((1, 1), dtype=torch.int64, device=loaded.device)
+            self._forward_model(zero, zero, self._causal_mask(1), 0)
         self._layers = list(self.cache.layers)
         if not all(hasattr(layer, "cumulative_length") for layer in self._layers):
             raise RuntimeError("StaticCache layers must keep a cumulative_length tensor (transformers >= 5.17)")
@@ -188,7 +188,8 @@ def _float_mask(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 
 def _unpack(buf: torch.Tensor, size: int) -> tuple[torch.Tensor, ...]:
-    """Views of a packed step input: ids [1, size], positions [1, size], parent rows [size - 1], ancestor [size, size]."""
+    """Views of a packed step input (`pack_tree`): ids [1, size], positions [1, size], parent rows
+    [size - 1], ancestor [size, size]."""
     ids = buf[:size].view(1, size)
     pos = buf[size:2 * size].view(1, size)
     parents = buf[2 * size:3 * size - 1]

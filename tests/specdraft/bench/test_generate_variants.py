@@ -22,7 +22,8 @@ def test_five_decoders_over_a_workload_agree_on_the_cpu(smollm2):
     from verifier.decoding.cost import CostModel
 
     prompts = prompts_of(load_traces(TRACES, ["chat"], limit=1)["chat"], str(TOKENIZER))
-    variants = Variants(smollm2, max_nodes=16, static_positions=1024, warm_tokens=8, cost_model=CostModel.flat())
+    variants = Variants(smollm2, max_nodes=16, static_positions=1024, warm_tokens=8, warm_new=2,
+                        cost_model=CostModel.flat())
     drafters = {v: Drafter(DrafterConfig()) for v in ("specdraft-eager", "specdraft-graphs")}
     rows = run_workload(variants, drafters, "chat", prompts, 4)
     assert [r.variant for r in rows] == list(VARIANTS)

@@ -211,16 +211,17 @@ def test_stale_handles_and_bad_lengths_are_refused(tiny):
 
 def test_timer_times_padded_sizes(tiny):
     static = HFStaticBackend(tiny, max_positions=120)
-    cm = CostModel.measure(static, max_tokens=65, cache_len=16, reps=1)
+    cm = CostModel.measure(static, max_tokens=65, cache_len=16, reps=1, stop_ratio=1e9)  # no early stop
     assert cm.tokens == (1, 2, 4, 8, 16, 32, 64, 65) and all(c > 0 for c in cm.cost_ns)
     assert static.precision == "float64 cpu static eager"
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need CUDA (skipped on CPU, never faked)")
 def test_captured_graphs_equal_the_eager_static_path(tiny):
+    import copy
     from dataclasses import replace
 
-    cuda = replace(tiny, model=tiny.model.to("cuda"), device=torch.device("cuda"))
+    cuda = replace(tiny, model=copy.deepcopy(tiny.model).to("cuda"), device=torch.device("cuda"))
     graphs, eager = HFStaticBackend(cuda, max_positions=120), HFStaticBackend(cuda, max_positions=120, graphs=False)
     assert graphs.graphs and all(step.graph is not None for step in graphs._steps.values())
     rng = np.random.default_rng(3)
