@@ -53,11 +53,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--json", metavar="PATH", help="also write the result as JSON")
     p.set_defaults(run=run_index)
 
-    from specdraft.bench import generate
-
     p = sub.add_parser("generate", help="end to end: tokens/s with and without drafting, HF prompt lookup, by workload")
     _traces_args(p)
-    p.set_defaults(limit=3, run=generate.run)
+    p.set_defaults(limit=3, run=run_generate)
     p.add_argument("--model", default="smollm2", help="HF folder, cached HF id, .gguf file or smollm2 (default)")
     p.add_argument("--dtype", default="float32", choices=("float32", "float64", "bfloat16", "float16"))
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
@@ -114,6 +112,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p = sub.add_parser("abuse-http", help="verifier HTTP: the next request's wait after abandoned non-streamed ones")
     abuse_http.add_arguments(p)
     p.set_defaults(run=abuse_http.run)
+
+
+def run_generate(args: argparse.Namespace) -> int:
+    """bench generate: the five decoders (`generate_variants`) with --variants or on CUDA, else anchors vs engine."""
+    from specdraft.bench import generate, generate_variants
+
+    return (generate_variants.run if generate_variants.wants_variants(args) else generate.run)(args)
 
 
 def _traces_args(p: argparse.ArgumentParser) -> None:

@@ -179,18 +179,9 @@ def write_json(rows: list[WorkloadSpeed], path: str) -> None:
     Path(path).write_text(json.dumps([asdict(r) | {"mat": r.mat} for r in rows], indent=2) + "\n")
 
 
-def wants_variants(args) -> bool:
-    """--variants, or no flag and a CUDA device."""
-    return bool(args.variants) or (args.variants is None and args.device.startswith("cuda"))
-
-
 def run(args) -> int:
-    """The command: loads the model and the drafter once, then runs each workload (`--variants`:
-    `specdraft.bench.generate_variants`, the default on CUDA)."""
-    if wants_variants(args):
-        from specdraft.bench import generate_variants
-
-        return generate_variants.run(args)
+    """The command: loads the model and the drafter once, then runs each workload (`--variants`,
+    the default on CUDA, runs `specdraft.bench.generate_variants` instead: see `bench.cli`)."""
     from retriever.drafting.drafter import Drafter
     from retriever.drafting.types import DrafterConfig
     from retriever.store.datastore import open_datastore

@@ -58,6 +58,11 @@ class VariantSpeed:
         return self.draft_ns / total if total else 0.0
 
 
+def wants_variants(args) -> bool:
+    """--variants, or no flag and a CUDA device."""
+    return bool(args.variants) or (args.variants is None and args.device.startswith("cuda"))
+
+
 def _hf_generate(loaded, ids: list[int], new: int, **kwargs) -> tuple[list[int], float]:
     import torch
 

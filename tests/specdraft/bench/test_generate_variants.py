@@ -6,8 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from specdraft.bench.generate import wants_variants
-from specdraft.bench.generate_variants import VARIANTS, VariantSpeed, Variants, run_workload, table
+from specdraft.bench.generate_variants import VARIANTS, VariantSpeed, Variants, run_workload, table, wants_variants
 
 SHARED = Path(__file__).resolve().parents[3] / ".." / "shared"
 TRACES, TOKENIZER = SHARED / "traces" / "dev.jsonl", SHARED / "models" / "qwen2.5-coder-1.5b"
