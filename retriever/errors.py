@@ -21,6 +21,14 @@ class FailedPrecondition(SpecdraftError):
     """The system is not in a state to serve this (e.g. tokenizer mismatch)."""
 
 
+class NotOwner(FailedPrecondition):
+    """The tenant is owned by other replicas (placement); the message ends "(owners: host:port,...)"."""
+
+    def __init__(self, message: str, owners: tuple[str, ...] = ()) -> None:
+        super().__init__(message)
+        self.owners = owners  # advertised addresses, best first
+
+
 class ResourceExhausted(SpecdraftError):
     """A server capacity limit was hit; retrying later may succeed."""
 

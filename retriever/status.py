@@ -8,7 +8,7 @@ not in the table takes its nearest base's row; anything else is INTERNAL / 500.
 |---|---|---|---|
 | InvalidArgument | INVALID_ARGUMENT | 400 | invalid_request_error |
 | NotFound | NOT_FOUND | 404 | invalid_request_error |
-| FailedPrecondition, IndexFormatError | FAILED_PRECONDITION | 400 | invalid_request_error |
+| FailedPrecondition, IndexFormatError, NotOwner | FAILED_PRECONDITION | 400 | invalid_request_error |
 | ResourceExhausted, Overloaded | RESOURCE_EXHAUSTED | 429 | rate_limit_error |
 | Unavailable | UNAVAILABLE | 503 | server_error |
 | DeadlineExceeded | DEADLINE_EXCEEDED | 504 | server_error |
@@ -45,6 +45,7 @@ TABLE: dict[type[errors.SpecdraftError], Status] = {
     errors.NotFound: Status(grpc.StatusCode.NOT_FOUND, 404, "invalid_request_error"),
     errors.FailedPrecondition: Status(grpc.StatusCode.FAILED_PRECONDITION, 400, "invalid_request_error"),
     errors.IndexFormatError: Status(grpc.StatusCode.FAILED_PRECONDITION, 400, "invalid_request_error"),
+    errors.NotOwner: Status(grpc.StatusCode.FAILED_PRECONDITION, 400, "invalid_request_error"),
     errors.ResourceExhausted: Status(grpc.StatusCode.RESOURCE_EXHAUSTED, 429, "rate_limit_error"),
     errors.Unavailable: Status(grpc.StatusCode.UNAVAILABLE, 503, "server_error"),
     errors.DeadlineExceeded: Status(grpc.StatusCode.DEADLINE_EXCEEDED, 504, "server_error"),
@@ -73,10 +74,25 @@ def code_of(error: BaseException) -> grpc.StatusCode:
 
 def error_of(code: grpc.StatusCode | int, message: str) -> errors.SpecdraftError:
     """The domain error of a status (a `grpc.StatusCode` or its number) with "CODE: message";
-    codes outside the table give a plain SpecdraftError."""
+    codes outside the table give a plain SpecdraftError; FAILED_PRECONDITION naming owners a NotOwner."""
     if isinstance(code, int):
         code = _CODE_BY_NUMBER.get(code, grpc.StatusCode.UNKNOWN)
+    owners = owners_in(message)
+    if owners and code == TABLE[errors.NotOwner].grpc:
+        return errors.NotOwner(f"{code.name}: {message}", owners)
     return _ERROR_BY_CODE.get(code, errors.SpecdraftError)(f"{code.name}: {message}")
+
+
+OWNERS_MARK = "(owners: "  # NotOwner's message ends with this, the addresses, and ")"
+
+
+def owners_in(message: str) -> tuple[str, ...]:
+    """The owner addresses a NotOwner message names (its "(owners: a,b)" tail); () when none.
+    Example: owners_in("... (owners: h1:1,h2:2)") == ("h1:1", "h2:2")."""
+    head, mark, tail = message.rpartition(OWNERS_MARK)
+    if not mark or not tail.endswith(")"):
+        return ()
+    return tuple(a for a in tail[:-1].split(",") if a)
 
 
 def answer(error: BaseException, log: logging.Logger, server: str) -> tuple[Status, str]:

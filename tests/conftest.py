@@ -8,7 +8,7 @@ the model cache, $SPECDRAFT_CACHE_DIR or <repo>/.cache/models; later loads take 
 
 import pytest
 
-from tests.redis_fixtures import make_redis, redis_server  # noqa: F401 - fixtures for every test module
+from tests.redis_fixtures import make_redis, redis_cluster, redis_cluster_procs, redis_server  # noqa: F401 - fixtures
 
 
 @pytest.fixture(scope="session")

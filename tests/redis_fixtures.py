@@ -47,3 +47,24 @@ def make_redis(tmp_path):
     yield make
     for server in servers:
         server.kill()
+
+
+@pytest.fixture(scope="session")
+def redis_cluster_procs(tmp_path_factory):
+    """One local Redis Cluster (3 masters, 3 replicas) for the whole session."""
+    require_redis_server()
+    from specdraft.bench.redis_proc import REDIS_CLI, RedisClusterProcs
+
+    if REDIS_CLI is None:
+        pytest.skip("redis-cli is not installed (apt-get install -y redis-tools)")
+    cluster = RedisClusterProcs(tmp_path_factory.mktemp("redis-cluster")).start()
+    yield cluster
+    cluster.kill_all()
+
+
+@pytest.fixture
+def redis_cluster(redis_cluster_procs):
+    """The session's Redis Cluster, emptied (and back to cluster_state:ok) before the test."""
+    redis_cluster_procs.wait_ok()
+    redis_cluster_procs.flush()
+    return redis_cluster_procs

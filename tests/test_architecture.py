@@ -30,6 +30,7 @@ ROOMS: dict[str, tuple[str, ...]] = {
     "specdraft": ("*",),
 }
 BASE_MODULES = ("retriever", "retriever._core", "retriever.errors", "retriever.status", "retriever.config",
+                "retriever.placement",
                 "retriever.credentials", "retriever.logs")
 
 

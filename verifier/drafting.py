@@ -26,9 +26,11 @@ class InProcessDrafter(Protocol):
     """What `LocalDraftSource` needs of a `retriever.drafting.drafter.Drafter`."""
 
     def draft(self, tenant: str, session_id: str, prompt: np.ndarray | None, new_tokens: np.ndarray,
-              max_nodes: int, prediction: np.ndarray | None = None) -> DraftResult: ...
+              max_nodes: int, prediction: np.ndarray | None = None, verified_nodes: int | None = None
+              ) -> DraftResult: ...
 
-    def end_session(self, tenant: str, session_id: str) -> int: ...
+    def end_session(self, tenant: str, session_id: str, new_tokens: np.ndarray | None = None,
+                    verified_nodes: int | None = None) -> int: ...
 
 
 class LocalDraftSource:
@@ -44,14 +46,14 @@ class LocalDraftSource:
     def start(self, prompt_ids: list[int]) -> None:
         self._prompt = np.asarray(prompt_ids, np.int32)
 
-    def draft(self, new_tokens: list[int], max_nodes: int) -> DraftTree | None:
+    def draft(self, new_tokens: list[int], max_nodes: int, verified_nodes: int = 0) -> DraftTree | None:
         prompt, self._prompt = self._prompt, None  # the first call (re)starts the session
         prediction = self._prediction if prompt is not None else None
         tree = self.drafter.draft(self.tenant, self.session_id, prompt, np.asarray(new_tokens, np.int32),
-                                  max_nodes, prediction=prediction).tree
+                                  max_nodes, prediction=prediction, verified_nodes=verified_nodes).tree
         return tree if len(tree) else None
 
-    def end(self) -> None:
+    def end(self, verified_nodes: int = 0) -> None:
         if self._prompt is None:
             self.drafter.end_session(self.tenant, self.session_id)
 
@@ -64,17 +66,18 @@ class StreamDraftSource:
         """`prediction_ids`: the predicted output's tokens (Source.PREDICTION), sent with the prompt."""
         self._session, self.reported, self._on_fallback = session, 0, on_fallback
         self._prediction = list(prediction_ids)
+        self._verified = 0  # the engine's last report on the session's last draft
 
     def start(self, prompt_ids: list[int]) -> None:
         self._session.start(prompt_ids, self._prediction)
 
-    def draft(self, new_tokens: list[int], max_nodes: int) -> DraftTree | None:
+    def draft(self, new_tokens: list[int], max_nodes: int, verified_nodes: int = 0) -> DraftTree | None:
         self.reported += len(new_tokens)
         if self._on_fallback is None:
-            return self._session.draft(new_tokens, max_nodes)
+            return self._session.draft(new_tokens, max_nodes, verified_nodes)
         timeouts = self._session.timeouts
         try:
-            draft = self._session.draft(new_tokens, max_nodes)
+            draft = self._session.draft(new_tokens, max_nodes, verified_nodes)
         except Exception:
             self._on_fallback("error")
             raise
@@ -83,9 +86,9 @@ class StreamDraftSource:
             self._on_fallback("timeout" if timed_out else "denied" if self._session.refused else "none")
         return draft
 
-    def end(self) -> None:
-        pass
+    def end(self, verified_nodes: int = 0) -> None:
+        self._verified = verified_nodes
 
     def finish(self, output: Sequence[int]) -> None:
         """Ends the session, reporting the kept tokens it was not told of yet."""
-        self._session.end(list(output[self.reported:]))
+        self._session.end(list(output[self.reported:]), self._verified)

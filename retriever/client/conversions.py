@@ -20,10 +20,15 @@ def tree_from_proto(t: pb.DraftTree) -> DraftTree:
 
 
 def draft_request(tenant: str, session_id: str, prompt: Sequence[int] | None, new_tokens: Sequence[int],
-                  max_nodes: int, prediction: Sequence[int] = ()) -> pb.DraftRequest:
+                  max_nodes: int, prediction: Sequence[int] = (), verified_nodes: int | None = None
+                  ) -> pb.DraftRequest:
     """The request, stamped with its send time (`sent_unix_us`: an overloaded server refuses it at once
-    when it waited too long, see `retriever.service.admission.QueueWait`); `prediction` goes with a prompt only."""
-    return pb.DraftRequest(tenant=tenant, session_id=session_id, prompt=list(prompt) if prompt is not None else [],
-                           new_tokens=list(new_tokens), max_nodes=max(0, int(max_nodes)),
-                           sent_unix_us=time.time_ns() // 1000,
-                           prediction=list(prediction) if prompt is not None else [])
+    when it waited too long, see `retriever.service.admission.QueueWait`); `prediction` goes with a prompt only;
+    `verified_nodes` (None: unset, i.e. all) reports on the session's last draft."""
+    request = pb.DraftRequest(tenant=tenant, session_id=session_id,
+                              prompt=list(prompt) if prompt is not None else [], new_tokens=list(new_tokens),
+                              max_nodes=max(0, int(max_nodes)), sent_unix_us=time.time_ns() // 1000,
+                              prediction=list(prediction) if prompt is not None else [])
+    if verified_nodes is not None:
+        request.verified_nodes = max(0, int(verified_nodes))
+    return request

@@ -11,6 +11,12 @@ client's `Refusals` (`retriever.client.channel`): logged once there, and no stre
 tenant while they hold (`refused`). `end()` closes the stream and calls EndSession with the
 tokens not sent yet on a background thread (`closed` is set when done). A tree that breaks
 the contract (`DraftTree.checked`) is logged and dropped (no draft that step).
+
+Placement (`RetrieverClient.route`): the stream goes to the tenant's first owner; when it ends
+UNAVAILABLE (the replica died or drains) or FAILED_PRECONDITION naming owners (errors.NotOwner),
+the session is re-sent at once, prompt and output so far, to the next owner (`reroutes` counts
+them); the backoff applies once every owner failed in a row. EndSession goes to the replica that
+drafted the session last.
 """
 
 from __future__ import annotations
@@ -29,8 +35,10 @@ from retriever import errors
 from retriever.client.channel import REFUSAL_CODES, Refusals
 from retriever.client.conversions import draft_request, tree_from_proto
 from retriever.drafting.types import DraftTree
+from retriever.status import owners_in
 
 log = logging.getLogger(__name__)
+_REROUTED = grpc.StatusCode.ABORTED  # _drop_stream's answer when the session goes to the next owner at once
 
 
 class Lifecycle(Protocol):
@@ -48,12 +56,16 @@ class SessionCalls(Protocol):
     refusals: Refusals
     lifecycle: Lifecycle
 
-    def open_stream(self, requests: Iterator[pb.DraftRequest]) -> Iterator[pb.DraftResponse]: ...
+    def route(self, tenant: str) -> tuple[str, ...]: ...
+
+    def open_stream(self, requests: Iterator[pb.DraftRequest], address: str | None = None
+                    ) -> Iterator[pb.DraftResponse]: ...
 
     def draft(self, tenant: str, session_id: str, prompt: Sequence[int] | None = None, new_tokens: Sequence[int] = (),
-              max_nodes: int = 0, timeout_s: float | None = None) -> object: ...
+              max_nodes: int = 0, timeout_s: float | None = None, address: str | None = None) -> object: ...
 
-    def end_session(self, tenant: str, session_id: str, new_tokens: Sequence[int] = ()) -> int: ...
+    def end_session(self, tenant: str, session_id: str, new_tokens: Sequence[int] = (),
+                    address: str | None = None, verified_nodes: int | None = None) -> int: ...
 
 
 @dataclass(frozen=True)
@@ -71,12 +83,13 @@ class _Closed:
 class _Stream:
     """One DraftStream call: requests through a queue, responses read by a daemon thread."""
 
-    def __init__(self, client: SessionCalls) -> None:
+    def __init__(self, client: SessionCalls, address: str | None = None) -> None:
         """Raises errors.Unavailable when the client is closed."""
         self._requests: queue.SimpleQueue = queue.SimpleQueue()
         self.responses: queue.SimpleQueue = queue.SimpleQueue()
         self.outstanding = 0  # requests sent whose response was not read yet
-        self._call = client.open_stream(iter(self._requests.get, None))
+        self.address = address
+        self._call = client.open_stream(iter(self._requests.get, None), address)
         threading.Thread(target=self._read, daemon=True, name="draft-stream").start()
 
     def _read(self) -> None:
@@ -118,8 +131,12 @@ class DraftStreamSession:
         self._sent_at = 0.0
         self._retry_at = 0.0
         self._backoff = client.backoff_s[0]
+        self._delivered = False  # the caller got the answer to the latest request as its draft
+        self._verified: int | None = None  # what the next request reports on the server's last draft
         self._ended = False
-        self.restarts = self.timeouts = 0
+        self.restarts = self.timeouts = self.reroutes = 0
+        self._failed: list[str] = []  # replicas that failed this session in a row (UNAVAILABLE / not an owner)
+        self._address: str | None = None  # the replica holding the session (for EndSession)
         self.output_tokens: int | None = None
         self.closed = threading.Event()
 
@@ -135,12 +152,17 @@ class DraftStreamSession:
             self._stream = None
         self._prompt, self._output, self._unsent = [int(t) for t in prompt_ids], [], []
         self._prediction = [int(t) for t in prediction_ids]
+        self._delivered, self._verified = False, None
         self._open_if_due()
 
-    def draft(self, new_tokens: Sequence[int], max_nodes: int) -> DraftTree | None:
-        """Reports the tokens emitted since the last call; the draft, or None (no draft this step)."""
+    def draft(self, new_tokens: Sequence[int], max_nodes: int, verified_nodes: int | None = None
+              ) -> DraftTree | None:
+        """Reports the tokens emitted since the last call, and how many nodes of the draft it
+        returned were verified (None: not said, i.e. all); the draft, or None (no draft this step).
+        A draft the caller never got (late, dropped) is reported as 0 nodes verified."""
         if self._ended:
             return None
+        self._note_verified(verified_nodes)
         tokens = [int(t) for t in new_tokens]
         self._output += tokens
         self._unsent += tokens
@@ -148,25 +170,29 @@ class DraftStreamSession:
             return None
         deadline = time.monotonic() + self._client.deadline_s
         self._send(max_nodes)
-        for _ in range(2):  # the first answer, or one resend after NOT_FOUND
+        for _ in range(2 + len(self._route())):  # the first answer, or resends (NOT_FOUND, another owner)
             item = self._wait(deadline)
             if item is None:
                 self.timeouts += 1
                 return None
             if not isinstance(item, _Closed):
-                self._backoff = self._client.backoff_s[0]
+                self._backoff, self._failed = self._client.backoff_s[0], []
                 self._client.refusals.accepted(self.tenant)
-                return self._tree(item)
+                tree = self._tree(item)
+                self._delivered = tree is not None
+                return tree
             code = self._drop_stream(*item.status())
-            if code != grpc.StatusCode.NOT_FOUND or not self._open_if_due():
+            if code not in (grpc.StatusCode.NOT_FOUND, _REROUTED) or not self._open_if_due():
                 return None
             self._send(max_nodes)
         return None
 
-    def end(self, new_tokens: Sequence[int] = ()) -> None:
-        """Hands over the last tokens and ends the session, in the background; idempotent."""
+    def end(self, new_tokens: Sequence[int] = (), verified_nodes: int | None = None) -> None:
+        """Hands over the last tokens (and `verified_nodes`, as `draft`) and ends the session, in the
+        background; idempotent."""
         if self._ended:
             return
+        self._note_verified(verified_nodes)
         self._ended = True
         self._output += [int(t) for t in new_tokens]
         self._unsent += [int(t) for t in new_tokens]
@@ -179,6 +205,11 @@ class DraftStreamSession:
         threading.Thread(target=self._finish, daemon=True, name="draft-session-end").start()
 
     # ------------------------------------------------------------ internals
+
+    def _note_verified(self, verified_nodes: int | None) -> None:
+        """The caller's report on the draft this session handed it last (if it did)."""
+        if self._delivered:
+            self._verified, self._delivered = verified_nodes, False
 
     def _tree(self, response: pb.DraftResponse) -> DraftTree | None:
         """The answer's tree, checked; None when empty or broken (logged)."""
@@ -196,9 +227,34 @@ class DraftStreamSession:
         if time.monotonic() < self._retry_at or self._client.refusals.held(self.tenant):
             return False
         try:
-            self._stream, self._synced = _Stream(self._client), False
+            route = self._route()
+            address = next((a for a in route if a not in self._failed), route[0])
+            self._stream, self._synced = _Stream(self._client, address), False
         except errors.Unavailable:  # the client is closed
             return False
+        return True
+
+    def _route(self) -> tuple[str, ...]:
+        return self._client.route(self.tenant)
+
+    def _reroute(self, code: grpc.StatusCode, details: str, address: str | None) -> bool:
+        """After UNAVAILABLE or a not-an-owner refusal: True (the next owner is tried at once) unless
+        every owner failed in a row."""
+        if code != grpc.StatusCode.UNAVAILABLE and not (code == grpc.StatusCode.FAILED_PRECONDITION
+                                                        and owners_in(details)):
+            return False
+        targets, owners = getattr(self._client, "targets", None), owners_in(details)
+        if targets is not None and (owners or len(self._route()) > 1):  # one replica and no refusal: nothing to learn
+            targets.stale()
+            if owners:
+                targets.hint(self.tenant, owners)
+        if address:
+            self._failed.append(address)
+        if all(a in self._failed for a in self._route()):
+            self._failed = []
+            return False
+        self.reroutes += 1
+        log.info("draft session %s: %s from a replica, re-sent to the next owner", self.session_id, code.name)
         return True
 
     def _behind(self) -> bool:
@@ -219,13 +275,16 @@ class DraftStreamSession:
 
     def _send(self, max_nodes: int) -> None:
         if self._synced:
-            request = draft_request(self.tenant, self.session_id, None, self._unsent, max_nodes)
+            request = draft_request(self.tenant, self.session_id, None, self._unsent, max_nodes,
+                                    verified_nodes=self._verified)
         else:  # (re)start: the prompt, and the output so far as output
             self.restarts += self._sent_at > 0
             request = draft_request(self.tenant, self.session_id, self._prompt, self._output, max_nodes,
                                     self._prediction)
         self._stream.send(request)
         self._unsent, self._synced, self._sent_at = [], True, time.monotonic()
+        self._address = self._stream.address
+        self._verified, self._delivered = 0, False  # until the caller gets (and verifies) the answer
 
     def _wait(self, deadline: float) -> pb.DraftResponse | _Closed | None:
         """The answer to the latest request (late ones dropped), the stream's end, or None at the deadline."""
@@ -243,11 +302,14 @@ class DraftStreamSession:
 
     def _drop_stream(self, code: grpc.StatusCode, details: str = "") -> grpc.StatusCode:
         """Ends the stream after `code`; a refusal goes to the client's `Refusals`, others back off."""
+        address = self._stream.address if self._stream is not None else None
         if self._stream is not None:
             self._stream.cancel()
         self._stream, self._synced = None, False
         if code in REFUSAL_CODES:
             self._client.refusals.refused(self.tenant, code, details)
+        elif self._reroute(code, details, address):
+            return _REROUTED
         elif code != grpc.StatusCode.NOT_FOUND:
             log.info("draft stream of session %s dropped (%s); retry in %.2f s", self.session_id, code.name,
                      self._backoff)
@@ -281,11 +343,12 @@ class DraftStreamSession:
             if not self._prompt or self.refused:  # the calls would be refused too
                 return
             timeout_s = self._client.call_timeout_s
-            unsent = self._unsent
-            if not self._close_stream(timeout_s):  # (re)start the session with everything
+            unsent, address = self._unsent, self._address
+            if not self._close_stream(timeout_s):  # (re)start the session with everything, on an owner
                 self._client.draft(self.tenant, self.session_id, self._prompt, self._output, 1, timeout_s=timeout_s)
-                unsent = []
-            self.output_tokens = self._client.end_session(self.tenant, self.session_id, unsent)
+                unsent, address = [], None
+            self.output_tokens = self._client.end_session(self.tenant, self.session_id, unsent, address,
+                                                          self._verified)
         except (errors.Unauthenticated, errors.PermissionDenied) as e:
             code = REFUSAL_CODES[0] if isinstance(e, errors.Unauthenticated) else REFUSAL_CODES[1]
             self._client.refusals.refused(self.tenant, code, str(e))

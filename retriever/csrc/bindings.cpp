@@ -259,7 +259,12 @@ NB_MODULE(_core, m) {
              const auto& t = s.tokens();
              start = std::min(start, t.size());
              return to_numpy(std::vector<int32_t>(t.begin() + static_cast<std::ptrdiff_t>(start), t.end()));
-           }, "start"_a, "int32 [length - start]: the context from position start on");
+           }, "start"_a, "int32 [length - start]: the context from position start on")
+      .def("keep_verified", &Session::keep_verified, "nodes"_a,
+           "Only the best-first prefix of this many nodes of the last draft was verified: the next "
+           "report observes those alone (core.h Session::keep_verified).")
+      .def_prop_ro("last_nodes", [](const Session& s) { return s.last.tokens.size(); },
+                   "Nodes of the last draft the next report will observe.");
 
   m.def("session_draft", &session_draft, "session"_a, "new_tokens"_a, "tenant"_a.none(), "reference"_a.none(),
         "plan"_a, "hits"_a, "trials"_a, "table"_a, "prior"_a, "max_nodes"_a, "prediction"_a.none() = nb::none(),

@@ -283,6 +283,10 @@ class Session {
   const std::vector<int32_t>& tokens() const { return tokens_; }  // [length]
   size_t prompt_length() const { return prompt_length_; }
   const OnlineIndex& index() const { return index_; }
+  // The verifier tested only the best-first prefix of `last` of this many nodes (a tree: parents
+  // precede children): the rest is dropped, so the next report neither counts them as
+  // rejections nor as hits. A count >= the draft's size keeps it whole.
+  void keep_verified(size_t nodes);
   DraftTree last;  // tokens, parents and cells of the last draft (empty: none to report on)
 
  private:

@@ -67,6 +67,12 @@ void Session::extend(const int32_t* tokens, size_t n) {
   tokens_.insert(tokens_.end(), tokens, tokens + n);
 }
 
+void Session::keep_verified(size_t nodes) {
+  if (nodes >= last.tokens.size()) return;
+  last.tokens.resize(nodes), last.parents.resize(nodes);
+  if (last.cells.size() > nodes) last.cells.resize(nodes);
+}
+
 DraftTree draft_step(Session& session, const int32_t* new_tokens, size_t k, const TenantInputs& tenant,
                      const DraftPlan& plan, int max_nodes, std::vector<int64_t>* lookup_ns) {
   const CalibState& cal = tenant.calib;

@@ -148,31 +148,35 @@ class Drafter:
             t.calibration = Calibration(self._prior, self._config.calibration)
 
     def draft(self, tenant: str, session_id: str, prompt: np.ndarray | None, new_tokens: np.ndarray,
-              max_nodes: int, prediction: np.ndarray | None = None) -> DraftResult:
+              max_nodes: int, prediction: np.ndarray | None = None, verified_nodes: int | None = None
+              ) -> DraftResult:
         """Advance the session by `prompt` (restart) and/or `new_tokens`, then draft.
         `prediction` ([k] int32, with `prompt` only): the session's predicted output, one more
-        draft source (Source.PREDICTION) for its whole life.
+        draft source (Source.PREDICTION) for its whole life. `verified_nodes`: the verifier tested
+        only this best-first prefix of the session's last draft (None: all of it); the calibration
+        learns from those nodes alone.
 
         Raises NotFound for new_tokens alone on an unknown session, ResourceExhausted when
         the context would exceed `max_context_tokens`, or a memory bound (module doc) would be
         passed with no idle session left to evict, or a new tenant finds `max_tenants` all busy.
         """
-        session, step = self._step(tenant, session_id, prompt, new_tokens, prediction)
+        session, step = self._step(tenant, session_id, prompt, new_tokens, prediction, verified_nodes)
         arrays = _core.session_draft(*step[:-1], max_nodes, step[-1])
         self._account(session)
         return DraftResult(DraftTree(*arrays), step[0].length)
 
     def draft_response(self, tenant: str, session_id: str, prompt: np.ndarray | None, new_tokens: np.ndarray,
-                       max_nodes: int, prediction: np.ndarray | None = None) -> EncodedDraft:
+                       max_nodes: int, prediction: np.ndarray | None = None, verified_nodes: int | None = None
+                       ) -> EncodedDraft:
         """As `draft`, the draft encoded by the core as a specdraft.v1.DraftResponse (the service's
         answer, without numpy arrays or a protobuf message in between)."""
-        session, step = self._step(tenant, session_id, prompt, new_tokens, prediction)
+        session, step = self._step(tenant, session_id, prompt, new_tokens, prediction, verified_nodes)
         encoded = EncodedDraft(*_core.session_draft_response(*step[:-1], max_nodes, step[-1]))
         self._account(session)
         return encoded
 
     def _step(self, tenant: str, session_id: str, prompt: np.ndarray | None, new_tokens: np.ndarray,
-              prediction: np.ndarray | None = None) -> tuple[_Session, tuple]:
+              prediction: np.ndarray | None = None, verified_nodes: int | None = None) -> tuple[_Session, tuple]:
         """The session (started or advanced, room made for it: `_make_room`) and the arguments of
         its core step but max_nodes (the last one, the prediction index, goes after max_nodes)."""
         now_s = time.monotonic()
@@ -188,6 +192,8 @@ class Drafter:
             self._sessions.move_to_end(key)
             session.owner.sessions.move_to_end(session_id)
             self._make_room(session.owner, key, int(new_tokens.shape[0]), now_s, False)
+            if verified_nodes is not None:
+                session.core.keep_verified(verified_nodes)
         session.last_used_s = now_s
         state = session.owner
         self._tenants.move_to_end(tenant)
@@ -223,13 +229,14 @@ class Drafter:
         session.reference = state.prior_outputs.select(query, store_passages(self._references, query, params.store_k))
         session.reference_at = length
 
-    def end_session(self, tenant: str, session_id: str, new_tokens: np.ndarray | None = None) -> int:
+    def end_session(self, tenant: str, session_id: str, new_tokens: np.ndarray | None = None,
+                    verified_nodes: int | None = None) -> int:
         """Hand the session's output (with `new_tokens`, int32 [k], reported on its last draft as a
-        draft call would) to its tenant's index; returns its token count."""
+        draft call would, `verified_nodes` likewise) to its tenant's index; returns its token count."""
         if (tenant, session_id) not in self._sessions:
             raise NotFound(f"session must exist to be ended, got unknown session {session_id!r}")
         if new_tokens is not None and new_tokens.shape[0]:
-            step = self._step(tenant, session_id, None, new_tokens)[1]
+            step = self._step(tenant, session_id, None, new_tokens, None, verified_nodes)[1]
             _core.session_draft(*step[:-1], 0, step[-1])
         return self._retire((tenant, session_id))
 
@@ -238,6 +245,18 @@ class Drafter:
         state = self._tenant(tenant, required=False) if tokens.shape[0] else None
         if state is not None:  # None: the tenant cap is reached and every tenant has open sessions
             state.add(tokens)
+
+    def drop_tenant(self, tenant: str) -> bool:
+        """Frees the tenant's prior outputs (index, reference outputs; e.g. another replica owns it now);
+        its open sessions go on. True if it held any."""
+        state = self._tenants.get(tenant)
+        if state is None or state.index is None:
+            return False
+        if state.sessions:
+            state.index, state.prior_outputs = None, PriorOutputs(self._config.reference)
+        else:
+            del self._tenants[tenant]
+        return True
 
     def expire_idle(self, now_s: float | None = None) -> int:
         """End every session idle longer than `session_idle_s`; returns how many."""

@@ -18,6 +18,11 @@
 - `publish(tenant, tokens)` never blocks (a bounded `PublishQueue`; any thread). Store
   failures never reach the drafter: they are counted in `health()` and retried with backoff.
 - Every drafter call happens on the loop that ran `start` (the Drafter is not thread-safe).
+- With a `Placement` (`retriever.outputlog.membership`: several replicas sharing tenants), only
+  the tenants this replica owns are tailed; a tenant it comes to own is replayed from the start
+  (`ready(tenant)` is False meanwhile: the servicer sends its sessions elsewhere), and a tenant it
+  no longer owns stops being tailed and its index is freed (`Drafter.drop_tenant`). Tailing starts
+  once the members were listed (warming every tenant first would spike memory).
 """
 
 from __future__ import annotations
@@ -27,7 +32,7 @@ import logging
 import secrets
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
 
@@ -43,6 +48,7 @@ from retriever.outputlog.contract import (
 
 if TYPE_CHECKING:
     from retriever.drafting.drafter import Drafter
+    from retriever.outputlog.membership import Placement
 
 log = logging.getLogger(__name__)
 APPLY_SLICE_S = 0.002  # longest stretch of index inserts before yielding to the loop
@@ -92,6 +98,8 @@ class SyncHealth:
     skipped_own: int  # entries of this replica, already inserted locally
     rejected: int  # entries the index refused (e.g. negative token ids), logged and skipped
     publish: PublishHealth
+    warming_tenants: int = 0  # newly owned tenants being replayed (placement)
+    dropped_tenants: int = 0  # tenants whose index was freed because another replica owns them now
 
     @property
     def degraded(self) -> bool:
@@ -102,9 +110,13 @@ class SyncHealth:
 class LogSync:
     """Replays, tails and publishes one replica's outputs; see the module docstring."""
 
-    def __init__(self, log: OutputLog, config: LogConfig, replica_id: str | None = None) -> None:
-        self.log, self._config = log, config
-        self.replica_id = replica_id or secrets.token_hex(8)
+    def __init__(self, log: OutputLog, config: LogConfig, replica_id: str | None = None,
+                 placement: "Placement | None" = None) -> None:
+        self.log, self._config, self.placement = log, config, placement
+        self.replica_id = placement.me.replica_id if placement is not None else replica_id or secrets.token_hex(8)
+        self._known: set[str] = set()  # the log's tenants at the last discovery
+        self._warming: set[str] = set()  # owned tenants being replayed
+        self._dropped = 0
         self._queue = PublishQueue(log, config, self.replica_id)
         self._tasks: list[asyncio.Task[None]] = []
         self._warm = asyncio.Event()
@@ -113,6 +125,7 @@ class LogSync:
         self._sized, self._stopped = False, False
         self._applied = [0, 0, 0, 0]  # entries, tokens, skipped own, rejected
         self._reading, self._read_errors, self._last_read_s, self._tenants = True, 0, 0.0, 0
+        self._cursors: dict[str, str] = {}  # tailed tenant -> cursor
 
     def publish(self, tenant: str, tokens: np.ndarray) -> None:
         """Queues a finished output (int32 [k]) for the log; the `Drafter`'s `on_output`."""
@@ -131,6 +144,15 @@ class LogSync:
         self._started_s = self._last_read_s = time.monotonic()
         self._tasks = [asyncio.create_task(self._follow(drafter), name="specdraft-log-follow"),
                        asyncio.create_task(self._queue.run(), name="specdraft-log-publish")]
+        if self.placement is not None:
+            self._tasks.append(asyncio.create_task(self.placement.run(), name="specdraft-placement"))
+
+    def ready(self, tenant: str) -> bool:
+        """True if this replica owns `tenant` and holds its outputs (always, without a placement)."""
+        if self.placement is None:
+            return True
+        return self.placement.owns(tenant) and tenant not in self._warming and (
+            tenant in self._cursors or tenant not in self._known)
 
     @property
     def warm(self) -> bool:
@@ -149,7 +171,7 @@ class LogSync:
         warmup_s = (self._warm_s if self.warm else now - self._started_s) if self._started_s else 0.0
         return SyncHealth(self.log.name, self.replica_id, self.warm, *self._warmup, warmup_s, self._reading,
                           self._read_errors, now - self._last_read_s if self._started_s else 0.0,
-                          self._tenants, *self._applied, self._queue.health())
+                          self._tenants, *self._applied, self._queue.health(), len(self._warming), self._dropped)
 
     async def stop(self, flush_s: float = 1.0) -> None:
         """Stops tailing, publishes what is queued (at most `flush_s`), closes the log (once)."""
@@ -157,6 +179,8 @@ class LogSync:
             return
         self._stopped = True
         await cancel_until_done(self._tasks)
+        if self.placement is not None:
+            await self.placement.leave()
         if flush_s > 0 and not await self._queue.flush(flush_s):
             log.warning("output log: %d outputs left unpublished at shutdown", self._queue.health().queued)
         await self.log.close()
@@ -165,13 +189,15 @@ class LogSync:
 
     async def _follow(self, drafter: "Drafter") -> None:
         c = self._config
-        cursors: dict[str, str] = {}
+        cursors = self._cursors
         discovered_s, delay = float("-inf"), c.backoff_min_s
         while True:
+            if self.placement is not None and not self.placement.listed:
+                await asyncio.sleep(0.02)  # the members first: tail only what this replica owns
+                continue
             try:
                 if time.monotonic() - discovered_s >= c.discover_s:
-                    for tenant in await self.log.tenants():
-                        cursors.setdefault(tenant, START)
+                    self._place(drafter, await self.log.tenants())
                     discovered_s = time.monotonic()
                     self._tenants = len(cursors)
                 if not self.warm and not self._sized:
@@ -184,10 +210,27 @@ class LogSync:
                 continue
             self._read_ok()
             delay = c.backoff_min_s
+            caught_up = [t for t in self._warming if result.cursors.get(t) == cursors.get(t)]
             cursors.update(result.cursors)
             await self._apply(drafter, result.entries)
+            self._warming.difference_update(caught_up)
             if not self.warm and not result.entries:
                 self._warm_done()
+
+    def _place(self, drafter: "Drafter", tenants: Sequence[str]) -> None:
+        """Tails the owned tenants of `tenants` (from START; warming when it was in the log before);
+        stops tailing and frees the index of a tenant no longer owned."""
+        owns = self.placement.owns if self.placement is not None else (lambda _: True)
+        known, self._known = self._known, set(tenants)
+        for tenant in tenants:
+            if tenant not in self._cursors and owns(tenant):
+                self._cursors[tenant] = START
+                if self.warm and tenant in known:  # owned anew, not new to the log: its past is replayed
+                    self._warming.add(tenant)
+        for tenant in [t for t in self._cursors if not owns(t)]:
+            del self._cursors[tenant]
+            self._warming.discard(tenant)
+            self._dropped += drafter.drop_tenant(tenant)
 
     def _read_failed(self, error: Exception) -> None:
         self._read_errors += 1
@@ -212,7 +255,7 @@ class LogSync:
         """Inserts other replicas' entries, yielding to the loop every APPLY_SLICE_S."""
         slice_start = time.perf_counter()
         for entry in entries:
-            if entry.origin == self.replica_id:
+            if entry.origin == self.replica_id and entry.tenant not in self._warming:
                 self._applied[2] += 1
                 continue
             try:

@@ -39,10 +39,12 @@ from protos.specdraft.v1 import retriever_pb2
 from retriever import errors
 from retriever.drafting.drafter import Drafter
 from retriever.outputlog.contract import LogUnavailable
+from retriever.outputlog.membership import Membership, Placement
 from retriever.outputlog.sync import LogSync, open_log
 from retriever.service.auth import guard, load_security
 from retriever.service.event_loop import new_event_loop
 from retriever.service.metrics import RetrieverMetrics, bound_port, serve_metrics
+from retriever.service.routing import Routing
 from retriever.service.servicer import RetrieverServicer
 from retriever.service.settings import RetrieverSettings
 from retriever.service.wire import add_retriever
@@ -147,9 +149,25 @@ def _log_sync(settings: RetrieverSettings) -> LogSync | None:
     if config is None:
         return None
     try:
-        return LogSync(open_log(config), config)
+        return LogSync(open_log(config), config, settings.replica_id or None)
     except (LogUnavailable, ValueError) as e:
         raise OSError(f"output log must open, got {e}") from None
+
+
+async def _place(settings: RetrieverSettings, sync: LogSync, port: int) -> None:
+    """Gives `sync` its Placement (when on: Redis, `settings.placement`) and registers once (a
+    failure is retried by the placement's own task)."""
+    config = settings.placement_config(sync.replica_id, port)
+    log_config = settings.log_config()
+    if config is None or log_config is None:
+        return
+    sync.placement = Placement(Membership(log_config), config)
+    try:
+        await sync.placement.refresh()
+    except LogUnavailable as e:
+        log.warning("placement: first registration failed, retrying in the background: %s", e)
+    log.info("placement: replica %s at %s, %d owners per tenant, %d live replicas", config.replica_id,
+             config.address, config.owners, len(sync.placement.members))
 
 
 async def _expire_periodically(servicer: RetrieverServicer, interval_s: float) -> None:
@@ -246,7 +264,8 @@ async def start(settings: RetrieverSettings, loader: Loader = load_indexes,
     metrics = RetrieverMetrics.create()
     durable = (functools.partial(sync.published, settings.durable_timeout_s)
                if sync is not None and settings.durable_end_session else None)
-    servicer = RetrieverServicer(settings, drafter, metrics, durable)
+    routing = Routing(sync) if sync is not None and settings.placement_config(sync.replica_id, 0) else None
+    servicer = RetrieverServicer(settings, drafter, metrics, durable, routing)
     metrics.watch(drafter.stats, lambda: servicer.ready, sync.health if sync is not None else None)
     health_servicer = health.aio.HealthServicer()
     for name in (*HEALTH_NAMES, *((LOG_HEALTH_NAME,) if sync is not None else ())):
@@ -265,6 +284,8 @@ async def start(settings: RetrieverSettings, loader: Loader = load_indexes,
     await server.start()
     log_health = None
     if sync is not None:
+        if routing is not None:
+            await _place(settings, sync, port)
         await sync.start(drafter)
         log_health = asyncio.create_task(_report_log_health(sync, health_servicer))
         log.info("output log: %s (replica %s), warm-up gate %s", sync.log.name, sync.replica_id,

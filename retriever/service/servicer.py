@@ -33,6 +33,7 @@ from retriever.status import answer, code_of
 from retriever.store.faiss_manifest import FAISS_KIND
 
 if TYPE_CHECKING:
+    from retriever.service.routing import Routing
     from retriever.store.datastore import CorpusDatastore
     from retriever.store.faiss_store import FaissStore
 
@@ -73,12 +74,13 @@ class RetrieverServicer(pb_grpc.RetrieverServicer):
     """The service over one `Drafter`; `set_corpora` makes it ready. `metrics`: where calls are
     counted (default: instruments in a registry of their own). `durable`: awaited before
     EndSession answers when it ended an output (returns once the output is in the output log;
-    raises Unavailable); None: EndSession answers once the output is queued."""
+    raises Unavailable); None: EndSession answers once the output is queued. `routing`: placement
+    (`retriever.service.routing`): drafts of a tenant this replica does not serve are refused."""
 
     def __init__(self, settings: RetrieverSettings, drafter: Drafter | None = None,
                  metrics: RetrieverMetrics | None = None,
-                 durable: Callable[[], Awaitable[None]] | None = None) -> None:
-        self._settings, self._durable = settings, durable
+                 durable: Callable[[], Awaitable[None]] | None = None, routing: "Routing | None" = None) -> None:
+        self._settings, self._durable, self._routing = settings, durable, routing
         self.metrics = metrics if metrics is not None else RetrieverMetrics.create()
         self._drafts_seen = 0  # successful drafts, for sampling the per-index lookup times
         self._drafter = drafter if drafter is not None else Drafter(settings.drafter_config())
@@ -272,9 +274,12 @@ class RetrieverServicer(pb_grpc.RetrieverServicer):
 
     def _draft(self, request: pb.DraftRequest) -> EncodedDraft:
         v = validate_draft(request.tenant, request.session_id, request.prompt, request.new_tokens,
-                           request.max_nodes, self._require_limits(), request.prediction)
+                           request.max_nodes, self._require_limits(), request.prediction,
+                           request.verified_nodes if request.HasField("verified_nodes") else None)
+        if self._routing is not None:
+            self._routing.check(v.tenant)
         return self._drafter.draft_response(v.tenant, v.session_id, v.prompt, v.new_tokens, v.max_nodes,
-                                            v.prediction)
+                                            v.prediction, v.verified_nodes)
 
     def _draft_measured(self, request: pb.DraftRequest, rpc: str = "draft") -> bytes:
         """`_draft`'s serialized DraftResponse, counted in the metrics (its time, nodes and reported
@@ -320,7 +325,8 @@ class RetrieverServicer(pb_grpc.RetrieverServicer):
         limits = self._require_limits()
         tenant, session_id = check_name(request.tenant, "tenant"), check_name(request.session_id, "session_id")
         new = check_token_ids(request.new_tokens, "new_tokens", limits.max_new_tokens, limits.vocab_size)
-        return pb.EndSessionResponse(output_tokens=self._drafter.end_session(tenant, session_id, new))
+        verified = request.verified_nodes if request.HasField("verified_nodes") else None
+        return pb.EndSessionResponse(output_tokens=self._drafter.end_session(tenant, session_id, new, verified))
 
     def _describe(self, request: pb.DescribeRequest) -> pb.DescribeResponse:
         """limits.vocab_size 0: no vocabulary fixed (no indexes, no setting): any 24-bit id goes."""
@@ -329,8 +335,11 @@ class RetrieverServicer(pb_grpc.RetrieverServicer):
                            vocab_size=self._vocab_size, max_context_tokens=s.max_context_tokens,
                            max_new_tokens=s.max_new_tokens, max_batch=s.max_batch, max_sessions=s.max_sessions,
                            tenant_token_budget=s.tenant_token_budget)
-        return pb.DescribeResponse(version=__version__, indexes=[index_info(c) for c in self._corpora],
-                                   limits=limits, ready=self.ready)
+        response = pb.DescribeResponse(version=__version__, indexes=[index_info(c) for c in self._corpora],
+                                       limits=limits, ready=self.ready)
+        if self._routing is not None:
+            self._routing.fill(response, request.tenant)
+        return response
 
 
 def index_info(corpus: "CorpusDatastore | FaissStore") -> pb.IndexInfo:

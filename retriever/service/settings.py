@@ -12,6 +12,7 @@ with a "SPECDRAFT_X must be Y, got Z" message. The drafting limits default to `D
 from __future__ import annotations
 
 import os
+import socket
 from dataclasses import dataclass, field
 from typing import Mapping
 
@@ -20,12 +21,14 @@ from retriever.config import boolean, integer, number, one_of
 from retriever.drafting.types import ALL_SOURCES, DEFAULT_SOURCES, DrafterConfig
 from retriever.logs import FORMATS
 from retriever.outputlog.contract import LogConfig
+from retriever.outputlog.membership import PlacementConfig
 
 ENV_PREFIX = "SPECDRAFT_"
 MAX_VOCAB_SIZE = 16_777_214  # token ids are stored as 24 bits; 0xFFFFFF is the document separator
 MAX_NODES_LIMIT = 4096  # the largest max_nodes_cap a server accepts
 _DRAFTER = DrafterConfig()  # the drafting limits' defaults
-SESSION_MEMORY_FRACTION = 0.25  # session_memory_bytes 0: this share of physical RAM
+SESSION_MEMORY_FRACTION = 0.25
+REDIS_SCHEMES = ("redis", "rediss", "unix", "redis+cluster", "rediss+cluster")  # session_memory_bytes 0: this share of physical RAM
 
 
 @dataclass(frozen=True)
@@ -75,7 +78,7 @@ class RetrieverSettings:
     event_loop: str = "auto"  # auto (uvloop if installed), uvloop, asyncio (retriever.service.event_loop)
     # The shared output log (docs/OUTPUT_LOG.md): auto = Redis if redis_url is set, else the file log.
     output_log: str = "auto"  # auto, redis, file or off
-    redis_url: str = field(default="", repr=False)  # redis://, rediss:// or unix:// (may hold a password)
+    redis_url: str = field(default="", repr=False)  # redis://, rediss://, unix://, redis+cluster://h:p[,h:p] (password)
     redis_username: str = ""  # ACL user (overrides the URL's)
     redis_password: str = field(default="", repr=False)  # (overrides the URL's)
     redis_timeout_s: float = 0.5  # connect and command timeout; failures are retried in the background
@@ -88,6 +91,15 @@ class RetrieverSettings:
     durable_timeout_s: float = 5.0  # durable_end_session: longest wait for that, then UNAVAILABLE (output stays queued)
     redis_wait_replicas: int = 0  # Redis: each append also waits for this many replicas (WAIT); 0: no WAIT
     redis_wait_ms: int = 100  # Redis: WAIT's timeout; fewer replicas acknowledging fails the append (retried)
+    # Placement (README "Running at scale"): with Redis, replicas register and each tenant is owned by
+    # tenant_owners of them (rendezvous hashing); a replica tails and drafts only the tenants it owns.
+    placement: bool = True  # off: every replica tails and drafts every tenant
+    replica_id: str = ""  # this replica's name in the membership (empty: random per process)
+    advertise_address: str = ""  # host:port clients reach this replica at (empty: the bound host:port)
+    replica_capacity: int = 1  # relative share of tenants
+    tenant_owners: int = 2  # replicas owning each tenant (R)
+    membership_ttl_s: float = 3.0  # a replica not heard from this long is out
+    heartbeat_s: float = 0.5  # how often a replica re-registers
     # Auth and transport security (SECURITY.md); both off by default.
     auth_tokens_file: str = ""  # bearer tokens bound to tenants (retriever.credentials); empty: no auth
     tls_cert: str = ""  # PEM certificate chain; with tls_key the server speaks TLS only
@@ -104,6 +116,9 @@ class RetrieverSettings:
                              f"{env_name('tls_cert' if self.tls_cert else 'tls_key')}")
         if self.tls_client_ca and not self.tls_cert:
             raise ValueError(f"{env_name('tls_cert')} must be set when {env_name('tls_client_ca')} is (mTLS), got ''")
+        if self.heartbeat_s >= self.membership_ttl_s:
+            raise ValueError(f"{env_name('heartbeat_s')} must be less than {env_name('membership_ttl_s')}="
+                             f"{self.membership_ttl_s}, got {self.heartbeat_s}")
         if self.default_max_nodes > self.max_nodes_cap:
             raise ValueError(f"{env_name('default_max_nodes')} must be at most {env_name('max_nodes_cap')}="
                              f"{self.max_nodes_cap}, got {self.default_max_nodes}")
@@ -135,6 +150,16 @@ class RetrieverSettings:
                          token_budget=self.log_token_budget or self.tenant_token_budget,
                          queue_max=self.log_queue_max, durable=self.durable_end_session,
                          wait_replicas=self.redis_wait_replicas, wait_ms=self.redis_wait_ms)
+
+    def placement_config(self, replica_id: str, bound_port: int) -> "PlacementConfig | None":
+        """This replica's placement; None when off or without Redis (one replica: owns every tenant)."""
+        log = self.log_config()
+        if not self.placement or log is None or not log.redis_url:
+            return None
+        host = self.host if self.host not in ("0.0.0.0", "::", "") else socket.gethostname()
+        address = self.advertise_address or f"{host}:{bound_port}"
+        return PlacementConfig(replica_id, address, self.replica_capacity, self.tenant_owners, self.membership_ttl_s,
+                               self.heartbeat_s)
 
     def limits(self, index_vocab_size: int = 0) -> Limits:
         """The request limits; vocab: the setting, else `index_vocab_size`, else MAX_VOCAB_SIZE."""
@@ -191,8 +216,8 @@ _RULES: dict[str, config.Rule] = {
     "max_queue_wait_ms": (number(0, True), "a finite number of milliseconds >= 0 (0: off)"),
     "event_loop": one_of("auto", "uvloop", "asyncio"),
     "output_log": one_of("auto", "redis", "file", "off"),
-    "redis_url": (lambda v: isinstance(v, str) and (not v or v.split("://", 1)[0] in ("redis", "rediss", "unix")),
-                  "empty or a redis://, rediss:// or unix:// URL"),
+    "redis_url": (lambda v: isinstance(v, str) and (not v or v.split("://", 1)[0] in REDIS_SCHEMES),
+                  "empty or a redis://, rediss://, unix:// or redis+cluster://host:port[,host:port...] URL"),
     "redis_username": (lambda v: isinstance(v, str), "a string"),
     "redis_password": (lambda v: isinstance(v, str), "a string"),
     "redis_timeout_s": (number(0, False), "a finite number of seconds > 0"),
@@ -205,6 +230,13 @@ _RULES: dict[str, config.Rule] = {
     "durable_timeout_s": (number(0, False), "a finite number of seconds > 0"),
     "redis_wait_replicas": (integer(0), "an integer >= 0 (0: no WAIT)"),
     "redis_wait_ms": (integer(1), "an integer number of milliseconds >= 1"),
+    "placement": (boolean, "a boolean"),
+    "replica_id": (lambda v: isinstance(v, str) and len(v) <= 128 and "\0" not in v, "at most 128 characters"),
+    "advertise_address": (lambda v: isinstance(v, str) and (not v or ":" in v), "empty or host:port"),
+    "replica_capacity": (integer(1), "an integer >= 1"),
+    "tenant_owners": (integer(1), "an integer >= 1"),
+    "membership_ttl_s": (number(0, False), "a finite number of seconds > 0"),
+    "heartbeat_s": (number(0, False), "a finite number of seconds > 0"),
     "auth_tokens_file": (lambda v: isinstance(v, str), "a file path or empty (auth off)"),
     "tls_cert": (lambda v: isinstance(v, str), "a PEM file path or empty (plaintext)"),
     "tls_key": (lambda v: isinstance(v, str), "a PEM file path or empty"),

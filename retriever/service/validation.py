@@ -29,6 +29,7 @@ class ValidatedDraft:
     new_tokens: np.ndarray  # [k >= 0] int32, ids in [0, vocab)
     max_nodes: int  # in [1, max_nodes_cap]
     prediction: np.ndarray | None = None  # [k >= 1] int32, ids in [0, vocab); None: none
+    verified_nodes: int | None = None  # nodes of the last draft the verifier tested; None: all
 
 
 def check_name(value: str, what: str) -> str:
@@ -82,7 +83,8 @@ def _raise_first_bad(ids: np.ndarray, what: str, vocab_size: int) -> None:
 
 def validate_draft(tenant: str, session_id: str, prompt: Sequence[int] | np.ndarray,
                    new_tokens: Sequence[int] | np.ndarray,
-                   max_nodes: int, limits: Limits, prediction: Sequence[int] | np.ndarray = ()) -> ValidatedDraft:
+                   max_nodes: int, limits: Limits, prediction: Sequence[int] | np.ndarray = (),
+                   verified_nodes: int | None = None) -> ValidatedDraft:
     """The checked request; an empty prompt means none (continue the session).
 
     At least one of prompt and new_tokens must be non-empty; max_nodes 0 takes the default; a
@@ -105,5 +107,7 @@ def validate_draft(tenant: str, session_id: str, prompt: Sequence[int] | np.ndar
             raise InvalidArgument(f"prediction must come with a prompt (a session's first call), got "
                                   f"{len(prediction)} prediction tokens without one")
         prediction_ids = check_token_ids(prediction, "prediction", limits.max_context_tokens, limits.vocab_size)
+    if verified_nodes is not None and verified_nodes < 0:
+        raise InvalidArgument(f"verified_nodes must be >= 0, got {verified_nodes}")
     return ValidatedDraft(tenant, session_id, prompt_ids, new_ids, max_nodes or limits.default_max_nodes,
-                          prediction_ids)
+                          prediction_ids, verified_nodes)

@@ -1,4 +1,4 @@
-"""`specdraft bench replay|latency|ablation|index|generate|log|overload|abuse|abuse-http|predicted`: the
+"""`specdraft bench replay|latency|ablation|index|generate|log|overload|abuse|abuse-http|predicted|cluster`: the
 benchmarks behind the README's figures.
 
 Each command prints a table and returns 0; `--json PATH` also writes the typed result.
@@ -66,6 +66,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--backend", default="hf", choices=("hf", "llama.cpp"),
                    help="the engine under test: hf (default) or llama.cpp on a .gguf --model (or smollm2)")
     p.add_argument("--threads", type=int, default=0, help="llama.cpp threads (default 0: every core)")
+    p.add_argument("--chart", metavar="PATH", help="also write the tokens/s by workload as a PNG chart")
     p.add_argument("--variants", action=argparse.BooleanOptionalAction, default=None,
                    help="compare five decoders (HF eager, HF static cache + torch.compile, HF prompt lookup, "
                         "specdraft eager, specdraft with CUDA graphs): default on for --device cuda, off on a CPU")
@@ -106,6 +107,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p = sub.add_parser("log", help="output log: ingest rate, 10M-token warm-up, memory; Draft p99 in a Redis outage")
     log_bench.add_arguments(p)
     p.set_defaults(run=log_bench.run)
+
+    from specdraft.bench import cluster
+
+    p = sub.add_parser("cluster", help="tenants sharded over 3 retrievers on a Redis Cluster: memory, kill -9s")
+    cluster.add_arguments(p)
+    p.set_defaults(run=cluster.run)
 
     from specdraft.bench import abuse_http
 

@@ -47,6 +47,7 @@ class WorkloadSpeed:
     hf_tok_s: float  # anchor 1: HF generate greedy, or llama.cpp prompt lookup (10 tokens) (0: not run)
     lookup_tok_s: float  # anchor 2: HF generate with prompt lookup, or llama.cpp prompt lookup (16) (0: not run)
     same_output: bool  # speculative output == plain output on every prompt
+    margins: tuple[float, ...] = ()  # per differing prompt: the plain run's top-2 logit margin where they part
 
     @property
     def mat(self) -> float:
@@ -127,10 +128,11 @@ def llama_lookups(model_path: str, threads: int) -> tuple[object, object]:
 def run_workload(engine, loaded, drafter, workload: str, prompts: list[Prompt], max_new_tokens: int,
                  hf: bool, lookups: tuple = ()) -> WorkloadSpeed:
     """Runs every prompt of one workload (tenant = workload: outputs feed later prompts' drafts)."""
+    from verifier.decoding.divergence import first_divergence
     from verifier.drafting import LocalDraftSource
 
     totals = dict(plain=(0, 0.0), draft=(0, 0.0), hf=(0, 0.0), lookup=(0, 0.0))
-    steps, same = 0, True
+    steps, same, margins = 0, True, []
 
     def add(key: str, tokens: int, seconds: float) -> None:
         n, s = totals[key]
@@ -146,6 +148,9 @@ def run_workload(engine, loaded, drafter, workload: str, prompts: list[Prompt], 
         add("draft", len(drafted), s)
         steps += len(results)
         same &= drafted == plain
+        if drafted != plain:
+            divergence = first_divergence(engine.backend, ids, plain, drafted)
+            margins += [divergence.margin] if divergence is not None else []
         if lookups:
             add("hf", *_len_s(_llama_lookup(lookups[0], ids, max_new_tokens)))
             add("lookup", *_len_s(_llama_lookup(lookups[1], ids, max_new_tokens)))
@@ -154,7 +159,7 @@ def run_workload(engine, loaded, drafter, workload: str, prompts: list[Prompt], 
             add("lookup", *_len_s(_hf(loaded, ids, max_new_tokens, prompt_lookup_num_tokens=10)))
     rate = {k: (n / s if s else 0.0) for k, (n, s) in totals.items()}
     return WorkloadSpeed(workload, len(prompts), totals["draft"][0], steps, rate["plain"], rate["draft"],
-                         rate["hf"], rate["lookup"], same, engine.backend.kind)
+                         rate["hf"], rate["lookup"], same, tuple(margins), engine.backend.kind)
 
 
 def _len_s(result: tuple[list[int], float]) -> tuple[int, float]:
@@ -170,13 +175,49 @@ def table(rows: list[WorkloadSpeed], header: str) -> str:
     for r in rows:
         lines.append(f"| {r.workload} | {r.prompts} | {r.new_tokens} | {r.mat:.2f} | {r.plain_tok_s:.1f} | "
                      f"{r.hf_tok_s:.1f} | {r.draft_tok_s:.1f} | {r.speedup(r.draft_tok_s):.2f}x | "
-                     f"{r.lookup_tok_s:.1f} | {r.speedup(r.lookup_tok_s):.2f}x | {'yes' if r.same_output else 'NO'} |")
+                     f"{r.lookup_tok_s:.1f} | {r.speedup(r.lookup_tok_s):.2f}x | {_same(r)} |")
     return "\n".join(lines)
+
+
+def _same(r: WorkloadSpeed) -> str:
+    """'yes', or how many prompts differ with the plain run's logit margins where they part."""
+    if r.same_output:
+        return "yes"
+    margins = ", ".join(f"{m:.2f}" for m in r.margins)
+    return f"NO: {len(r.margins)}/{r.prompts} differ (top-2 logit margins {margins})"
 
 
 def write_json(rows: list[WorkloadSpeed], path: str) -> None:
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     Path(path).write_text(json.dumps([asdict(r) | {"mat": r.mat} for r in rows], indent=2) + "\n")
+
+
+def write_chart(rows: list[WorkloadSpeed], path: str) -> None:
+    """Grouped bars: tokens/s by workload for plain, the two anchors and specdraft (MAT annotated)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    llama = bool(rows) and rows[0].backend == "llama.cpp"
+    series = [("plain", "plain_tok_s"), ("llama.cpp lookup 10" if llama else "HF greedy", "hf_tok_s"),
+              ("llama.cpp lookup 16" if llama else "HF prompt lookup", "lookup_tok_s"), ("specdraft", "draft_tok_s")]
+    fig, ax = plt.subplots(figsize=(2.2 + 1.6 * len(rows), 4.2))
+    width = 0.8 / len(series)
+    for k, (label, attr) in enumerate(series):
+        xs = [i + (k - 1.5) * width for i in range(len(rows))]
+        bars = ax.bar(xs, [getattr(r, attr) for r in rows], width, label=label)
+        if attr == "draft_tok_s":
+            for bar, r in zip(bars, rows):
+                ax.annotate(f"MAT {r.mat:.1f}", (bar.get_x() + width / 2, bar.get_height()), ha="center",
+                            va="bottom", fontsize=7)
+    ax.set_xticks(range(len(rows)), [r.workload for r in rows])
+    ax.set(ylabel="tokens/s", title=f"Greedy generation, {rows[0].backend if rows else ''} backend")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 def run(args) -> int:
@@ -196,7 +237,7 @@ def run(args) -> int:
     settings = VerifierSettings.from_env(model=args.model, dtype=args.dtype, device=args.device, backend=args.backend,
                                          threads=args.threads, max_nodes=args.max_nodes)
     backend, load_s = _timed(lambda: load(settings))
-    engine, cost_s = _timed(lambda: Engine(backend, max_nodes=args.max_nodes))
+    engine, cost_s = _timed(lambda: Engine(backend, max_nodes=args.max_nodes, cost_store=settings.cost_store()))
     loaded = getattr(backend, "loaded", backend)  # the HF model, for HF's own generate
     lookups = llama_lookups(resolve_gguf(settings.model_spec()), args.threads) \
         if backend.kind == "llama.cpp" and not args.no_hf else ()
@@ -217,4 +258,7 @@ def run(args) -> int:
     if args.json:
         write_json(rows, args.json)
         print(f"wrote {args.json}")
+    if args.chart:
+        write_chart(rows, args.chart)
+        print(f"wrote {args.chart}")
     return 0

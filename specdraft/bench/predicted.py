@@ -173,9 +173,10 @@ def run(args) -> int:
     if len(requests) < 2:
         raise SystemExit(f"error: the traces must hold at least 2 refactor prompts with a code block, "
                          f"got {len(requests)}")
-    loaded = load(VerifierSettings.from_env(model=args.model, dtype=args.dtype, device=args.device,
-                                            backend=args.backend, threads=args.threads, max_nodes=args.max_nodes))
-    engine = Engine(loaded, max_nodes=args.max_nodes)
+    settings = VerifierSettings.from_env(model=args.model, dtype=args.dtype, device=args.device,
+                                         backend=args.backend, threads=args.threads, max_nodes=args.max_nodes)
+    loaded = load(settings)
+    engine = Engine(loaded, max_nodes=args.max_nodes, cost_store=settings.cost_store())
     for _ in engine.generate(list(loaded.tokenizer.encode("def f(x):\n    return")), 4):  # first-call costs
         pass
     tallies, same = run_edits(engine, loaded, Drafter(DrafterConfig()), requests, args.max_new_tokens)

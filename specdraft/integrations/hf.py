@@ -24,7 +24,8 @@ from typing import TYPE_CHECKING
 import torch
 
 from verifier.decoding.accept import SamplingParams
-from verifier.decoding.model import LoadedModel
+from verifier.decoding.cost_store import CostStore
+from verifier.decoding.model import LoadedModel, ModelSpec, cache_root
 
 if TYPE_CHECKING:
     from verifier.decoding.cost import CostModel
@@ -45,17 +46,20 @@ class RunStats:
 class SpecdraftGenerate:
     """A `custom_generate` callable drafting from the retriever at `target` (host:port).
 
-    One `Engine` per model (its forward cost is measured on first use unless `cost_model` is
-    given); one retriever session per call, whose output becomes a prior output of `tenant`.
-    `close()` closes the retriever channel.
+    One `Engine` per model: its step cost is `cost_model` if given, else the curve kept in
+    `cost_dir` (default: the verifier's, `<repo>/.cache/models/costs`), measured on first use of a
+    model on this machine and kept there, so later processes start at full speed. One retriever
+    session per call, whose output becomes a prior output of `tenant`. `close()` closes the
+    retriever channel.
     """
 
     def __init__(self, target: str, tenant: str = "default", max_nodes: int = 64, deadline_s: float = 0.05,
-                 cost_model: "CostModel | None" = None) -> None:
+                 cost_model: "CostModel | None" = None, cost_dir: str | None = None) -> None:
         from retriever.client import RetrieverClient
 
         self.client = RetrieverClient(target, deadline_s)
         self.tenant, self.max_nodes, self.cost_model = tenant, max_nodes, cost_model
+        self.cost_store = CostStore(cost_dir or cache_root(ModelSpec()) / "costs")
         self._engines: dict[int, "Engine"] = {}
         self.last_run: RunStats | None = None
 
@@ -81,7 +85,8 @@ class SpecdraftGenerate:
 
         key = id(model)
         if key not in self._engines:
-            self._engines[key] = Engine(_loaded(model), cost_model=self.cost_model, max_nodes=self.max_nodes)
+            self._engines[key] = Engine(_loaded(model), cost_model=self.cost_model, max_nodes=self.max_nodes,
+                                        cost_store=self.cost_store)
         return self._engines[key]
 
     def close(self) -> None:

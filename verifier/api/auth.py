@@ -173,13 +173,15 @@ def authorize_http(auth: ApiAuth, request: "Request", admin: bool = False) -> Pr
 
 
 def http_tenant(auth: ApiAuth, principal: Principal | None, request: "Request", requested: str,
-                default: str) -> str:
-    """`tenant_for` of an HTTP request (named by the X-Specdraft-Tenant header or `user`); errors as ApiError."""
-    field = "the X-Specdraft-Tenant header" if request.headers.get("x-specdraft-tenant") else "user"
+                default: str, body_field: str | None = "user") -> str:
+    """`tenant_for` of an HTTP request (named by the X-Specdraft-Tenant header or the body's
+    `body_field`; None: the route's body names none); errors as ApiError."""
+    header = request.headers.get("x-specdraft-tenant") or body_field is None
+    field = "the X-Specdraft-Tenant header" if header else body_field
     try:
         return tenant_for(principal, requested, default, field)
     except errors.PermissionDenied as e:
         denied(auth, "http", request.url.path, _peer(request), e)
         raise ApiError.of(e, code="permission_denied") from None
     except errors.InvalidArgument as e:
-        raise ApiError.of(e, param="user", code="tenant_required") from None
+        raise ApiError.of(e, param=body_field, code="tenant_required") from None

@@ -1,7 +1,9 @@
 """The verifier's OpenAI-compatible HTTP API (Starlette on uvicorn, in a thread of the gRPC process).
 
 Routes: `POST /v1/completions`, `POST /v1/chat/completions` (JSON or, with `"stream": true`,
-server-sent events `data: {...}` ending with `data: [DONE]`), `GET /v1/models`,
+server-sent events `data: {...}` ending with `data: [DONE]`), `POST /infill` (llama.cpp's
+fill-in-the-middle route, as llama.vscode calls it: `verifier.api.infill`; llama.cpp's JSON, events
+and error shape `{"error": {code, message, type}}`, the same statuses), `GET /v1/models`,
 `GET /v1/models/{name}`, `GET /health` (200, or 503 while stopping), `GET /metrics` (Prometheus,
 `verifier.api.metrics`; refused requests are counted there). A thin shell:
 `verifier.api.openai_wire.parse` -> `verifier.api.requests.check` -> `Generator.stream` (the lock the
@@ -51,9 +53,10 @@ from retriever import errors
 from retriever.credentials import Principal
 from verifier.api.auth import ApiAuth, ServerTls, api_auth, authorize_http, http_tenant
 from verifier.api.metrics import VerifierMetrics, reason_label
-from verifier.api.openai_wire import NAMES, ApiError, Formatter, OpenAIRequest, parse
+from verifier.api.infill import INFILL_NAMES, InfillFormatter, error_body, parse_infill
+from verifier.api.openai_wire import NAMES, ApiError, Formatter, parse
 from verifier.api.pumps import Pump, Refused, Running, disconnected
-from verifier.api.requests import GenerationRequest, InvalidField, check
+from verifier.api.requests import FieldNames, GenerationRequest, InvalidField, RequestValues, check
 
 if TYPE_CHECKING:
     from verifier.api.generation import Generator
@@ -61,6 +64,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 TENANT_HEADER = "x-specdraft-tenant"
+INFILL_PATH = "/infill"
 
 
 class _Api:
@@ -76,10 +80,12 @@ class _Api:
         """The caller (None: auth off); ApiError 401 without a valid token, 403 when `admin` and not one."""
         return authorize_http(self.auth, request, admin)
 
-    def scoped(self, request: Request, parsed: OpenAIRequest, principal: Principal | None) -> OpenAIRequest:
-        """`parsed` with the tenant its token drafts for; ApiError 403 (another tenant) or 400."""
-        tenant = http_tenant(self.auth, principal, request, parsed.values.tenant, self.settings.default_tenant)
-        return dataclasses.replace(parsed, values=dataclasses.replace(parsed.values, tenant=tenant))
+    def scoped(self, request: Request, values: RequestValues, principal: Principal | None,
+               body_field: str | None = "user") -> RequestValues:
+        """`values` with the tenant its token drafts for (`body_field`: the body's tenant field, None:
+        only the header names one); ApiError 403 (another tenant) or 400."""
+        tenant = http_tenant(self.auth, principal, request, values.tenant, self.settings.default_tenant, body_field)
+        return dataclasses.replace(values, tenant=tenant)
 
     def model_card(self) -> dict:
         return {"id": self.name, "object": "model", "created": self.created, "owned_by": "specdraft"}
@@ -94,10 +100,10 @@ class _Api:
             raise ApiError(503, f"the server must be serving, got {self.state}", "server_error", code="unavailable")
         return self.generator
 
-    def checked(self, generator: "Generator", parsed: OpenAIRequest) -> GenerationRequest:
-        """`check` with the OpenAI field names; domain errors as ApiError (runs in a worker thread)."""
+    def checked(self, generator: "Generator", values: RequestValues, names: FieldNames) -> GenerationRequest:
+        """`check` with the wire format's field names; domain errors as ApiError (runs in a worker thread)."""
         try:
-            return check(parsed.values, generator.model, self.settings, NAMES[parsed.kind])
+            return check(values, generator.model, self.settings, names)
         except InvalidField as e:
             raise ApiError.of(e, param=e.param, code=e.code) from None
         except errors.SpecdraftError as e:
@@ -115,7 +121,14 @@ class _Api:
             raise Refused(ApiError.of(e, code="queue_full"), getattr(e, "retry_after_s", 1)) from None
         return Pump(chunks, stop, self.running)
 
-    async def collect(self, pump: Pump, fmt: Formatter, receive: Receive) -> Response:
+    async def answer(self, pump: Pump, fmt: "Formatter | InfillFormatter", stream: bool, request: Request) -> Response:
+        """The generation's answer: a stream of events, or one JSON response once it ends."""
+        if stream:
+            return StreamingResponse(self.sse(pump, fmt), media_type="text/event-stream",
+                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        return await self.collect(pump, fmt, request.receive)
+
+    async def collect(self, pump: Pump, fmt: "Formatter | InfillFormatter", receive: Receive) -> Response:
         """Runs one generation to its end; when the client leaves first (the ASGI receive channel
         says http.disconnect) the generation stops within one step and the answer is dropped."""
         parts, last = [], None
@@ -132,7 +145,7 @@ class _Api:
             return Response(status_code=499)  # nobody reads it
         return JSONResponse(fmt.response("".join(parts), last))
 
-    async def sse(self, pump: Pump, fmt: Formatter) -> AsyncIterator[str]:
+    async def sse(self, pump: Pump, fmt: "Formatter | InfillFormatter") -> AsyncIterator[str]:
         """The stream's events; the generation stops (and the lock is freed) when the client leaves."""
         async with pump as chunks:
             try:
@@ -142,11 +155,12 @@ class _Api:
                     for obj in fmt.chunks(chunk):
                         yield _event(obj)
             except ApiError as e:  # the status is sent: report in the stream
-                yield _event(e.body())
+                yield _event(fmt.error(e))
             except Exception as e:  # noqa: BLE001 - as above
                 log.exception("generation %s failed mid-stream", fmt.id)
-                yield _event(ApiError(500, f"the generation failed: {type(e).__name__}", "server_error").body())
-            yield "data: [DONE]\n\n"
+                yield _event(fmt.error(ApiError(500, f"the generation failed: {type(e).__name__}", "server_error")))
+            if fmt.done:
+                yield fmt.done
 
 
 def _event(obj: dict) -> str:
@@ -183,17 +197,30 @@ class _Routes:
         principal = api.authorize(request)
         generator = api.generator_ready()
         body = await _body(request, api.settings.http_max_body_bytes)
-        parsed = api.scoped(request, parse(kind, body, request.headers.get(TENANT_HEADER, "")), principal)
+        parsed = parse(kind, body, request.headers.get(TENANT_HEADER, ""))
+        values = api.scoped(request, parsed.values, principal)
         api.check_model(parsed.model)
-        checked = await anyio.to_thread.run_sync(api.checked, generator, parsed)
+        checked = await anyio.to_thread.run_sync(api.checked, generator, values, NAMES[kind])
         fmt = Formatter.new(kind, api.name, checked.tenant, parsed.include_usage)
         log.info("%s %s: %d prompt tokens, tenant %s, stream %s", kind, fmt.id, len(checked.prompt_ids),
                  checked.tenant, parsed.stream)
-        pump = api.admit(generator, checked)
-        if parsed.stream:
-            return StreamingResponse(api.sse(pump, fmt), media_type="text/event-stream",
-                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-        return await api.collect(pump, fmt, request.receive)
+        return await api.answer(api.admit(generator, checked), fmt, parsed.stream, request)
+
+    async def infill(self, request: Request) -> Response:
+        """llama.cpp's /infill (`verifier.api.infill`), through the generation path of /v1/completions."""
+        api = self.api
+        principal = api.authorize(request)
+        generator = api.generator_ready()
+        body = await _body(request, api.settings.http_max_body_bytes)
+        parsed = parse_infill(body, request.headers.get(TENANT_HEADER, ""))
+        values = api.scoped(request, parsed.values, principal, body_field=None)
+        checked = await anyio.to_thread.run_sync(api.checked, generator, values, INFILL_NAMES)
+        fmt = InfillFormatter.new(api.name, checked, generator.model.max_positions)
+        log.info("infill %s: %d prompt tokens, tenant %s, stream %s", fmt.id, len(checked.prompt_ids),
+                 checked.tenant, parsed.stream)
+        if parsed.n_predict == 0:
+            return JSONResponse(fmt.warmup())
+        return await api.answer(api.admit(generator, checked), fmt, parsed.stream, request)
 
     async def completions(self, request: Request) -> Response:
         return await self.generate(request, "completion")
@@ -221,6 +248,7 @@ class _Routes:
 
     def routes(self) -> list[Route]:
         return [Route("/v1/completions", self.completions, methods=["POST"]),
+                Route(INFILL_PATH, self.infill, methods=["POST"]),
                 Route("/v1/chat/completions", self.chat, methods=["POST"]),
                 Route("/v1/models", self.models, methods=["GET"]),
                 Route("/v1/models/{name:path}", self.model, methods=["GET"]),
@@ -236,7 +264,8 @@ def _api_error(metrics: VerifierMetrics):
         headers = {"WWW-Authenticate": "Bearer"} if exc.status == 401 else None
         if isinstance(exc, Refused):
             headers = {"Retry-After": str(exc.retry_after_s)}
-        return JSONResponse(exc.body(), status_code=exc.status, headers=headers)
+        body = error_body(exc) if request.url.path == INFILL_PATH else exc.body()  # llama.cpp's shape there
+        return JSONResponse(body, status_code=exc.status, headers=headers)
     return handle
 
 

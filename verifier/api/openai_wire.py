@@ -306,6 +306,11 @@ class Formatter:
     id: str
     created: int
     include_usage: bool = False
+    done = "data: [DONE]\n\n"  # the stream's last event
+
+    def error(self, error: ApiError) -> dict:
+        """An error event of the stream (after its status was sent)."""
+        return error.body()
 
     @classmethod
     def new(cls, kind: str, model: str, tenant: str, include_usage: bool = False) -> "Formatter":

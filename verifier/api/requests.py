@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from retriever import errors
-from verifier.api.fim import fim_prompt, fim_tokens
+from verifier.api.fim import extra_context, fim_prompt, fim_tokens
 from verifier.api.settings import VerifierSettings
 from verifier.decoding.accept import SamplingParams
 
@@ -85,6 +85,8 @@ class RequestValues:
     no_draft: bool = False
     prediction: str = ""  # the predicted output (OpenAI Predicted Outputs); "" = none
     suffix: str = ""  # fill-in-the-middle: the text after the completion (text prompts only); "" = none
+    fim: bool = False  # a FIM prompt even with an empty suffix (llama.cpp's /infill)
+    fim_extra: tuple[tuple[str, str], ...] = ()  # FIM: (filename, text) of other files, before the prompt
 
 
 @dataclass(frozen=True)
@@ -104,14 +106,19 @@ def _fail(what: str, got: object, param: str | None = None, code: str | None = N
     return InvalidField(f"{what}, got {got}", param, code)
 
 
-def _fim_ids(v: RequestValues, model: "Backend", model_name: str, n: FieldNames) -> tuple[list[int], tuple]:
-    """The FIM prompt of a text prompt with a suffix and the tokens that end its middle."""
+def _fim_ids(v: RequestValues, model: "Backend", settings: VerifierSettings, n: FieldNames) -> tuple[list[int], tuple]:
+    """The FIM prompt of a text prompt with a suffix and the tokens that end its middle; the extra
+    context (if any) is cut from the front to leave room for the requested (or default) tokens."""
     if v.text is None:
         raise _fail(f"{n.suffix} must come with a text prompt", "another prompt kind", n.suffix)
     tokens = fim_tokens(model.tokenizer)
     if tokens is None:
-        raise InvalidField(f"model {model_name} has no fill-in-the-middle tokens", n.suffix)
-    return fim_prompt(tokens, model.tokenizer, v.text, v.suffix), tokens.end_ids
+        raise InvalidField(f"model {settings.model_name} has no fill-in-the-middle tokens", n.suffix)
+    ids = fim_prompt(tokens, model.tokenizer, v.text, v.suffix)
+    if v.fim or v.fim_extra:
+        room = model.max_positions - len(ids) - max(1, v.max_new_tokens or settings.default_max_new_tokens)
+        ids = extra_context(tokens, model.tokenizer, v.fim_extra, max(0, room)) + ids
+    return ids, tokens.end_ids
 
 
 def _prediction_ids(v: RequestValues, model: "Backend", n: FieldNames) -> tuple[int, ...]:
@@ -211,8 +218,8 @@ def check(values: RequestValues, model: "Backend", settings: VerifierSettings,
     sampling = _sampling(values, model.vocab_size, names)
     stops = _stops(values.stops, settings, names)
     end_ids: tuple[int, ...] = ()
-    if values.suffix:  # the prefix may be empty (a cursor at the file's start)
-        ids, end_ids = _fim_ids(values, model, settings.model_name, names)
+    if values.suffix or values.fim:  # the prefix may be empty (a cursor at the file's start)
+        ids, end_ids = _fim_ids(values, model, settings, names)
     else:
         ids = _prompt_ids(values, model, names)
     max_new = _max_new_tokens(values.max_new_tokens, len(ids), model, settings, names)

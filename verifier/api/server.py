@@ -162,7 +162,8 @@ def _create(settings: VerifierSettings, model: "Backend | LoadedModel | None", e
     from verifier.decoding.engine import Engine
 
     if engine is None:
-        engine = Engine(model if model is not None else load(settings), max_nodes=settings.max_nodes)
+        engine = Engine(model if model is not None else load(settings), max_nodes=settings.max_nodes,
+                        cost_store=settings.cost_store())
     model = engine.backend
     retriever = _retriever(settings, model, security.retriever)
     generator = Generator(model, engine, retriever, metrics, settings.max_queued)

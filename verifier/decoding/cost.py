@@ -1,14 +1,15 @@
 """The step policy's two models: what a forward costs, and how often a scored node is accepted.
 
-- `CostModel`: forward time by input size (root + nodes), measured on the model's device;
-  `best_prefix(scores)` is the number of best-first nodes maximizing expected tokens per second.
+- `CostModel`: step time by input size (root + nodes) on the model's device, measured once
+  (`CostModel.measure`, kept on disk by `verifier.decoding.cost_store`) and refined from the steps
+  that run (`observe`); `best_prefix(scores)` is the number of best-first nodes maximizing expected
+  tokens per second.
 - `ScoreCalibration`: drafter scores -> the acceptance rates this model shows, learned from the
   verified steps.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -17,34 +18,75 @@ if TYPE_CHECKING:
     from verifier.decoding.backend import Backend
 
 
-@dataclass(frozen=True)
 class CostModel:
-    """Forward time by number of input tokens (root + draft nodes), measured on one device.
+    """Step time (ns) by number of input tokens (root + draft nodes): `scale` x a non-decreasing
+    piecewise-linear curve through points (the shape), extended with its last slope.
+
+    `observe(t, ns)` refines both from a step that ran: ns is first clipped to [1/2, 2] x at(t)
+    (one stall moves little); `scale` moves `weight` of the way toward scale x ns / at(t) (the
+    device got slower or faster at every size: another process, a warmer cache), then the shape's
+    point at t (added if new) moves weight / 2 of the way toward ns / scale, and the points left
+    of t are capped at its value, those right of it raised to it (more tokens never cost less).
+    Not thread-safe (one engine).
 
     Example: tokens (1, 2, 4), cost_ns (10, 10, 14) -> at(3) = 12; best_prefix([0.9, 0.5, 0.1])
     compares (1 + 0) / 10, (1 + 0.9) / 10, (1 + 1.4) / 12, (1 + 1.5) / 14 -> 2 nodes.
+    observe(2, 20) with weight 0.5 -> scale 1.5, point 2 -> 10 + 0.25 * (20 / 1.5 - 10) = 10.83,
+    point 4 stays 14: at(2) = 16.25, at(4) = 21.
     """
 
-    tokens: tuple[int, ...]  # measured forward sizes, increasing, the first 1
-    cost_ns: tuple[float, ...]
+    def __init__(self, tokens: tuple[int, ...], cost_ns: tuple[float, ...], weight: float = 0.1,
+                 scale: float = 1.0) -> None:
+        """tokens: increasing sizes, the first 1; cost_ns: one per size; raises ValueError otherwise."""
+        if not tokens or tokens[0] != 1 or len(tokens) != len(cost_ns) or any(b <= a for a, b in zip(tokens,
+                                                                                                      tokens[1:])):
+            raise ValueError(f"cost model tokens must be increasing from 1 with one cost each, got {tokens} "
+                             f"and {len(cost_ns)} costs")
+        self.tokens: tuple[int, ...] = tuple(int(t) for t in tokens)
+        self.cost_ns: tuple[float, ...] = tuple(float(c) for c in np.maximum.accumulate(np.asarray(cost_ns, float)))
+        self.weight, self.scale = weight, scale
+        self.observed = 0  # observations since construction
 
     def at(self, num_tokens: np.ndarray | int) -> np.ndarray:
-        """Interpolated cost in ns; linear extrapolation past the last measured size."""
+        """Interpolated cost in ns (scale x the shape); linear extrapolation past the last point."""
         x, y = np.asarray(self.tokens, np.float64), np.asarray(self.cost_ns, np.float64)
         n = np.asarray(num_tokens, np.float64)
         slope = (y[-1] - y[-2]) / (x[-1] - x[-2]) if len(x) > 1 else 0.0
-        return np.where(n <= x[-1], np.interp(n, x, y), y[-1] + max(slope, 0.0) * (n - x[-1]))
+        return self.scale * np.where(n <= x[-1], np.interp(n, x, y), y[-1] + max(slope, 0.0) * (n - x[-1]))
+
+    def rates(self, scores: np.ndarray, overhead_ns: float = 0.0) -> np.ndarray:
+        """[n+1] float64 expected tokens per ns of verifying the first k nodes, k = 0..n (scores [n]
+        best-first acceptance probabilities), each step costing `overhead_ns` more."""
+        expected = 1.0 + np.concatenate([[0.0], np.cumsum(np.clip(scores, 0.0, 1.0), dtype=np.float64)])  # [n+1]
+        return expected / (self.at(np.arange(1, len(scores) + 2)) + overhead_ns)
 
     def best_prefix(self, scores: np.ndarray) -> int:
         """k maximizing (1 + sum of the first k scores) / cost(1 + k); scores [n] float32 best-first."""
-        expected = 1.0 + np.concatenate([[0.0], np.cumsum(np.clip(scores, 0.0, 1.0), dtype=np.float64)])  # [n+1]
-        rate = expected / self.at(np.arange(1, len(scores) + 2))
-        return int(np.argmax(rate))
+        return int(np.argmax(self.rates(scores)))
+
+    def observe(self, num_tokens: int, ns: float) -> None:
+        """One step of num_tokens input tokens took ns (see the class doc)."""
+        self.observed += 1
+        if self.weight == 0.0:
+            return
+        current = float(self.at(num_tokens))
+        shape = current / self.scale  # the shape at num_tokens (interpolated or extrapolated)
+        ns = min(max(float(ns), 0.5 * current), 2.0 * current)
+        self.scale *= 1.0 + self.weight * (ns / current - 1.0)
+        target = shape + 0.5 * self.weight * (ns / self.scale - shape)
+        tokens, costs = list(self.tokens), list(self.cost_ns)
+        j = int(np.searchsorted(tokens, num_tokens))
+        if j == len(tokens) or tokens[j] != num_tokens:
+            tokens.insert(j, int(num_tokens))
+            costs.insert(j, shape)
+        costs = [min(c, target) if i < j else max(c, target) if i > j else target for i, c in enumerate(costs)]
+        self.tokens, self.cost_ns = tuple(tokens), tuple(costs)
 
     @staticmethod
-    def flat(max_tokens: int = 1024) -> "CostModel":
-        """Every size costs the same: verify the whole draft (tests, or a GPU far from saturation)."""
-        return CostModel((1, max_tokens), (1.0, 1.0))
+    def flat(max_tokens: int = 1024, step_ns: float = 1e9) -> "CostModel":
+        """Every size costs step_ns, never refined (weight 0): verify the whole draft, and a
+        drafting round trip is negligible next to a step (tests, or a GPU far from saturation)."""
+        return CostModel((1, max_tokens), (step_ns, step_ns), weight=0.0)
 
     @staticmethod
     def measure(backend: "Backend", max_tokens: int = 257, cache_len: int = 256, reps: int = 3,

@@ -3,11 +3,13 @@
 `Engine(loaded_model).generate(prompt_ids, max_new_tokens, sampling, drafter, stop_token_ids)`
 yields one `StepResult` per forward pass. The prompt except its last token is prefilled into
 the KV cache; the last token is the first root. Each step asks the `DraftSource` for a tree
-(reporting the tokens emitted by the previous step), keeps the prefix of the tree that
-maximizes expected tokens per second under the measured `CostModel` (node scores weighed by
-the acceptance rates observed so far, `ScoreCalibration`), verifies it in one
-forward pass with a 4-D tree mask, accepts (`verifier.decoding.accept`), and commits the KV cache to
-the accepted path. No draft (None, an error, or no drafter) means a plain decoding step.
+(reporting the tokens emitted by the previous step and how many nodes of its last tree were
+verified) unless the `StepPolicy` is backing off after drafts that did not pay, keeps the prefix
+of the tree that maximizes expected tokens per second (the policy: the `CostModel`, measured once
+per model and machine and kept by a `CostStore`, refined from every step; node scores weighed by
+the acceptance rates observed so far), verifies it in one forward pass, accepts
+(`verifier.decoding.accept`), and commits the KV cache to the accepted path. No draft (None, an
+error, no drafter, or none worth verifying) means a plain decoding step.
 
 The model is a `Backend` (`verifier.decoding.backend`: HF transformers or llama.cpp); a
 `LoadedModel` is taken as the HF backend. The tests check speculative greedy output against
@@ -27,6 +29,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Iterator, Protocol, Sequence, runtime_checkable
 
+import numpy as np
 import torch
 
 from retriever.drafting.types import DraftTree
@@ -39,11 +42,13 @@ from verifier.decoding.accept import (
     accept_typical,
 )
 from verifier.decoding.backend import Backend
-from verifier.decoding.cost import CostModel, ScoreCalibration
+from verifier.decoding.cost import CostModel
+from verifier.decoding.cost_store import CostStore
 from verifier.decoding.hf import HFBackend
 from verifier.decoding.model import LoadedModel
+from verifier.decoding.policy import StepPolicy
 from verifier.decoding.stats import StepResult
-from verifier.decoding.tree import TreeInputs, prune
+from verifier.decoding.tree import TreeInputs, pruned
 
 log = logging.getLogger(__name__)
 
@@ -54,10 +59,13 @@ class DraftSource(Protocol):
 
     def start(self, prompt_ids: list[int]) -> None: ...
 
-    def draft(self, new_tokens: list[int], max_nodes: int) -> DraftTree | None:
-        """A tree continuing the context + new_tokens (emitted since the last call); None: no draft."""
+    def draft(self, new_tokens: list[int], max_nodes: int, verified_nodes: int) -> DraftTree | None:
+        """A tree continuing the context + new_tokens (emitted since the last call); None: no draft.
+        verified_nodes: how many best-first nodes of the tree it returned last were verified (0: none,
+        or it returned none)."""
 
-    def end(self) -> None: ...
+    def end(self, verified_nodes: int) -> None:
+        """The generation is over; verified_nodes as in `draft`."""
 
 
 @dataclass
@@ -75,15 +83,22 @@ class Engine:
     """Generates with one model; not thread-safe (one generation at a time)."""
 
     def __init__(self, model: "Backend | LoadedModel", cost_model: CostModel | None = None, max_nodes: int = 64,
-                 calibrate: bool = True) -> None:
-        """model: a Backend, or a LoadedModel (the HF backend). cost_model None: measured now on
-        the model's device (a few seconds on a CPU). calibrate: weigh draft scores by the
-        acceptance rates observed so far (`ScoreCalibration`)."""
+                 calibrate: bool = True, cost_store: CostStore | None = None, save_every: int = 64) -> None:
+        """model: a Backend, or a LoadedModel (the HF backend). cost_model None: the curve kept in
+        cost_store, else measured now on the model's device (a few seconds on a CPU) and kept there;
+        the refined curve is written back after a generation once save_every steps have refined it.
+        calibrate: weigh draft scores by the acceptance rates observed so far."""
         self.backend: Backend = HFBackend(model) if isinstance(model, LoadedModel) else model
-        self.max_nodes = max_nodes
-        self.calibration = ScoreCalibration() if calibrate else None
-        self.cost_model = cost_model if cost_model is not None else CostModel.measure(self.backend,
-                                                                                      max_tokens=1 + max_nodes)
+        self.max_nodes, self.cost_store, self.save_every = max_nodes, cost_store, save_every
+        if cost_model is None:
+            cost_model = (cost_store.load_or_measure(self.backend, 1 + max_nodes) if cost_store is not None
+                          else CostModel.measure(self.backend, max_tokens=1 + max_nodes))
+        self.policy = StepPolicy(cost_model, calibrate)
+        self._saved_at = 0  # cost observations when the curve was last written
+
+    @property
+    def cost_model(self) -> CostModel:
+        return self.policy.cost
 
     def generate(self, prompt_ids: Sequence[int], max_new_tokens: int, sampling: SamplingParams = SamplingParams(),
                  drafter: DraftSource | None = None, stop_token_ids: Sequence[int] | None = None
@@ -96,6 +111,7 @@ class Engine:
         seq = self.prefill(prompt)
         seq.uniforms = None if sampling.greedy else UniformStream(sampling.seed)
         unreported: list[int] = []  # emitted tokens the drafter has not been told of yet
+        verified = 0  # nodes of the drafter's last tree that were verified
         if drafter is not None:
             drafter.start(list(prompt))
         try:
@@ -103,16 +119,19 @@ class Engine:
                 left = max_new_tokens - seq.emitted
                 max_depth = min(left, self.backend.max_positions - seq.cache_len) - 1  # deepest node worth verifying
                 t0 = time.perf_counter_ns()
-                draft = self._draft(drafter, unreported, max_depth)
+                asked = drafter is not None and max_depth >= 1 and self.policy.wants_draft()
+                draft = self._draft(drafter, unreported, verified) if asked else None
                 t1 = time.perf_counter_ns()
-                tree = self._verified_prefix(draft, max_depth)
+                tree, kept = self._verified_prefix(draft, max_depth)
+                if asked:
+                    self.policy.drafted(draft.scores if draft is not None else None, t1 - t0)
+                    verified = kept
                 logits, inputs = self.backend.verify(seq.cache, seq.cache_len, seq.root, tree)  # [1+n, V]
                 acceptance = self.accept(logits, inputs, tree, sampling, seq)
                 self.commit(seq, acceptance)
-                if self.calibration is not None:
-                    self.calibration.update(tree.scores, acceptance.nodes.tolist())
-                tokens = _cut(acceptance.tokens.tolist(), left, stops)
                 t2 = time.perf_counter_ns()
+                self.policy.stepped(1 + len(tree), t2 - t1, tree.scores, acceptance.nodes.tolist())
+                tokens = _cut(acceptance.tokens.tolist(), left, stops)
                 accepted = acceptance.nodes.tolist()[:len(tokens)]
                 yield StepResult(tokens, len(tree), len(accepted), tuple(int(s) for s in tree.sources[accepted]),
                                  t1 - t0, t2 - t1, len(draft) if draft is not None else 0)
@@ -121,7 +140,8 @@ class Engine:
                 unreported.extend(tokens)
         finally:
             if drafter is not None:
-                drafter.end()
+                drafter.end(verified_nodes=verified)
+            self._keep_cost()
 
     def _check(self, prompt_ids: Sequence[int], max_new_tokens: int) -> list[int]:
         prompt = [int(t) for t in prompt_ids]
@@ -136,25 +156,33 @@ class Engine:
             raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
         return prompt
 
-    def _draft(self, drafter: DraftSource | None, unreported: list[int], max_depth: int) -> DraftTree | None:
+    def _draft(self, drafter: DraftSource, unreported: list[int], verified: int) -> DraftTree | None:
         """The drafter's tree (told of, and clearing, `unreported`), or None; a failure costs only the draft."""
-        if drafter is None or max_depth < 1:
-            return None
         new_tokens = unreported.copy()
         unreported.clear()
         try:
-            return drafter.draft(new_tokens, self.max_nodes)
+            return drafter.draft(new_tokens, self.max_nodes, verified_nodes=verified)
         except Exception:  # noqa: BLE001 - drafting is an optimization: never fail the generation
             log.warning("draft source failed; decoding this step without a draft", exc_info=True)
             return None
 
-    def _verified_prefix(self, draft: DraftTree | None, max_depth: int) -> DraftTree:
-        """The nodes worth verifying: valid, at most max_depth deep, the best prefix under the cost model."""
+    def _verified_prefix(self, draft: DraftTree | None, max_depth: int) -> tuple[DraftTree, int]:
+        """The nodes worth verifying (valid, at most max_depth deep, the policy's best prefix), and
+        how many best-first nodes of the draft that covers (the drafter's `verified_nodes`)."""
         if draft is None or len(draft) == 0 or max_depth < 1:
-            return DraftTree.empty()
-        draft = prune(draft, self.backend.vocab_size, max_depth).prefix(self.max_nodes)
-        scores = self.calibration(draft.scores) if self.calibration is not None else draft.scores
-        return draft.prefix(self.cost_model.best_prefix(scores))
+            return DraftTree.empty(), 0
+        keep = pruned(draft, self.backend.vocab_size, max_depth)  # [n] bool
+        valid = (draft if keep.all() else draft.select(keep)).prefix(self.max_nodes)
+        tree = valid.prefix(self.policy.choose(valid.scores))
+        chosen = np.zeros(len(draft), bool)
+        chosen[np.flatnonzero(keep)[:len(tree)]] = True
+        return tree, int(len(draft) if chosen.all() else np.argmin(chosen))
+
+    def _keep_cost(self) -> None:
+        """Writes the refined cost curve once save_every steps have refined it since the last write."""
+        if self.cost_store is not None and self.cost_model.observed - self._saved_at >= self.save_every:
+            self.cost_store.save(self.backend, self.cost_model)
+            self._saved_at = self.cost_model.observed
 
     def prefill(self, prompt: list[int]) -> _Sequence:
         """A sequence whose cache holds prompt[:-1]; prompt[-1] is the first root."""

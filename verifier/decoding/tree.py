@@ -27,12 +27,19 @@ import torch
 from retriever.drafting.types import DraftTree
 
 
-def prune(draft: DraftTree, vocab_size: int, max_depth: int) -> DraftTree:
-    """Drops nodes with a token outside [0, vocab_size) or deeper than max_depth, and their subtrees."""
+def pruned(draft: DraftTree, vocab_size: int, max_depth: int) -> np.ndarray:
+    """[n] bool: the nodes kept when those with a token outside [0, vocab_size) or deeper than
+    max_depth are dropped with their subtrees."""
     ok = (draft.token_ids >= 0) & (draft.token_ids < vocab_size) & (draft.depths() <= max_depth)
     keep = ok.copy()
     for i, p in enumerate(draft.parents.tolist()):  # parents precede children: one pass
         keep[i] = ok[i] and (p < 0 or keep[p])
+    return keep
+
+
+def prune(draft: DraftTree, vocab_size: int, max_depth: int) -> DraftTree:
+    """The draft without the nodes `pruned` drops."""
+    keep = pruned(draft, vocab_size, max_depth)
     return draft if keep.all() else draft.select(keep)
 
 

@@ -24,39 +24,41 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n#protos/specdraft/v1/retriever.proto\x12\x0cspecdraft.v1\"\x93\x01\n\x0c\x44raftRequest\x12\x0e\n\x06tenant\x18\x01 \x01(\t\x12\x12\n\nsession_id\x18\x02 \x01(\t\x12\x0e\n\x06prompt\x18\x03 \x03(\x05\x12\x12\n\nnew_tokens\x18\x04 \x03(\x05\x12\x11\n\tmax_nodes\x18\x05 \x01(\r\x12\x14\n\x0csent_unix_us\x18\x06 \x01(\x04\x12\x12\n\nprediction\x18\x08 \x03(\x05\"f\n\tDraftTree\x12\x11\n\ttoken_ids\x18\x01 \x03(\x05\x12\x0f\n\x07parents\x18\x02 \x03(\x05\x12\x0e\n\x06scores\x18\x03 \x03(\x02\x12%\n\x07sources\x18\x04 \x03(\x0e\x32\x14.specdraft.v1.Source\"+\n\nDraftError\x12\x0c\n\x04\x63ode\x18\x01 \x01(\x05\x12\x0f\n\x07message\x18\x02 \x01(\t\"w\n\rDraftResponse\x12%\n\x04tree\x18\x01 \x01(\x0b\x32\x17.specdraft.v1.DraftTree\x12\x16\n\x0e\x63ontext_tokens\x18\x02 \x01(\x04\x12\'\n\x05\x65rror\x18\x03 \x01(\x0b\x32\x18.specdraft.v1.DraftError\"A\n\x11\x44raftBatchRequest\x12,\n\x08requests\x18\x01 \x03(\x0b\x32\x1a.specdraft.v1.DraftRequest\"D\n\x12\x44raftBatchResponse\x12.\n\tresponses\x18\x01 \x03(\x0b\x32\x1b.specdraft.v1.DraftResponse\"K\n\x11\x45ndSessionRequest\x12\x0e\n\x06tenant\x18\x01 \x01(\t\x12\x12\n\nsession_id\x18\x02 \x01(\t\x12\x12\n\nnew_tokens\x18\x03 \x03(\x05\"+\n\x12\x45ndSessionResponse\x12\x15\n\routput_tokens\x18\x01 \x01(\x04\"\x11\n\x0f\x44\x65scribeRequest\"\x9e\x01\n\tIndexInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04kind\x18\x02 \x01(\t\x12\x0e\n\x06tokens\x18\x03 \x01(\x04\x12\x11\n\tdocuments\x18\x04 \x01(\x04\x12\x16\n\x0etokenizer_name\x18\x05 \x01(\t\x12\x18\n\x10tokenizer_sha256\x18\x06 \x01(\t\x12\x12\n\nvocab_size\x18\x07 \x01(\r\x12\x0c\n\x04path\x18\x08 \x01(\t\"\xc8\x01\n\x06Limits\x12\x19\n\x11\x64\x65\x66\x61ult_max_nodes\x18\x01 \x01(\r\x12\x15\n\rmax_nodes_cap\x18\x02 \x01(\r\x12\x12\n\nvocab_size\x18\x03 \x01(\r\x12\x1a\n\x12max_context_tokens\x18\x04 \x01(\x04\x12\x16\n\x0emax_new_tokens\x18\x05 \x01(\x04\x12\x11\n\tmax_batch\x18\x06 \x01(\r\x12\x14\n\x0cmax_sessions\x18\x07 \x01(\x04\x12\x1b\n\x13tenant_token_budget\x18\x08 \x01(\x04\"\x82\x01\n\x10\x44\x65scribeResponse\x12\x0f\n\x07version\x18\x01 \x01(\t\x12(\n\x07indexes\x18\x02 \x03(\x0b\x32\x17.specdraft.v1.IndexInfo\x12$\n\x06limits\x18\x03 \x01(\x0b\x32\x14.specdraft.v1.Limits\x12\r\n\x05ready\x18\x04 \x01(\x08*\x87\x01\n\x06Source\x12\x16\n\x12SOURCE_UNSPECIFIED\x10\x00\x12\x12\n\x0eSOURCE_CONTEXT\x10\x01\x12\x11\n\rSOURCE_TENANT\x10\x02\x12\x11\n\rSOURCE_CORPUS\x10\x03\x12\x14\n\x10SOURCE_REFERENCE\x10\x04\x12\x15\n\x11SOURCE_PREDICTION\x10\x05\x32\x86\x03\n\tRetriever\x12@\n\x05\x44raft\x12\x1a.specdraft.v1.DraftRequest\x1a\x1b.specdraft.v1.DraftResponse\x12J\n\x0b\x44raftStream\x12\x1a.specdraft.v1.DraftRequest\x1a\x1b.specdraft.v1.DraftResponse(\x01\x30\x01\x12O\n\nDraftBatch\x12\x1f.specdraft.v1.DraftBatchRequest\x1a .specdraft.v1.DraftBatchResponse\x12O\n\nEndSession\x12\x1f.specdraft.v1.EndSessionRequest\x1a .specdraft.v1.EndSessionResponse\x12I\n\x08\x44\x65scribe\x12\x1d.specdraft.v1.DescribeRequest\x1a\x1e.specdraft.v1.DescribeResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n#protos/specdraft/v1/retriever.proto\x12\x0cspecdraft.v1\"\xc3\x01\n\x0c\x44raftRequest\x12\x0e\n\x06tenant\x18\x01 \x01(\t\x12\x12\n\nsession_id\x18\x02 \x01(\t\x12\x0e\n\x06prompt\x18\x03 \x03(\x05\x12\x12\n\nnew_tokens\x18\x04 \x03(\x05\x12\x11\n\tmax_nodes\x18\x05 \x01(\r\x12\x14\n\x0csent_unix_us\x18\x06 \x01(\x04\x12\x12\n\nprediction\x18\x08 \x03(\x05\x12\x1b\n\x0everified_nodes\x18\t \x01(\rH\x00\x88\x01\x01\x42\x11\n\x0f_verified_nodes\"f\n\tDraftTree\x12\x11\n\ttoken_ids\x18\x01 \x03(\x05\x12\x0f\n\x07parents\x18\x02 \x03(\x05\x12\x0e\n\x06scores\x18\x03 \x03(\x02\x12%\n\x07sources\x18\x04 \x03(\x0e\x32\x14.specdraft.v1.Source\"+\n\nDraftError\x12\x0c\n\x04\x63ode\x18\x01 \x01(\x05\x12\x0f\n\x07message\x18\x02 \x01(\t\"w\n\rDraftResponse\x12%\n\x04tree\x18\x01 \x01(\x0b\x32\x17.specdraft.v1.DraftTree\x12\x16\n\x0e\x63ontext_tokens\x18\x02 \x01(\x04\x12\'\n\x05\x65rror\x18\x03 \x01(\x0b\x32\x18.specdraft.v1.DraftError\"A\n\x11\x44raftBatchRequest\x12,\n\x08requests\x18\x01 \x03(\x0b\x32\x1a.specdraft.v1.DraftRequest\"D\n\x12\x44raftBatchResponse\x12.\n\tresponses\x18\x01 \x03(\x0b\x32\x1b.specdraft.v1.DraftResponse\"{\n\x11\x45ndSessionRequest\x12\x0e\n\x06tenant\x18\x01 \x01(\t\x12\x12\n\nsession_id\x18\x02 \x01(\t\x12\x12\n\nnew_tokens\x18\x03 \x03(\x05\x12\x1b\n\x0everified_nodes\x18\x04 \x01(\rH\x00\x88\x01\x01\x42\x11\n\x0f_verified_nodes\"+\n\x12\x45ndSessionResponse\x12\x15\n\routput_tokens\x18\x01 \x01(\x04\"!\n\x0f\x44\x65scribeRequest\x12\x0e\n\x06tenant\x18\x01 \x01(\t\"\x9e\x01\n\tIndexInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04kind\x18\x02 \x01(\t\x12\x0e\n\x06tokens\x18\x03 \x01(\x04\x12\x11\n\tdocuments\x18\x04 \x01(\x04\x12\x16\n\x0etokenizer_name\x18\x05 \x01(\t\x12\x18\n\x10tokenizer_sha256\x18\x06 \x01(\t\x12\x12\n\nvocab_size\x18\x07 \x01(\r\x12\x0c\n\x04path\x18\x08 \x01(\t\"\xc8\x01\n\x06Limits\x12\x19\n\x11\x64\x65\x66\x61ult_max_nodes\x18\x01 \x01(\r\x12\x15\n\rmax_nodes_cap\x18\x02 \x01(\r\x12\x12\n\nvocab_size\x18\x03 \x01(\r\x12\x1a\n\x12max_context_tokens\x18\x04 \x01(\x04\x12\x16\n\x0emax_new_tokens\x18\x05 \x01(\x04\x12\x11\n\tmax_batch\x18\x06 \x01(\r\x12\x14\n\x0cmax_sessions\x18\x07 \x01(\x04\x12\x1b\n\x13tenant_token_budget\x18\x08 \x01(\x04\"\x8c\x02\n\x10\x44\x65scribeResponse\x12\x0f\n\x07version\x18\x01 \x01(\t\x12(\n\x07indexes\x18\x02 \x03(\x0b\x32\x17.specdraft.v1.IndexInfo\x12$\n\x06limits\x18\x03 \x01(\x0b\x32\x14.specdraft.v1.Limits\x12\r\n\x05ready\x18\x04 \x01(\x08\x12,\n\x07members\x18\x05 \x03(\x0b\x32\x1b.specdraft.v1.ReplicaMember\x12\x12\n\nreplica_id\x18\x06 \x01(\t\x12\x19\n\x11owners_per_tenant\x18\x07 \x01(\r\x12+\n\x06owners\x18\x08 \x03(\x0b\x32\x1b.specdraft.v1.ReplicaMember\"F\n\rReplicaMember\x12\x12\n\nreplica_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\x10\n\x08\x63\x61pacity\x18\x03 \x01(\r*\x87\x01\n\x06Source\x12\x16\n\x12SOURCE_UNSPECIFIED\x10\x00\x12\x12\n\x0eSOURCE_CONTEXT\x10\x01\x12\x11\n\rSOURCE_TENANT\x10\x02\x12\x11\n\rSOURCE_CORPUS\x10\x03\x12\x14\n\x10SOURCE_REFERENCE\x10\x04\x12\x15\n\x11SOURCE_PREDICTION\x10\x05\x32\x86\x03\n\tRetriever\x12@\n\x05\x44raft\x12\x1a.specdraft.v1.DraftRequest\x1a\x1b.specdraft.v1.DraftResponse\x12J\n\x0b\x44raftStream\x12\x1a.specdraft.v1.DraftRequest\x1a\x1b.specdraft.v1.DraftResponse(\x01\x30\x01\x12O\n\nDraftBatch\x12\x1f.specdraft.v1.DraftBatchRequest\x1a .specdraft.v1.DraftBatchResponse\x12O\n\nEndSession\x12\x1f.specdraft.v1.EndSessionRequest\x1a .specdraft.v1.EndSessionResponse\x12I\n\x08\x44\x65scribe\x12\x1d.specdraft.v1.DescribeRequest\x1a\x1e.specdraft.v1.DescribeResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'protos.specdraft.v1.retriever_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_SOURCE']._serialized_start=1249
-  _globals['_SOURCE']._serialized_end=1384
+  _globals['_SOURCE']._serialized_start=1571
+  _globals['_SOURCE']._serialized_end=1706
   _globals['_DRAFTREQUEST']._serialized_start=54
-  _globals['_DRAFTREQUEST']._serialized_end=201
-  _globals['_DRAFTTREE']._serialized_start=203
-  _globals['_DRAFTTREE']._serialized_end=305
-  _globals['_DRAFTERROR']._serialized_start=307
-  _globals['_DRAFTERROR']._serialized_end=350
-  _globals['_DRAFTRESPONSE']._serialized_start=352
-  _globals['_DRAFTRESPONSE']._serialized_end=471
-  _globals['_DRAFTBATCHREQUEST']._serialized_start=473
-  _globals['_DRAFTBATCHREQUEST']._serialized_end=538
-  _globals['_DRAFTBATCHRESPONSE']._serialized_start=540
-  _globals['_DRAFTBATCHRESPONSE']._serialized_end=608
-  _globals['_ENDSESSIONREQUEST']._serialized_start=610
-  _globals['_ENDSESSIONREQUEST']._serialized_end=685
-  _globals['_ENDSESSIONRESPONSE']._serialized_start=687
-  _globals['_ENDSESSIONRESPONSE']._serialized_end=730
-  _globals['_DESCRIBEREQUEST']._serialized_start=732
-  _globals['_DESCRIBEREQUEST']._serialized_end=749
-  _globals['_INDEXINFO']._serialized_start=752
-  _globals['_INDEXINFO']._serialized_end=910
-  _globals['_LIMITS']._serialized_start=913
-  _globals['_LIMITS']._serialized_end=1113
-  _globals['_DESCRIBERESPONSE']._serialized_start=1116
-  _globals['_DESCRIBERESPONSE']._serialized_end=1246
-  _globals['_RETRIEVER']._serialized_start=1387
-  _globals['_RETRIEVER']._serialized_end=1777
+  _globals['_DRAFTREQUEST']._serialized_end=249
+  _globals['_DRAFTTREE']._serialized_start=251
+  _globals['_DRAFTTREE']._serialized_end=353
+  _globals['_DRAFTERROR']._serialized_start=355
+  _globals['_DRAFTERROR']._serialized_end=398
+  _globals['_DRAFTRESPONSE']._serialized_start=400
+  _globals['_DRAFTRESPONSE']._serialized_end=519
+  _globals['_DRAFTBATCHREQUEST']._serialized_start=521
+  _globals['_DRAFTBATCHREQUEST']._serialized_end=586
+  _globals['_DRAFTBATCHRESPONSE']._serialized_start=588
+  _globals['_DRAFTBATCHRESPONSE']._serialized_end=656
+  _globals['_ENDSESSIONREQUEST']._serialized_start=658
+  _globals['_ENDSESSIONREQUEST']._serialized_end=781
+  _globals['_ENDSESSIONRESPONSE']._serialized_start=783
+  _globals['_ENDSESSIONRESPONSE']._serialized_end=826
+  _globals['_DESCRIBEREQUEST']._serialized_start=828
+  _globals['_DESCRIBEREQUEST']._serialized_end=861
+  _globals['_INDEXINFO']._serialized_start=864
+  _globals['_INDEXINFO']._serialized_end=1022
+  _globals['_LIMITS']._serialized_start=1025
+  _globals['_LIMITS']._serialized_end=1225
+  _globals['_DESCRIBERESPONSE']._serialized_start=1228
+  _globals['_DESCRIBERESPONSE']._serialized_end=1496
+  _globals['_REPLICAMEMBER']._serialized_start=1498
+  _globals['_REPLICAMEMBER']._serialized_end=1568
+  _globals['_RETRIEVER']._serialized_start=1709
+  _globals['_RETRIEVER']._serialized_end=2099
 # @@protoc_insertion_point(module_scope)

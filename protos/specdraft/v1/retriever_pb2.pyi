@@ -23,7 +23,7 @@ SOURCE_REFERENCE: Source
 SOURCE_PREDICTION: Source
 
 class DraftRequest(_message.Message):
-    __slots__ = ("tenant", "session_id", "prompt", "new_tokens", "max_nodes", "sent_unix_us", "prediction")
+    __slots__ = ("tenant", "session_id", "prompt", "new_tokens", "max_nodes", "sent_unix_us", "prediction", "verified_nodes")
     TENANT_FIELD_NUMBER: _ClassVar[int]
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     PROMPT_FIELD_NUMBER: _ClassVar[int]
@@ -31,6 +31,7 @@ class DraftRequest(_message.Message):
     MAX_NODES_FIELD_NUMBER: _ClassVar[int]
     SENT_UNIX_US_FIELD_NUMBER: _ClassVar[int]
     PREDICTION_FIELD_NUMBER: _ClassVar[int]
+    VERIFIED_NODES_FIELD_NUMBER: _ClassVar[int]
     tenant: str
     session_id: str
     prompt: _containers.RepeatedScalarFieldContainer[int]
@@ -38,7 +39,8 @@ class DraftRequest(_message.Message):
     max_nodes: int
     sent_unix_us: int
     prediction: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, tenant: _Optional[str] = ..., session_id: _Optional[str] = ..., prompt: _Optional[_Iterable[int]] = ..., new_tokens: _Optional[_Iterable[int]] = ..., max_nodes: _Optional[int] = ..., sent_unix_us: _Optional[int] = ..., prediction: _Optional[_Iterable[int]] = ...) -> None: ...
+    verified_nodes: int
+    def __init__(self, tenant: _Optional[str] = ..., session_id: _Optional[str] = ..., prompt: _Optional[_Iterable[int]] = ..., new_tokens: _Optional[_Iterable[int]] = ..., max_nodes: _Optional[int] = ..., sent_unix_us: _Optional[int] = ..., prediction: _Optional[_Iterable[int]] = ..., verified_nodes: _Optional[int] = ...) -> None: ...
 
 class DraftTree(_message.Message):
     __slots__ = ("token_ids", "parents", "scores", "sources")
@@ -83,14 +85,16 @@ class DraftBatchResponse(_message.Message):
     def __init__(self, responses: _Optional[_Iterable[_Union[DraftResponse, _Mapping]]] = ...) -> None: ...
 
 class EndSessionRequest(_message.Message):
-    __slots__ = ("tenant", "session_id", "new_tokens")
+    __slots__ = ("tenant", "session_id", "new_tokens", "verified_nodes")
     TENANT_FIELD_NUMBER: _ClassVar[int]
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     NEW_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    VERIFIED_NODES_FIELD_NUMBER: _ClassVar[int]
     tenant: str
     session_id: str
     new_tokens: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, tenant: _Optional[str] = ..., session_id: _Optional[str] = ..., new_tokens: _Optional[_Iterable[int]] = ...) -> None: ...
+    verified_nodes: int
+    def __init__(self, tenant: _Optional[str] = ..., session_id: _Optional[str] = ..., new_tokens: _Optional[_Iterable[int]] = ..., verified_nodes: _Optional[int] = ...) -> None: ...
 
 class EndSessionResponse(_message.Message):
     __slots__ = ("output_tokens",)
@@ -99,8 +103,10 @@ class EndSessionResponse(_message.Message):
     def __init__(self, output_tokens: _Optional[int] = ...) -> None: ...
 
 class DescribeRequest(_message.Message):
-    __slots__ = ()
-    def __init__(self) -> None: ...
+    __slots__ = ("tenant",)
+    TENANT_FIELD_NUMBER: _ClassVar[int]
+    tenant: str
+    def __init__(self, tenant: _Optional[str] = ...) -> None: ...
 
 class IndexInfo(_message.Message):
     __slots__ = ("name", "kind", "tokens", "documents", "tokenizer_name", "tokenizer_sha256", "vocab_size", "path")
@@ -143,13 +149,31 @@ class Limits(_message.Message):
     def __init__(self, default_max_nodes: _Optional[int] = ..., max_nodes_cap: _Optional[int] = ..., vocab_size: _Optional[int] = ..., max_context_tokens: _Optional[int] = ..., max_new_tokens: _Optional[int] = ..., max_batch: _Optional[int] = ..., max_sessions: _Optional[int] = ..., tenant_token_budget: _Optional[int] = ...) -> None: ...
 
 class DescribeResponse(_message.Message):
-    __slots__ = ("version", "indexes", "limits", "ready")
+    __slots__ = ("version", "indexes", "limits", "ready", "members", "replica_id", "owners_per_tenant", "owners")
     VERSION_FIELD_NUMBER: _ClassVar[int]
     INDEXES_FIELD_NUMBER: _ClassVar[int]
     LIMITS_FIELD_NUMBER: _ClassVar[int]
     READY_FIELD_NUMBER: _ClassVar[int]
+    MEMBERS_FIELD_NUMBER: _ClassVar[int]
+    REPLICA_ID_FIELD_NUMBER: _ClassVar[int]
+    OWNERS_PER_TENANT_FIELD_NUMBER: _ClassVar[int]
+    OWNERS_FIELD_NUMBER: _ClassVar[int]
     version: str
     indexes: _containers.RepeatedCompositeFieldContainer[IndexInfo]
     limits: Limits
     ready: bool
-    def __init__(self, version: _Optional[str] = ..., indexes: _Optional[_Iterable[_Union[IndexInfo, _Mapping]]] = ..., limits: _Optional[_Union[Limits, _Mapping]] = ..., ready: _Optional[bool] = ...) -> None: ...
+    members: _containers.RepeatedCompositeFieldContainer[ReplicaMember]
+    replica_id: str
+    owners_per_tenant: int
+    owners: _containers.RepeatedCompositeFieldContainer[ReplicaMember]
+    def __init__(self, version: _Optional[str] = ..., indexes: _Optional[_Iterable[_Union[IndexInfo, _Mapping]]] = ..., limits: _Optional[_Union[Limits, _Mapping]] = ..., ready: _Optional[bool] = ..., members: _Optional[_Iterable[_Union[ReplicaMember, _Mapping]]] = ..., replica_id: _Optional[str] = ..., owners_per_tenant: _Optional[int] = ..., owners: _Optional[_Iterable[_Union[ReplicaMember, _Mapping]]] = ...) -> None: ...
+
+class ReplicaMember(_message.Message):
+    __slots__ = ("replica_id", "address", "capacity")
+    REPLICA_ID_FIELD_NUMBER: _ClassVar[int]
+    ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    CAPACITY_FIELD_NUMBER: _ClassVar[int]
+    replica_id: str
+    address: str
+    capacity: int
+    def __init__(self, replica_id: _Optional[str] = ..., address: _Optional[str] = ..., capacity: _Optional[int] = ...) -> None: ...

@@ -234,3 +234,51 @@ def test_requests_are_stamped_with_their_send_time():
     r = draft_request("t", "s", None, [1, 2], -3)
     assert before <= r.sent_unix_us <= time.time_ns() // 1000
     assert (list(r.prompt), list(r.new_tokens), r.max_nodes) == ([], [1, 2], 0)
+
+
+class RecordingDrafter:
+    """A real Drafter whose servicer calls are recorded: (what, verified_nodes)."""
+
+    def __new__(cls):
+        from retriever.drafting.drafter import Drafter
+        from retriever.drafting.types import DrafterConfig
+
+        class Recording(Drafter):
+            def draft_response(self, tenant, session_id, prompt, new_tokens, max_nodes, prediction=None,
+                               verified_nodes=None):
+                self.calls.append(("draft" if prompt is None else "start", verified_nodes))
+                return super().draft_response(tenant, session_id, prompt, new_tokens, max_nodes, prediction,
+                                              verified_nodes)
+
+            def end_session(self, tenant, session_id, new_tokens=None, verified_nodes=None):
+                self.calls.append(("end", verified_nodes))
+                return super().end_session(tenant, session_id, new_tokens, verified_nodes)
+        d = Recording(DrafterConfig())
+        d.calls = []
+        return d
+
+
+def test_the_session_tells_the_server_how_much_of_each_draft_was_verified():
+    from retriever.service.server import create_server
+    from retriever.service.settings import RetrieverSettings
+
+    drafter = RecordingDrafter()
+    server, port = create_server(RetrieverSettings(host="127.0.0.1", port=0, output_log="off"), drafter=drafter)
+    client = RetrieverClient(f"127.0.0.1:{port}", deadline_s=5.0, call_timeout_s=5.0)
+    try:
+        assert server.wait_ready(10)
+        session = client.session("t")
+        session.start(PROMPT)
+        assert session.draft([], 8) is not None
+        assert session.draft([7], 8, verified_nodes=3) is not None  # 3 nodes of the first draft verified
+        assert session.draft([99], 8, verified_nodes=2) is None  # no match after 99: an empty tree
+        assert session.draft([98], 8, verified_nodes=5) is None  # ... was never seen: 0 verified, whatever said
+        assert session.draft([5, 6, 7, 8, 9, 5, 6], 8, verified_nodes=5) is not None  # reports 0, as said
+        assert session.draft([7], 8) is not None  # the caller says nothing: unset (all)
+        session.end([8], verified_nodes=4)
+        assert session.closed.wait(5)
+    finally:
+        client.close()
+        stop_retriever(server)
+    assert drafter.calls == [("start", None), ("draft", 3), ("draft", 2), ("draft", 0), ("draft", 0),
+                             ("draft", None), ("end", 4)]

@@ -216,6 +216,18 @@ def test_drafter_learns_from_new_tokens():
     assert heuristic.token_ids[:2].tolist() == [3, 1]
 
 
+@pytest.mark.parametrize("verified, observed", [(None, 2), (5, 2), (1, 1), (0, 0)])
+def test_only_the_verified_prefix_is_observed(verified, observed):
+    """After "1 2" came "3" and "4": the draft's two root children are both rejected by "9"; the
+    verifier says how many best-first nodes it tested (None: all), and only those count."""
+    d = Drafter(DrafterConfig())
+    tree = d.draft("t", "s", ids(1, 2, 3, 1, 2, 4, 1, 2), EMPTY, 8).tree
+    assert sorted(tree.token_ids[tree.parents == -1].tolist()) == [3, 4] and tree.parents[1] == -1
+    assert d._tenants["t"].calibration.trials == 0.0  # nothing reported yet
+    d.draft("t", "s", None, ids(9), 8, verified_nodes=verified)
+    assert d._tenants["t"].calibration.trials == pytest.approx(observed, abs=0.02)  # a trial per tested node (decayed)
+
+
 def test_source_switches_and_reference_set():
     d = Drafter(DrafterConfig(sources=ALL_SOURCES, reference=ReferenceParams(k=1)))
     d.draft("a", "s1", ids(100, 101), ids(7, 8, 9, 10, 11, 12), 8)

@@ -32,11 +32,11 @@ def run(coro):
     return asyncio.run(coro)
 
 
-@pytest.fixture(params=["redis", "file"])
+@pytest.fixture(params=["redis", "cluster", "file"])
 def make_log(request, tmp_path):
     """make_log(**config) -> a fresh log of the parametrized store (same store on each call)."""
-    if request.param == "redis":
-        server = request.getfixturevalue("redis_server")
+    if request.param in ("redis", "cluster"):
+        server = request.getfixturevalue("redis_server" if request.param == "redis" else "redis_cluster")
         return lambda **kw: RedisLog(LogConfig(redis_url=server.url, **kw))
     return lambda **kw: FileLog(LogConfig(data_dir=str(tmp_path / "data"), **kw))
 
@@ -156,6 +156,41 @@ def test_redis_keys_are_hash_tagged_per_tenant_and_tokens_compact(redis_server):
     (_, fields), = client.xrange(f"specdraft:{{{tag}}}:outputs")
     assert fields == {b"o": b"A", b"t": b"\x01\x00\x00\x00\x00\x01\x00\x00"}
     assert client.smembers("specdraft:tenants") == {TENANT.encode()}
+
+
+def test_cluster_keys_of_a_tenant_share_one_slot_and_wait_reaches_a_replica(redis_cluster):
+    async def body():
+        log = RedisLog(LogConfig(redis_url=redis_cluster.url, wait_replicas=1, wait_ms=1000))
+        assert log.cluster
+        await log.append([item(f"w{i}", [i, i], 1) for i in range(20)])  # spread over the three masters
+        await log.close()
+
+    run(body())
+    slots = set()
+    for i in range(20):
+        keys = [f"specdraft:{{w{i}}}:{k}" for k in ("outputs", "tokens", "seqs")]
+        slots.add(redis_cluster.command(redis_cluster.alive()[0], "CLUSTER", "KEYSLOT", keys[0]).strip())
+        owner = redis_cluster.master_of(keys[0])
+        assert all(redis_cluster.master_of(k) is owner for k in keys)
+        assert redis_cluster.command(owner, "EXISTS", *keys).strip() == "3"
+    assert len(slots) == 20 and len({redis_cluster.master_of(f"{{w{i}}}").port for i in range(20)}) == 3
+
+
+def test_cluster_url_parsing_and_errors_hide_the_password():
+    from retriever.outputlog.redis_log import parse_cluster_url
+
+    a = parse_cluster_url("redis+cluster://u:p%40ss@h1:7000,[::1]:7001/")
+    assert (a.seeds, a.tls, a.username, a.password) == ((("h1", 7000), ("::1", 7001)), False, "u", "p@ss")
+    assert parse_cluster_url("rediss+cluster://h:1").tls
+    for bad in ("redis+cluster://u:hunter2@h1", "redis+cluster://u:hunter2@h1:x,h2:1", "redis+cluster://"):
+        with pytest.raises(ValueError, match="must list host:port seeds") as error:
+            parse_cluster_url(bad)
+        assert "hunter2" not in str(error.value)
+    from retriever.service.settings import RetrieverSettings
+
+    assert RetrieverSettings(redis_url="redis+cluster://h:1,h:2").log_config().redis_url.startswith("redis+cluster")
+    with pytest.raises(ValueError, match="SPECDRAFT_REDIS_URL must be empty or a redis://"):
+        RetrieverSettings(redis_url="cluster://h:1")
 
 
 def test_redis_unix_socket_and_acl_user(make_redis):

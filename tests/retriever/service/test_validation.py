@@ -37,6 +37,12 @@ def test_valid_request_gives_int32_arrays_and_the_default_budget():
     assert step.prompt is None and step.new_tokens.tolist() == [7, 8] and step.max_nodes == 64
     restart = validate_draft("t", "s", list(range(100)), [], 3, LIMITS)
     assert restart.prompt.shape == (100,) and restart.new_tokens.shape == (0,) and restart.new_tokens.dtype == np.int32
+    assert step.verified_nodes is None and validate_draft("t", "s", [], [7], 0, LIMITS, (), 3).verified_nodes == 3
+
+
+def test_verified_nodes_must_not_be_negative():
+    with pytest.raises(InvalidArgument, match="verified_nodes must be >= 0, got -1"):
+        validate_draft("t", "s", [], [7], 0, LIMITS, (), -1)
 
 
 @pytest.mark.parametrize("args, message", [

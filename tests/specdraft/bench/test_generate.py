@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from specdraft.bench.generate import WorkloadSpeed, prompt_ids, prompts_of, run_workload, table
+from specdraft.bench.generate import WorkloadSpeed, prompt_ids, prompts_of, run_workload, table, write_chart
 from specdraft.bench.replay import load_traces
 
 SHARED = Path(__file__).resolve().parents[3] / ".." / "shared"
@@ -41,3 +41,13 @@ def test_table_shows_speedups_over_hf_greedy():
                         same_output=True)
     text = table([row], "head")
     assert "| code | 2 | 100 | 2.50 | 9.0 | 10.0 | 20.0 | 2.00x | 15.0 | 1.50x | yes |" in text
+
+
+def test_differences_show_their_margins_and_the_chart_is_written(tmp_path):
+    row = WorkloadSpeed("code", 20, 100, 40, plain_tok_s=9.0, draft_tok_s=20.0, hf_tok_s=10.0, lookup_tok_s=15.0,
+                        same_output=False, margins=(0.125, 0.5), backend="llama.cpp")
+    text = table([row], "head")
+    assert "| NO: 2/20 differ (top-2 logit margins 0.12, 0.50) |" in text and "llama.cpp lookup 10 tok/s" in text
+    write_chart([row, WorkloadSpeed("chat", 20, 90, 80, 9.0, 8.9, 10.0, 9.5, True, (), "llama.cpp")],
+                str(tmp_path / "out" / "generate.png"))
+    assert (tmp_path / "out" / "generate.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -223,6 +223,26 @@ def test_http_drafts_for_the_tokens_tenant_and_refuses_others(authed):
 
 
 
+def test_infill_takes_the_same_auth_and_tenants_in_llama_cpps_error_shape(authed):
+    """/infill (llama.cpp's route) is guarded like /v1/completions; its errors are llama.cpp's JSON."""
+    server, _ = authed
+    body = {"input_prefix": "def f(", "input_suffix": "\n", "n_predict": 1}
+    status, headers, err = _post(server.http_port, "/infill", body)
+    assert status == 401 and headers.get("www-authenticate", headers.get("WWW-Authenticate")) == "Bearer"
+    assert err == {"error": {"code": 401, "message": "header 'Authorization' must be 'Bearer <token>', got none",
+                             "type": "invalid_request_error"}}
+    req = urllib.request.Request(f"http://127.0.0.1:{server.http_port}/infill", data=json.dumps(body).encode(),
+                                 headers={"Authorization": f"Bearer {V_TOKEN_A}", "X-Specdraft-Tenant": "b"})
+    with pytest.raises(urllib.error.HTTPError) as info:
+        urllib.request.urlopen(req, timeout=120)
+    assert info.value.code == 403 and json.loads(info.value.read())["error"]["code"] == 403
+    status, _, err = _post(server.http_port, "/infill", body, V_TOKEN_BC)  # 2 tenants, none named: no `user` here
+    assert status == 400 and err["error"]["message"].startswith(
+        "the X-Specdraft-Tenant header must name one of the caller's token's 2 tenants")
+    status, _, err = _post(server.http_port, "/infill", body, V_TOKEN_A)  # past auth: SmolLM2 has no FIM tokens
+    assert status == 400 and err["error"]["message"] == "model smollm2 has no fill-in-the-middle tokens"
+
+
 def test_a_token_without_the_bearer_prefix_is_never_echoed_and_refusals_are_summarized(authed, caplog):
     server, port = authed
     caplog.set_level(logging.DEBUG)

@@ -83,3 +83,54 @@ def test_commit_matches_a_slow_reference(seed):
     for i, (k, v) in enumerate(kv_tensors(cache)):
         assert torch.equal(k, torch.stack([entries[2 * i][:, :, j] for j in keep], dim=2))
         assert torch.equal(v, torch.stack([entries[2 * i + 1][:, :, j] for j in keep], dim=2))
+
+
+def ref_observe(points: dict[int, float], scale: float, weight: float, t: int, ns: float
+                ) -> tuple[dict[int, float], float]:
+    """CostModel.observe written out: ns clipped to [1/2, 2] x the curve at t; the scale moves
+    weight of the way toward scale x ns / curve(t); the shape's point at t moves weight / 2 toward
+    ns / new scale; points left of t at most its value, right of it at least."""
+    xs, ys = list(points), list(points.values())
+    shape = ref_at(xs, ys, t)
+    current = scale * shape
+    ns = min(max(ns, 0.5 * current), 2.0 * current)
+    scale = scale * (1 + weight * (ns / current - 1))
+    target = shape + weight / 2 * (ns / scale - shape)
+    out = dict(points)
+    out[t] = target
+    return {x: (min(c, target) if x < t else max(c, target) if x > t else c) for x, c in sorted(out.items())}, scale
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_observe_matches_a_slow_reference(seed):
+    rng = np.random.default_rng(seed)
+    sizes = [1] + sorted(set(rng.integers(2, 40, int(rng.integers(0, 5))).tolist()))
+    costs = (np.cumsum(rng.uniform(0.0, 5.0, len(sizes))) + 10.0).tolist()
+    weight = float(rng.uniform(0.05, 1.0))
+    cm = CostModel(tuple(sizes), tuple(costs), weight=weight)
+    points, scale = dict(zip(sizes, costs)), 1.0
+    for _ in range(30):
+        t, ns = int(rng.integers(1, 60)), float(rng.uniform(0.0, 60.0))
+        points, scale = ref_observe(points, scale, weight, t, ns)
+        cm.observe(t, ns)
+        assert cm.tokens == tuple(points) and cm.scale == pytest.approx(scale)
+        assert cm.cost_ns == pytest.approx(list(points.values()))
+        assert all(b >= a for a, b in zip(cm.cost_ns, cm.cost_ns[1:]))  # never cheaper with more tokens
+    assert cm.observed == 30
+
+
+def test_observe_converges_to_the_steps_that_run_and_flat_never_moves():
+    cm = CostModel((1, 8), (10.0, 20.0), weight=0.2)
+    for _ in range(300):
+        cm.observe(4, 40.0)  # the device got slower (at the size it runs): the curve follows
+    assert float(cm.at(4)) == pytest.approx(40.0, rel=1e-3)
+    assert float(cm.at(8)) >= float(cm.at(4)) and float(cm.at(1)) < float(cm.at(4))
+    flat = CostModel.flat(64)
+    flat.observe(5, 1.0)
+    assert flat.tokens == (1, 64) and flat.cost_ns == (1e9, 1e9) and flat.observed == 1
+
+
+@pytest.mark.parametrize("tokens, costs", [((), ()), ((2, 4), (1.0, 2.0)), ((1, 1), (1.0, 1.0)), ((1, 2), (1.0,))])
+def test_a_malformed_curve_is_refused(tokens, costs):
+    with pytest.raises(ValueError, match="increasing from 1"):
+        CostModel(tokens, costs)

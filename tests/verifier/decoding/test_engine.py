@@ -75,7 +75,7 @@ class OracleDrafter:
     def start(self, prompt_ids: list[int]) -> None:
         self.prompt, self.reported, self.calls, self.ended = prompt_ids, [], 0, 0
 
-    def draft(self, new_tokens: list[int], max_nodes: int) -> DraftTree | None:
+    def draft(self, new_tokens: list[int], max_nodes: int, verified_nodes: int = 0) -> DraftTree | None:
         assert self.calls > 0 or new_tokens == []
         self.calls += 1
         self.reported += new_tokens
@@ -99,7 +99,7 @@ class OracleDrafter:
         n = len(tokens)
         return tree(tokens, parents, np.linspace(1, 0.5, n), np.full(n, 1 + self.calls % 3))
 
-    def end(self) -> None:
+    def end(self, verified_nodes: int = 0) -> None:
         self.ended += 1
 
 
@@ -112,7 +112,7 @@ class GarbageDrafter:
     def start(self, prompt_ids: list[int]) -> None:
         pass
 
-    def draft(self, new_tokens: list[int], max_nodes: int) -> DraftTree | None:
+    def draft(self, new_tokens: list[int], max_nodes: int, verified_nodes: int = 0) -> DraftTree | None:
         roll = self.rng.random()
         if roll < 0.1:
             raise RuntimeError("retriever down")
@@ -123,7 +123,7 @@ class GarbageDrafter:
         parents = [int(self.rng.integers(-1, i)) if i else -1 for i in range(n)]
         return tree(tokens, parents, np.sort(self.rng.random(n))[::-1], np.full(n, 3))
 
-    def end(self) -> None:
+    def end(self, verified_nodes: int = 0) -> None:
         pass
 
 

@@ -1,0 +1,148 @@
+"""Who serves which tenant: replica membership in Redis, and this replica's `Placement`.
+
+Keys (P = prefix; both on the `{members}` slot of a cluster):
+- `P:{members}:alive` sorted set replica id -> expiry (Unix ms, the registering replica's clock);
+- `P:{members}:info` hash replica id -> JSON {"address", "capacity"}.
+A replica re-registers every `heartbeat_s` with expiry now + `ttl_s`; members past their expiry
+are not listed (and are deleted by whoever lists them), so a killed replica falls out within
+`ttl_s` (clocks of the replicas must agree to well within `ttl_s`).
+
+`Placement` runs the heartbeat and keeps the live members; `owns(tenant)` and `owners(tenant)`
+apply `retriever.placement.owners` (rendezvous hashing, `r` owners per tenant). Until the
+first listing (or with the store down since) it keeps the last view; it always counts itself in.
+With one replica, or without Redis (no `Placement`), a replica owns every tenant.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from dataclasses import dataclass
+
+from redis.exceptions import RedisError
+
+from retriever.outputlog.contract import LogConfig, LogUnavailable
+from retriever.outputlog.redis_log import forget_slots, redis_client
+from retriever.placement import Member, owned_by, owners
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class PlacementConfig:
+    """This replica in the membership, and how tenants are spread."""
+
+    replica_id: str
+    address: str  # advertised gRPC host:port
+    capacity: int = 1
+    owners: int = 2  # replicas owning each tenant (R)
+    ttl_s: float = 3.0  # a replica not heard from this long is out
+    heartbeat_s: float = 0.5
+
+    def __post_init__(self) -> None:
+        if not (self.owners >= 1 and self.capacity >= 1 and 0 < self.heartbeat_s < self.ttl_s):
+            raise ValueError(f"PlacementConfig must have owners >= 1, capacity >= 1 and 0 < heartbeat_s < ttl_s, got "
+                             f"{self.owners}, {self.capacity}, {self.heartbeat_s}, {self.ttl_s}")
+
+
+class Membership:
+    """The members' registry in Redis (see the module docstring); raises LogUnavailable."""
+
+    def __init__(self, config: LogConfig, prefix: str = "specdraft") -> None:
+        self._client = redis_client(config, config.timeout_s)
+        self._alive, self._info = f"{prefix}:{{members}}:alive", f"{prefix}:{{members}}:info"
+
+    async def register(self, me: Member, ttl_s: float) -> None:
+        try:
+            pipe = self._client.pipeline(transaction=False)
+            pipe.hset(self._info, me.replica_id, json.dumps({"address": me.address, "capacity": me.capacity}))
+            pipe.zadd(self._alive, {me.replica_id: int((time.time() + ttl_s) * 1000)})
+            await pipe.execute()
+        except (RedisError, OSError, asyncio.TimeoutError) as e:
+            await forget_slots(self._client)
+            raise LogUnavailable(f"redis membership must be writable, got {type(e).__name__}: {e}") from None
+
+    async def members(self) -> tuple[Member, ...]:
+        """The live members, by replica id; expired ones are deleted."""
+        now_ms = int(time.time() * 1000)
+        try:
+            expired = await self._client.zrangebyscore(self._alive, "-inf", now_ms)
+            if expired:
+                pipe = self._client.pipeline(transaction=False)
+                pipe.zremrangebyscore(self._alive, "-inf", now_ms)
+                pipe.hdel(self._info, *expired)
+                await pipe.execute()
+            ids = [i.decode() for i in await self._client.zrangebyscore(self._alive, now_ms, "+inf")]
+            infos = await self._client.hmget(self._info, ids) if ids else []
+        except (RedisError, OSError, asyncio.TimeoutError) as e:
+            await forget_slots(self._client)
+            raise LogUnavailable(f"redis membership must be readable, got {type(e).__name__}: {e}") from None
+        members = []
+        for replica_id, raw in zip(ids, infos):
+            if raw is not None:
+                info = json.loads(raw)
+                members.append(Member(replica_id, str(info["address"]), int(info["capacity"])))
+        return tuple(sorted(members, key=lambda m: m.replica_id))
+
+    async def leave(self, replica_id: str) -> None:
+        try:
+            await self._client.zrem(self._alive, replica_id)
+            await self._client.hdel(self._info, replica_id)
+        except (RedisError, OSError, asyncio.TimeoutError) as e:
+            raise LogUnavailable(f"redis membership must be writable, got {type(e).__name__}: {e}") from None
+
+    async def close(self) -> None:
+        try:
+            await self._client.aclose()
+        except (RedisError, OSError):
+            pass
+
+
+class Placement:
+    """This replica's view of the members and of the tenants it owns (see the module docstring)."""
+
+    def __init__(self, membership: Membership, config: PlacementConfig) -> None:
+        self._membership, self.config = membership, config
+        self.me = Member(config.replica_id, config.address, config.capacity)
+        self.members: tuple[Member, ...] = (self.me,)
+        self.changes = 0  # times the member list changed
+        self.listed = False  # the members were read at least once
+
+    def owns(self, tenant: str) -> bool:
+        return owned_by(self.me.replica_id, tenant, self.members, self.config.owners)
+
+    def owners(self, tenant: str) -> tuple[Member, ...]:
+        return owners(tenant, self.members, self.config.owners)
+
+    async def refresh(self) -> None:
+        """One heartbeat and one listing; raises LogUnavailable (the last view stays)."""
+        await self._membership.register(self.me, self.config.ttl_s)
+        listed = await self._membership.members()
+        members = tuple(sorted({*listed, self.me}, key=lambda m: m.replica_id))
+        if members != self.members:
+            log.info("placement: %d live replicas (%s)", len(members), ", ".join(m.replica_id for m in members))
+            self.members, self.changes = members, self.changes + 1
+        self.listed = True
+
+    async def run(self) -> None:
+        """Heartbeats forever (cancel to stop); failures are logged once and retried."""
+        failing = False
+        while True:
+            try:
+                await self.refresh()
+                failing = False
+            except LogUnavailable as e:
+                if not failing:
+                    log.warning("placement: membership unreachable, keeping %d members: %s", len(self.members), e)
+                failing = True
+            await asyncio.sleep(self.config.heartbeat_s)
+
+    async def leave(self) -> None:
+        """Deregisters (at shutdown: the others take over at once instead of after ttl_s)."""
+        try:
+            await self._membership.leave(self.me.replica_id)
+        except LogUnavailable as e:
+            log.warning("placement: could not deregister %s: %s", self.me.replica_id, e)
+        await self._membership.close()

@@ -1,0 +1,100 @@
+"""Replicas sharing tenants by placement, on one Redis and on a Redis Cluster: membership with a TTL,
+each replica tailing only the tenants it owns, warming a newly owned tenant, freeing a lost one."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import numpy as np
+import pytest
+
+from retriever.drafting.drafter import Drafter
+from retriever.drafting.types import DrafterConfig, Source
+from retriever.outputlog.contract import LogConfig, PendingOutput, encode_tokens
+from retriever.outputlog.membership import Membership, Placement, PlacementConfig
+from retriever.outputlog.sync import LogSync, open_log
+from retriever.placement import Member, owners
+from tests.retriever.outputlog.test_sync import EMPTY, ids, until
+
+TENANTS = [f"team-{i}" for i in range(24)]
+
+
+def output_of(tenant: str) -> np.ndarray:
+    return ids(10_000 + 100 * TENANTS.index(tenant), 40)
+
+
+class PlacedReplica:
+    def __init__(self, config: LogConfig, name: str) -> None:
+        placement = Placement(Membership(config), PlacementConfig(name, f"{name}:1", owners=2, ttl_s=1.0,
+                                                                  heartbeat_s=0.1))
+        self.sync = LogSync(open_log(config), config, placement=placement)
+        self.drafter = Drafter(DrafterConfig(), on_output=self.sync.publish)
+        self.name = name
+
+    def indexed(self) -> set[str]:
+        return {t for t in TENANTS if self.proposes(t)}
+
+    def proposes(self, tenant: str) -> bool:
+        out = output_of(tenant)
+        tree = self.drafter.draft(tenant, f"probe-{time.monotonic_ns()}", out[:10], EMPTY, 8).tree
+        return len(tree) > 0 and int(tree.token_ids[0]) == int(out[10]) and int(tree.sources[0]) == Source.TENANT
+
+
+@pytest.fixture(params=["redis_server", "redis_cluster"])
+def config(request):
+    return LogConfig(redis_url=request.getfixturevalue(request.param).url, timeout_s=0.3, discover_s=0.05)
+
+
+def test_membership_lists_live_members_and_drops_one_past_its_ttl(config):
+    async def body():
+        m = Membership(config)
+        await m.register(Member("a", "h:1", 2), ttl_s=5.0)
+        await m.register(Member("b", "h:2"), ttl_s=0.3)
+        assert await m.members() == (Member("a", "h:1", 2), Member("b", "h:2"))
+        await asyncio.sleep(0.4)
+        assert await m.members() == (Member("a", "h:1", 2),)  # b stopped heartbeating: out
+        await m.leave("a")
+        assert await m.members() == ()
+        await m.close()
+
+    asyncio.run(body())
+
+
+def test_replicas_index_only_owned_tenants_take_over_a_leaver_and_free_lost_ones(config):
+    async def body():
+        writer = open_log(config)
+        await writer.append([PendingOutput(t, encode_tokens(output_of(t)), "writer", i + 1, 0.0)
+                             for i, t in enumerate(TENANTS)])
+        replicas = [PlacedReplica(config, n) for n in ("a", "b", "c")]
+        for r in replicas * 2:  # all three listed before any tails: nobody warms what it does not own
+            await r.sync.placement.refresh()
+        for r in replicas:
+            await r.sync.start(r.drafter)
+        members = [Member(n, f"{n}:1") for n in ("a", "b", "c")]
+        owned = {r.name: {t for t in TENANTS if r.name in [m.replica_id for m in owners(t, members, 2)]}
+                 for r in replicas}
+        for r in replicas:
+            await until(lambda: r.sync.warm and r.sync.placement.members == tuple(members), timeout_s=5.0)
+            assert r.indexed() == owned[r.name]  # only its own share: 2 of 3 replicas hold each tenant
+            assert all(r.sync.ready(t) == (t in owned[r.name]) for t in TENANTS)
+        assert sum(len(s) for s in owned.values()) == 2 * len(TENANTS)
+        a, b, c = replicas
+        await c.sync.stop()  # leaves: a and b own everything now, each warms what it lacked
+        for r in (a, b):
+            await until(lambda: len(r.sync.placement.members) == 2 and all(r.sync.ready(t) for t in TENANTS),
+                        timeout_s=5.0)
+            assert r.indexed() == set(TENANTS)
+        d = PlacedReplica(config, "d")  # joins: a and b hand some tenants over and free them
+        await d.sync.placement.refresh()
+        await d.sync.start(d.drafter)
+        members = [Member(n, f"{n}:1") for n in ("a", "b", "d")]
+        for r in (a, b, d):
+            mine = {t for t in TENANTS if r.name in [m.replica_id for m in owners(t, members, 2)]}
+            await until(lambda: len(r.sync.placement.members) == 3 and r.indexed() == mine, timeout_s=5.0)
+        assert a.sync.health().dropped_tenants + b.sync.health().dropped_tenants > 0
+        for r in (a, b, d):
+            await r.sync.stop()
+        await writer.close()
+
+    asyncio.run(body())

@@ -1,0 +1,60 @@
+"""`StepPolicy`: which prefix it verifies, when it stops asking for drafts and when it asks again;
+checked against the expected-rate rule written out by hand."""
+
+import numpy as np
+import pytest
+
+from verifier.decoding.cost import CostModel
+from verifier.decoding.policy import StepPolicy
+
+MS = 1e6
+
+
+def policy(**kw) -> StepPolicy:
+    return StepPolicy(CostModel((1, 2, 4), (10 * MS, 12 * MS, 30 * MS)), calibrate=False, **kw)
+
+
+def test_choose_is_the_best_expected_rate_and_ignores_the_sunk_round_trip():
+    p = policy()
+    p.drafted(np.array([0.9], np.float32), int(5 * MS))  # a slow round trip is already paid
+    assert p.choose(np.array([0.9, 0.8, 0.1], np.float32)) == 1  # 1.9/12 > 1/10 > 2.7/(12 + 9)...
+    assert p.choose(np.array([0.1], np.float32)) == 0  # 1.1/12 < 1/10: verify nothing
+    assert p.choose(np.zeros(0, np.float32)) == 0
+
+
+def test_drafts_that_do_not_pay_back_off_doubling_then_ask_again():
+    p = policy(max_skip=4)
+    asked = []
+    for step in range(24):
+        wants = p.wants_draft()
+        asked.append(wants)
+        if wants:
+            p.drafted(np.array([0.05], np.float32), int(1 * MS))  # never worth its round trip
+    # misses 1, 2, 3, 4, 5: skips 1, 2, 4, 4 (capped), 4
+    assert asked[:12] == [True, False, True, False, False, True, False, False, False, False, True, False]
+    assert p.skipped == asked.count(False) and p.misses == asked.count(True)
+
+
+def test_a_paying_draft_resets_the_back_off():
+    p = policy()
+    p.drafted(None, int(1 * MS))  # no tree: a round trip for nothing (10% of a step)
+    assert p.misses == 1 and p.skip == 1
+    assert not p.wants_draft() and p.wants_draft()
+    p.drafted(np.array([0.95, 0.9], np.float32), int(1 * MS))  # 1.95/(12+1) * 10 > 1: pays
+    assert p.misses == 0 and p.skip == 0
+
+
+def test_a_cheap_round_trip_with_no_tree_is_within_tolerance():
+    p = policy(tolerance=0.02)
+    p.drafted(None, int(0.1 * MS))  # 1% of a step: not worth backing off for
+    assert p.misses == 0 and p.wants_draft()
+
+
+def test_stepped_refines_the_cost_and_the_calibration():
+    p = StepPolicy(CostModel((1, 8), (10 * MS, 20 * MS)), calibrate=True)
+    before = p.probabilities(np.array([0.95], np.float32))[0]
+    for _ in range(50):
+        p.stepped(3, int(30 * MS), np.array([0.95, 0.95], np.float32), [])  # never accepted, slower than thought
+    assert p.probabilities(np.array([0.95], np.float32))[0] < before / 2
+    assert float(p.cost.at(3)) > 20 * MS
+    assert p.choose(np.array([0.95, 0.95], np.float32)) == 0

@@ -1,0 +1,70 @@
+"""The step policy: per step, whether to ask the drafter at all, and how much of its tree to verify.
+
+Verifying the first k best-first nodes of a tree is worth (1 + the sum of their acceptance
+probabilities) tokens for cost(1 + k) ns (`CostModel`, refined from every step that runs); the
+probabilities are the drafter's scores weighed by what this verifier observed for such scores
+(`ScoreCalibration`). k = 0 is plain decoding. The round trip of a draft (`draft_ns`, an average
+of the measured ones) is sunk once the tree is here, so `choose` ignores it; but a draft whose
+best prefix, with its round trip, would not beat plain decoding by more than `tolerance` is a
+miss, and after m misses in a row the next min(2^(m-1), max_skip) steps decode without asking
+(then one step asks again). So where drafts do not pay, a step costs what plain decoding costs.
+
+Example: cost (1: 10 ms, 2: 12 ms), round trip 1 ms, a draft of one node scored 0.1 ->
+rates 1/10 (k=0) vs 1.1/12 (k=1): choose 0; with the round trip 1/11 < (1 - 0.02)/10: a miss,
+the next step asks nothing.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from verifier.decoding.cost import CostModel, ScoreCalibration
+
+
+class StepPolicy:
+    """One engine's policy (not thread-safe; the engine runs one generation at a time)."""
+
+    def __init__(self, cost: CostModel, calibrate: bool = True, tolerance: float = 0.02, max_skip: int = 16,
+                 draft_weight: float = 0.2) -> None:
+        """calibrate: weigh scores by observed acceptance (False: take them as probabilities)."""
+        self.cost = cost
+        self.calibration = ScoreCalibration() if calibrate else None
+        self.tolerance, self.max_skip, self.draft_weight = tolerance, max_skip, draft_weight
+        self.draft_ns = 0.0  # moving average of the drafting round trip
+        self.misses = 0  # drafts in a row that did not pay
+        self.skip = 0  # steps left to decode without asking for a draft
+        self.skipped = 0  # steps decoded without asking, in all
+
+    def wants_draft(self) -> bool:
+        """Whether this step asks the drafter (False while backing off after misses)."""
+        if self.skip > 0:
+            self.skip -= 1
+            self.skipped += 1
+            return False
+        return True
+
+    def probabilities(self, scores: np.ndarray) -> np.ndarray:
+        """[n] float32 drafter scores -> [n] acceptance probabilities (float64 when calibrated)."""
+        return self.calibration(scores) if self.calibration is not None else scores
+
+    def choose(self, scores: np.ndarray) -> int:
+        """How many best-first nodes to verify (scores [n] float32, best-first; 0: none)."""
+        return self.cost.best_prefix(self.probabilities(scores))
+
+    def drafted(self, scores: np.ndarray | None, draft_ns: int) -> None:
+        """A draft call took draft_ns and gave a tree with these scores (None: no tree)."""
+        self.draft_ns += self.draft_weight * (draft_ns - self.draft_ns) if self.draft_ns else draft_ns
+        probs = self.probabilities(scores) if scores is not None else np.zeros(0)
+        pays = float(np.max(self.cost.rates(probs, self.draft_ns))) * float(self.cost.at(1))
+        if pays >= 1.0 - self.tolerance:
+            self.misses = 0
+            return
+        self.misses += 1
+        self.skip = min(2 ** (self.misses - 1), self.max_skip)
+
+    def stepped(self, num_tokens: int, step_ns: int, scores: np.ndarray, accepted_nodes: list[int]) -> None:
+        """A forward of num_tokens inputs (root + the verified nodes, scored `scores` [n]) took
+        step_ns with its acceptance and commit; `accepted_nodes` are the accepted node indexes."""
+        self.cost.observe(num_tokens, step_ns)
+        if self.calibration is not None:  # every step: evidence decays while nothing is verified
+            self.calibration.update(scores, accepted_nodes)
