@@ -53,11 +53,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--json", metavar="PATH", help="also write the result as JSON")
     p.set_defaults(run=run_index)
 
-    from specdraft.bench import generate
-
     p = sub.add_parser("generate", help="end to end: tokens/s with and without drafting, HF prompt lookup, by workload")
     _traces_args(p)
-    p.set_defaults(limit=3, run=generate.run)
+    p.set_defaults(limit=3, run=run_generate)
     p.add_argument("--model", default="smollm2", help="HF folder, cached HF id, .gguf file or smollm2 (default)")
     p.add_argument("--dtype", default="float32", choices=("float32", "float64", "bfloat16", "float16"))
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
@@ -69,6 +67,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="the engine under test: hf (default) or llama.cpp on a .gguf --model (or smollm2)")
     p.add_argument("--threads", type=int, default=0, help="llama.cpp threads (default 0: every core)")
     p.add_argument("--chart", metavar="PATH", help="also write the tokens/s by workload as a PNG chart")
+    p.add_argument("--variants", action=argparse.BooleanOptionalAction, default=None,
+                   help="compare five decoders (HF eager, HF static cache + torch.compile, HF prompt lookup, "
+                        "specdraft eager, specdraft with CUDA graphs): default on for --device cuda, off on a CPU")
+    p.add_argument("--static-positions", type=int, default=2048,
+                   help="--variants: tokens a generation may hold in the static cache (default %(default)s)")
 
     p = sub.add_parser("overload", help="retriever at 10x its concurrency cap: counts, p99, RSS, cancelled streams")
     p.add_argument("--cap", type=int, default=64, help="server max_inflight; 10x this many callers (default %(default)s)")
@@ -116,6 +119,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p = sub.add_parser("abuse-http", help="verifier HTTP: the next request's wait after abandoned non-streamed ones")
     abuse_http.add_arguments(p)
     p.set_defaults(run=abuse_http.run)
+
+
+def run_generate(args: argparse.Namespace) -> int:
+    """bench generate: the five decoders (`generate_variants`) with --variants or on CUDA, else anchors vs engine."""
+    from specdraft.bench import generate, generate_variants
+
+    return (generate_variants.run if generate_variants.wants_variants(args) else generate.run)(args)
 
 
 def _traces_args(p: argparse.ArgumentParser) -> None:

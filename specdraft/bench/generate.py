@@ -232,7 +232,8 @@ def write_chart(rows: list[WorkloadSpeed], path: str) -> None:
 
 
 def run(args) -> int:
-    """The command: loads the model and the drafter once, then runs each workload."""
+    """The command: loads the model and the drafter once, then runs each workload (`--variants`,
+    the default on CUDA, runs `specdraft.bench.generate_variants` instead: see `bench.cli`)."""
     from retriever.drafting.drafter import Drafter
     from retriever.drafting.types import DrafterConfig
     from retriever.store.datastore import open_datastore

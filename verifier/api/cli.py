@@ -21,6 +21,12 @@ def model_args(p: argparse.ArgumentParser) -> None:
                    help="the engine running the model: hf (transformers), llama.cpp (a GGUF file as it is, CPU), "
                         "auto (default): llama.cpp for a .gguf file on the CPU, else hf")
     p.add_argument("--threads", type=int, help="llama.cpp threads (default 0: every core)")
+    p.add_argument("--static-cache", choices=("auto", "on", "off"),
+                   help="HF backend over a static KV cache: auto (default): on for cuda unless --no-graphs; on: "
+                        "also on a CPU (eager); off: the eager dynamic cache (SPECDRAFT_VERIFIER_STATIC_CACHE)")
+    p.add_argument("--no-graphs", dest="graphs", action="store_false", default=None,
+                   help="no CUDA graphs: with --static-cache auto, the eager dynamic-cache fallback "
+                        "(SPECDRAFT_VERIFIER_GRAPHS=0)")
     p.add_argument("--cache-dir", help="where converted models are cached (default <repo>/.cache/models)")
     p.add_argument("--max-nodes", type=int, help="draft nodes asked per step (default 64)")
     p.add_argument("--draft-deadline-ms", type=float, help="per-draft deadline (default 50)")
@@ -54,6 +60,7 @@ def settings_from_args(args: argparse.Namespace, **overrides: object) -> Verifie
     return VerifierSettings.from_env(
         model=args.model, dtype=args.dtype, device=args.device, cache_dir=args.cache_dir, max_nodes=args.max_nodes,
         backend=getattr(args, "backend", None), threads=getattr(args, "threads", None),
+        static_cache=getattr(args, "static_cache", None), graphs=getattr(args, "graphs", None),
         draft_deadline_s=deadline / 1000 if deadline is not None else None, **security, **overrides)
 
 

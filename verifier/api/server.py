@@ -93,7 +93,8 @@ class VerifierServer:
 
 def load(settings: VerifierSettings) -> "Backend":
     """The model of the settings as its backend (`settings.backend_kind()`): llama.cpp over the GGUF
-    file as it is, or HF transformers (a GGUF converted once, then cached under settings.cache_dir)."""
+    file as it is, or HF transformers (a GGUF converted once, then cached under settings.cache_dir),
+    over the static cache with CUDA graphs when `settings.static_cache_on()`, else the dynamic cache."""
     from verifier.decoding.hf import HFBackend
     from verifier.decoding.model import load_model
 
@@ -103,6 +104,11 @@ def load(settings: VerifierSettings) -> "Backend":
 
         return LlamaCppBackend(resolve_gguf(settings.model_spec()), max_nodes=settings.max_nodes,
                                n_threads=settings.threads)
+    if settings.static_cache_on():
+        from verifier.decoding.hf_static import HFStaticBackend
+
+        return HFStaticBackend(load_model(settings.model_spec()), max_positions=settings.static_positions,
+                               graphs=settings.graphs)
     return HFBackend(load_model(settings.model_spec()))
 
 

@@ -53,6 +53,11 @@ class VerifierSettings:
     max_nodes: int = 64  # draft nodes asked per step (the engine verifies the best prefix)
     backend: str = "auto"  # hf, llama.cpp, or auto: llama.cpp for a .gguf file on the CPU (if installed), else hf
     threads: int = 0  # llama.cpp threads; 0: every core of this machine
+    # HF backend: the static KV cache (verifier.decoding.hf_static): auto = on for cuda with graphs, else the
+    # dynamic cache; on: static (eager on a CPU); off: the eager dynamic-cache fallback
+    static_cache: str = "auto"
+    graphs: bool = True  # capture each padded forward as a CUDA graph (cuda + static cache only); False: --no-graphs
+    static_positions: int = 4096  # tokens a generation may hold in the static cache (prompt + output)
     default_tenant: str = "default"
     default_max_new_tokens: int = 256
     max_new_tokens_cap: int = 4096
@@ -128,6 +133,12 @@ class VerifierSettings:
         gguf_on_cpu = self.model.endswith(".gguf") and self.device == "cpu"
         return "llama.cpp" if gguf_on_cpu and importlib.util.find_spec("llama_cpp") is not None else "hf"
 
+    def static_cache_on(self) -> bool:
+        """Whether the HF backend runs over the static cache: `static_cache` on, or auto on cuda with graphs."""
+        if self.backend_kind() != "hf" or self.static_cache == "off":
+            return False
+        return self.static_cache == "on" or (self.device.startswith("cuda") and self.graphs)
+
     @property
     def model_name(self) -> str:
         """The model's name in the HTTP API."""
@@ -172,6 +183,9 @@ _RULES: dict[str, config.Rule] = {
     "log_format": one_of(*FORMATS),
     "backend": one_of("auto", *BACKENDS),
     "threads": (integer(0), "an integer >= 0 (0: every core)"),
+    "static_cache": one_of("auto", "on", "off"),
+    "graphs": (boolean, "a boolean"),
+    "static_positions": (integer(2), "an integer >= 2"),
     **{name: (_path, "a file path or empty") for name in (
         "auth_tokens_file", "tls_cert", "tls_key", "tls_client_ca", "retriever_token_file", "retriever_ca",
         "retriever_client_cert", "retriever_client_key")},

@@ -69,17 +69,21 @@ class Acceptance:
 
 
 def accept_greedy(logits: torch.Tensor, tree: TreeInputs) -> Acceptance:
-    """Greedy acceptance on the device: logits [1+n, V] float, tree of the same forward."""
+    """Greedy acceptance on the device: logits [1+n, V] float, tree of the same forward.
+
+    One device -> host copy per step (the path, the nodes' tokens and the bonus, packed)."""
     targets = logits.argmax(-1)  # [1+n] int64
     n = tree.num_nodes
     ok = tree.input_ids[0, 1:] == targets[tree.parent_rows]  # [n] bool
     on_path = ~(tree.ancestor[1:, 1:] & ~ok[None, :]).any(-1)  # [n] bool, every node root..i ok
     rank = torch.arange(n, 0, -1, device=logits.device)  # [n] int64, lower index wins ties
-    key = torch.where(on_path, tree.depth[1:] * (n + 1) + rank, 0)  # [n] int64
-    best_row = int(key.argmax()) + 1 if n and bool(on_path.any()) else 0
-    path = torch.nonzero(tree.ancestor[best_row, 1:]).view(-1)  # [k] int64, ascending = root to leaf
-    tokens = torch.cat([tree.input_ids[0, 1 + path], targets[best_row:best_row + 1]])  # [k+1]
-    return Acceptance(path.cpu(), tokens.cpu())
+    key = torch.where(on_path, tree.depth[1:] * (n + 1) + rank, 0)  # [n] int64, 0: off every path
+    best = key.argmax().view(1) + 1 if n else torch.zeros(1, dtype=torch.int64, device=logits.device)  # [1]
+    best = torch.where(key.gather(0, best - 1) > 0, best, 0) if n else best  # [1] int64, 0: the root
+    path_mask = tree.ancestor.index_select(0, best)[0, 1:]  # [n] bool, the rows on the root..best path
+    packed = torch.cat([path_mask.long(), tree.input_ids[0, 1:], targets.gather(0, best)]).cpu()  # [2n+1]
+    path = torch.nonzero(packed[:n]).view(-1)  # [k] int64, ascending = root to leaf
+    return Acceptance(path, torch.cat([packed[n:2 * n][path], packed[2 * n:]]))
 
 
 def warp(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:

@@ -1,7 +1,8 @@
 """What the decode loop needs of a target model: a `Backend`, one generation at a time.
 
-Two implementations: `verifier.decoding.hf.HFBackend` (HF transformers, CPU or GPU: a 4-D tree
-mask over a dynamic KV cache) and `verifier.decoding.llama_cpp.LlamaCppBackend` (llama.cpp on a
+Implementations: `verifier.decoding.hf.HFBackend` (HF transformers, CPU or GPU: a 4-D tree
+mask over a dynamic KV cache), `verifier.decoding.hf_static.HFStaticBackend` (HF transformers over a
+static KV cache, trees padded to fixed sizes, CUDA graphs on CUDA; kind "hf" too) and `verifier.decoding.llama_cpp.LlamaCppBackend` (llama.cpp on a
 GGUF file, CPU: one `llama_decode` per tree, sequence ids as the tree mask). A cache is the
 backend's own object; the engine keeps its length.
 

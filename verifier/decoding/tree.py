@@ -60,7 +60,7 @@ class TreeInputs:
         return int(self.input_ids.shape[1]) - 1
 
 
-def _tree_structure(parents: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def tree_structure(parents: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(depth [1+n] int64, ancestor [1+n, 1+n] bool) over rows: 0 = root, 1 + i = node i."""
     n = parents.shape[0]
     depth = np.zeros(n + 1, np.int64)
@@ -76,7 +76,7 @@ def _tree_structure(parents: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 def build_tree_inputs(root_token: int, draft: DraftTree, cache_len: int, dtype: torch.dtype,
                       device: torch.device | str) -> TreeInputs:
     """The inputs verifying `draft` after `root_token`, over a cache of cache_len entries (see module doc)."""
-    depth, ancestor = _tree_structure(draft.parents)
+    depth, ancestor = tree_structure(draft.parents)
     ids = np.concatenate([[root_token], draft.token_ids]).astype(np.int64)  # [1+n]
     n1 = ids.shape[0]
     tree_block = np.where(ancestor, 0.0, torch.finfo(dtype).min)  # [1+n, 1+n] float64
