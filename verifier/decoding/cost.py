@@ -94,17 +94,32 @@ class CostModel:
         """Times chain forwards of 1, 2, 4, ... tokens over a random cache of cache_len entries.
 
         Stops past max_tokens or once a size costs stop_ratio times a single token (the rest is
-        extrapolated linearly: no tree is worth that much on such a device).
+        extrapolated linearly: no tree is worth that much on such a device). A backend that pads
+        its forwards to fixed sizes (a `sizes` attribute, e.g. (1, 9, 17, 33, 65)) is timed at
+        those sizes instead, and the curve is a staircase: every size up to a padded size costs
+        what that padded size costs.
         """
         time_chain = backend.timer(max(1, min(cache_len, backend.max_positions - 2 * max_tokens)))
+        padded = tuple(getattr(backend, "sizes", ()))
         sizes, costs, t = [], [], 1
         while True:
             samples = [time_chain(t) for _ in range(reps + 1)]  # the first warms up
             sizes.append(t)
             costs.append(max(float(min(samples[1:])), costs[-1] if costs else 0.0))  # more tokens never cost less
             if t >= max_tokens or costs[-1] > stop_ratio * costs[0]:
-                return CostModel(tuple(sizes), tuple(costs))
-            t = min(2 * t, max_tokens)
+                return CostModel(*_staircase(sizes, costs)) if padded else CostModel(tuple(sizes), tuple(costs))
+            t = next((s for s in padded if s > t), max_tokens) if padded else 2 * t
+            t = min(t, max_tokens)
+
+
+def _staircase(sizes: list[int], costs: list[float]) -> tuple[tuple[int, ...], tuple[float, ...]]:
+    """Points of a step-shaped curve: sizes (1, 9, 17) costing (a, b, c) -> (1, 2, 9, 10, 17)
+    costing (a, b, b, c, c): a forward of 2..9 tokens runs as 9."""
+    tokens, out = [1], [costs[0]]
+    for prev, size, cost in zip(sizes, sizes[1:], costs[1:]):
+        tokens += [prev + 1] + ([size] if size > prev + 1 else [])
+        out += [cost] + ([cost] if size > prev + 1 else [])
+    return tuple(tokens), tuple(out)
 
 
 class ScoreCalibration:

@@ -134,3 +134,12 @@ def test_observe_converges_to_the_steps_that_run_and_flat_never_moves():
 def test_a_malformed_curve_is_refused(tokens, costs):
     with pytest.raises(ValueError, match="increasing from 1"):
         CostModel(tokens, costs)
+
+
+def test_staircase_points_of_padded_sizes():
+    from verifier.decoding.cost import _staircase
+
+    assert _staircase([1, 9, 17], [1.0, 2.0, 3.0]) == ((1, 2, 9, 10, 17), (1.0, 2.0, 2.0, 3.0, 3.0))
+    assert _staircase([1, 2, 4], [1.0, 2.0, 3.0]) == ((1, 2, 3, 4), (1.0, 2.0, 3.0, 3.0))
+    cm = CostModel(*_staircase([1, 9, 17], [1.0, 2.0, 3.0]))
+    assert [float(cm.at(n)) for n in (1, 2, 5, 9, 10, 17)] == [1.0, 2.0, 2.0, 2.0, 3.0, 3.0]
