@@ -4,10 +4,13 @@ Verifying the first k best-first nodes of a tree is worth (1 + the sum of their 
 probabilities) tokens for cost(1 + k) ns (`CostModel`, refined from every step that runs); the
 probabilities are the drafter's scores weighed by what this verifier observed for such scores
 (`ScoreCalibration`). k = 0 is plain decoding. The round trip of a draft (`draft_ns`, an average
-of the measured ones) is sunk once the tree is here, so `choose` ignores it; but a draft whose
-best prefix, with its round trip, would not beat plain decoding by more than `tolerance` is a
-miss, and after m misses in a row the next min(2^(m-1), max_skip) steps decode without asking
-(then one step asks again). So where drafts do not pay, a step costs what plain decoding costs.
+of the measured ones) is sunk once the tree is here, so `choose` ignores it. A miss is a draft
+whose best prefix, with its round trip, would not beat plain decoding by more than `tolerance`
+(predicted), or a verified tree of which nothing was accepted (realized: the calibration, learned
+over every generation, may trust a workload's drafts more than they deserve); an accepted node
+ends the run of misses. After m misses in a row the next min(2^(m-1), max_skip) steps decode
+without asking (then one step asks again). So where drafts do not pay, a step costs what plain
+decoding costs.
 
 Example: cost (1: 10 ms, 2: 12 ms), round trip 1 ms, a draft of one node scored 0.1 ->
 rates 1/10 (k=0) vs 1.1/12 (k=1): choose 0; with the round trip 1/11 < (1 - 0.02)/10: a miss,
@@ -56,9 +59,10 @@ class StepPolicy:
         self.draft_ns += self.draft_weight * (draft_ns - self.draft_ns) if self.draft_ns else draft_ns
         probs = self.probabilities(scores) if scores is not None else np.zeros(0)
         pays = float(np.max(self.cost.rates(probs, self.draft_ns))) * float(self.cost.at(1))
-        if pays >= 1.0 - self.tolerance:
-            self.misses = 0
-            return
+        if pays < 1.0 - self.tolerance:
+            self._miss()
+
+    def _miss(self) -> None:
         self.misses += 1
         self.skip = min(2 ** (self.misses - 1), self.max_skip)
 
@@ -66,5 +70,9 @@ class StepPolicy:
         """A forward of num_tokens inputs (root + the verified nodes, scored `scores` [n]) took
         step_ns with its acceptance and commit; `accepted_nodes` are the accepted node indexes."""
         self.cost.observe(num_tokens, step_ns)
+        if accepted_nodes:
+            self.misses = 0
+        elif len(scores):
+            self._miss()
         if self.calibration is not None:  # every step: evidence decays while nothing is verified
             self.calibration.update(scores, accepted_nodes)

@@ -35,13 +35,20 @@ def test_drafts_that_do_not_pay_back_off_doubling_then_ask_again():
     assert p.skipped == asked.count(False) and p.misses == asked.count(True)
 
 
-def test_a_paying_draft_resets_the_back_off():
+def test_an_accepted_node_resets_the_back_off_and_a_rejected_tree_is_a_miss():
     p = policy()
     p.drafted(None, int(1 * MS))  # no tree: a round trip for nothing (10% of a step)
     assert p.misses == 1 and p.skip == 1
     assert not p.wants_draft() and p.wants_draft()
-    p.drafted(np.array([0.95, 0.9], np.float32), int(1 * MS))  # 1.95/(12+1) * 10 > 1: pays
-    assert p.misses == 0 and p.skip == 0
+    p.drafted(np.array([0.95, 0.9], np.float32), int(1 * MS))  # 1.95/(12+1) * 10 > 1: predicted to pay
+    assert p.misses == 1 and p.skip == 0
+    p.stepped(2, int(12 * MS), np.array([0.95], np.float32), [0])  # and it did
+    assert p.misses == 0
+    for m in (1, 2, 3):  # verified trees of which nothing is accepted: the calibration was too hopeful
+        p.stepped(2, int(12 * MS), np.array([0.95], np.float32), [])
+        assert p.misses == m and p.skip == 2 ** (m - 1)
+    p.stepped(1, int(10 * MS), np.zeros(0, np.float32), [])  # a plain step is neither
+    assert p.misses == 3
 
 
 def test_a_cheap_round_trip_with_no_tree_is_within_tolerance():
