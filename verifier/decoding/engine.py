@@ -112,6 +112,7 @@ class Engine:
         seq.uniforms = None if sampling.greedy else UniformStream(sampling.seed)
         unreported: list[int] = []  # emitted tokens the drafter has not been told of yet
         verified = 0  # nodes of the drafter's last tree that were verified
+        self.policy.start()
         if drafter is not None:
             drafter.start(list(prompt))
         try:

@@ -8,7 +8,7 @@ of the measured ones) is sunk once the tree is here, so `choose` ignores it. A m
 whose best prefix, with its round trip, would not beat plain decoding by more than `tolerance`
 (predicted), or a verified tree of which nothing was accepted (realized: the calibration, learned
 over every generation, may trust a workload's drafts more than they deserve); an accepted node
-ends the run of misses. After m misses in a row the next min(2^(m-1), max_skip) steps decode
+ends the run of misses, and so does a new generation (`start`). After m misses in a row the next min(2^(m-1), max_skip) steps decode
 without asking (then one step asks again). So where drafts do not pay, a step costs what plain
 decoding costs.
 
@@ -37,6 +37,10 @@ class StepPolicy:
         self.misses = 0  # drafts in a row that did not pay
         self.skip = 0  # steps left to decode without asking for a draft
         self.skipped = 0  # steps decoded without asking, in all
+
+    def start(self) -> None:
+        """A new generation: its drafts have not missed yet (the cost and calibration carry over)."""
+        self.misses = self.skip = 0
 
     def wants_draft(self) -> bool:
         """Whether this step asks the drafter (False while backing off after misses)."""

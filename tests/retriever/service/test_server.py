@@ -201,10 +201,11 @@ def test_without_indexes_any_24_bit_id_goes():
 class FaultyDrafter(Drafter):
     """A real Drafter that fails unexpectedly for tenant "boom" (a bug stand-in)."""
 
-    def draft_response(self, tenant, session_id, prompt, new_tokens, max_nodes, prediction=None):
+    def draft_response(self, tenant, session_id, prompt, new_tokens, max_nodes, prediction=None,
+                       verified_nodes=None):
         if tenant == "boom":
             raise RuntimeError("simulated bug")
-        return super().draft_response(tenant, session_id, prompt, new_tokens, max_nodes, prediction)
+        return super().draft_response(tenant, session_id, prompt, new_tokens, max_nodes, prediction, verified_nodes)
 
 
 def test_unexpected_errors_are_internal_logged_and_the_server_lives_on(caplog):

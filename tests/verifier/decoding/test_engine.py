@@ -147,7 +147,8 @@ def test_greedy_with_oracle_trees_among_random_branches_equals_plain(engine, smo
     drafter = OracleDrafter(reference[i], smollm2.vocab_size, seed=i)
     out, steps = run(engine, prompts[i], drafter)
     assert out == reference[i]
-    assert drafter.ended == 1 and drafter.reported + steps[-1].tokens == out
+    # told of the output in order (the steps after the last draft call are the caller's to report)
+    assert drafter.ended == 1 and drafter.reported == out[:len(drafter.reported)]
     assert sum(s.accepted_nodes for s in steps) > 0
     for s in steps:
         assert len(s.accepted_sources) == s.accepted_nodes <= s.draft_nodes

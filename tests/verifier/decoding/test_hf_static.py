@@ -212,7 +212,9 @@ def test_stale_handles_and_bad_lengths_are_refused(tiny):
 def test_timer_times_padded_sizes(tiny):
     static = HFStaticBackend(tiny, max_positions=120)
     cm = CostModel.measure(static, max_tokens=65, cache_len=16, reps=1, stop_ratio=1e9)  # no early stop
-    assert cm.tokens == (1, 2, 4, 8, 16, 32, 64, 65) and all(c > 0 for c in cm.cost_ns)
+    # timed at the padded sizes 1, 9, 17, 33, 65 only; a staircase between them
+    assert cm.tokens == (1, 2, 9, 10, 17, 18, 33, 34, 65) and all(c > 0 for c in cm.cost_ns)
+    assert cm.cost_ns[1] == cm.cost_ns[2] and cm.cost_ns[3] == cm.cost_ns[4] and cm.cost_ns[7] == cm.cost_ns[8]
     assert static.precision == "float64 cpu static eager"
 
 
