@@ -59,10 +59,17 @@ class CostStore:
 
     def __init__(self, folder: str | Path) -> None:
         self.folder = Path(folder)
+        self._keys: dict[int, tuple["Backend", CostKey]] = {}  # id -> (backend, its key): stat the model once
+
+    def _key(self, backend: "Backend") -> CostKey:
+        held = self._keys.get(id(backend))
+        if held is None or held[0] is not backend:
+            held = self._keys[id(backend)] = (backend, CostKey.of(backend))
+        return held[1]
 
     def load(self, backend: "Backend") -> CostModel | None:
         """The kept curve of this backend's key, or None (none, unreadable, or another key's)."""
-        key = CostKey.of(backend)
+        key = self._key(backend)
         path = self.folder / key.file_name()
         try:
             data = json.loads(path.read_text())
@@ -77,7 +84,7 @@ class CostStore:
 
     def save(self, backend: "Backend", cost: CostModel) -> None:
         """Writes the curve atomically (a temporary file renamed over the old one)."""
-        key = CostKey.of(backend)
+        key = self._key(backend)
         path = self.folder / key.file_name()
         data = {"version": VERSION, "key": asdict(key), "tokens": list(cost.tokens),
                 "cost_ns": [float(c) for c in cost.at(np.asarray(cost.tokens))]}  # the scale folded in
