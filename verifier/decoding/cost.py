@@ -27,7 +27,10 @@ class CostModel:
     device got slower or faster at every size: another process, a warmer cache), then the shape's
     point at t (added if new) moves weight / 2 of the way toward ns / scale, and the points left
     of t are capped at its value, those right of it raised to it (more tokens never cost less).
-    Not thread-safe (one engine).
+    Last, every point's ratio to the 1-token point is kept within [2/3, 3/2] x the baseline's (the
+    measured curve): a busy spell can move the curve's level without bound (the scale), its shape
+    only so far, so steps timed while another process ran never make drafting look worthless for
+    good. Not thread-safe (one engine).
 
     Example: tokens (1, 2, 4), cost_ns (10, 10, 14) -> at(3) = 12; best_prefix([0.9, 0.5, 0.1])
     compares (1 + 0) / 10, (1 + 0.9) / 10, (1 + 1.4) / 12, (1 + 1.5) / 14 -> 2 nodes.
@@ -36,23 +39,24 @@ class CostModel:
     """
 
     def __init__(self, tokens: tuple[int, ...], cost_ns: tuple[float, ...], weight: float = 0.1,
-                 scale: float = 1.0) -> None:
-        """tokens: increasing sizes, the first 1; cost_ns: one per size; raises ValueError otherwise."""
-        if not tokens or tokens[0] != 1 or len(tokens) != len(cost_ns) or any(b <= a for a, b in zip(tokens,
-                                                                                                      tokens[1:])):
-            raise ValueError(f"cost model tokens must be increasing from 1 with one cost each, got {tokens} "
-                             f"and {len(cost_ns)} costs")
+                 scale: float = 1.0, baseline: "tuple[tuple[int, ...], tuple[float, ...]] | None" = None) -> None:
+        """tokens: increasing sizes, the first 1; cost_ns: one per size; baseline: the measured
+        (tokens, cost_ns) that bound the shape (None: this curve); raises ValueError otherwise."""
+        for xs, ys in ((tokens, cost_ns),) + ((baseline,) if baseline is not None else ()):
+            if not xs or xs[0] != 1 or len(xs) != len(ys) or any(b <= a for a, b in zip(xs, xs[1:])):
+                raise ValueError(f"cost model tokens must be increasing from 1 with one cost each, got {xs} "
+                                 f"and {len(ys)} costs")
         self.tokens: tuple[int, ...] = tuple(int(t) for t in tokens)
         self.cost_ns: tuple[float, ...] = tuple(float(c) for c in np.maximum.accumulate(np.asarray(cost_ns, float)))
+        bx, by = baseline if baseline is not None else (self.tokens, self.cost_ns)
+        self.baseline: tuple[tuple[int, ...], tuple[float, ...]] = (
+            tuple(int(t) for t in bx), tuple(float(c) for c in np.maximum.accumulate(np.asarray(by, float))))
         self.weight, self.scale = weight, scale
         self.observed = 0  # observations since construction
 
     def at(self, num_tokens: np.ndarray | int) -> np.ndarray:
         """Interpolated cost in ns (scale x the shape); linear extrapolation past the last point."""
-        x, y = np.asarray(self.tokens, np.float64), np.asarray(self.cost_ns, np.float64)
-        n = np.asarray(num_tokens, np.float64)
-        slope = (y[-1] - y[-2]) / (x[-1] - x[-2]) if len(x) > 1 else 0.0
-        return self.scale * np.where(n <= x[-1], np.interp(n, x, y), y[-1] + max(slope, 0.0) * (n - x[-1]))
+        return self.scale * _curve(num_tokens, self.tokens, self.cost_ns)
 
     def rates(self, scores: np.ndarray, overhead_ns: float = 0.0) -> np.ndarray:
         """[n+1] float64 expected tokens per ns of verifying the first k nodes, k = 0..n (scores [n]
@@ -80,7 +84,13 @@ class CostModel:
             tokens.insert(j, int(num_tokens))
             costs.insert(j, shape)
         costs = [min(c, target) if i < j else max(c, target) if i > j else target for i, c in enumerate(costs)]
-        self.tokens, self.cost_ns = tuple(tokens), tuple(costs)
+        self.tokens, self.cost_ns = tuple(tokens), tuple(self._bounded(tokens, costs))
+
+    def _bounded(self, tokens: list[int], costs: list[float]) -> list[float]:
+        """costs with each point's ratio to the first within [2/3, 3/2] x the baseline's at its size
+        (monotone bounds of a monotone curve: it stays non-decreasing)."""
+        ratio = _curve(tokens, *self.baseline) / self.baseline[1][0]  # [points]
+        return np.clip(np.asarray(costs), costs[0] * ratio * 2 / 3, costs[0] * ratio * 1.5).tolist()
 
     @staticmethod
     def flat(max_tokens: int = 1024, step_ns: float = 1e9) -> "CostModel":
@@ -110,6 +120,15 @@ class CostModel:
                 return CostModel(*_staircase(sizes, costs)) if padded else CostModel(tuple(sizes), tuple(costs))
             t = next((s for s in padded if s > t), max_tokens) if padded else 2 * t
             t = min(t, max_tokens)
+
+
+def _curve(num_tokens: "np.ndarray | int | list[int]", tokens: tuple[int, ...], cost_ns: tuple[float, ...]
+           ) -> np.ndarray:
+    """The piecewise-linear curve through (tokens, cost_ns) at num_tokens, extended with its last slope."""
+    x, y = np.asarray(tokens, np.float64), np.asarray(cost_ns, np.float64)
+    n = np.asarray(num_tokens, np.float64)
+    slope = (y[-1] - y[-2]) / (x[-1] - x[-2]) if len(x) > 1 else 0.0
+    return np.where(n <= x[-1], np.interp(n, x, y), y[-1] + max(slope, 0.0) * (n - x[-1]))
 
 
 def _staircase(sizes: list[int], costs: list[float]) -> tuple[tuple[int, ...], tuple[float, ...]]:

@@ -7,7 +7,9 @@ curve, or measures it (`CostModel.measure`) and writes it; `save(backend, cost)`
 refined by the steps that ran. A missing, unreadable or foreign file is measured again; a folder
 that cannot be written is logged, never an error (the curve is an optimization).
 
-File format, version 1: {"version": 1, "key": {...}, "tokens": [1, 2, ...], "cost_ns": [...]}.
+File format, version 1: {"version": 1, "key": {...}, "tokens": [1, 2, ...], "cost_ns": [...],
+"baseline_tokens": [...], "baseline_cost_ns": [...]} (the refined curve, and the measured one that
+bounds its shape: `CostModel`; a file without a baseline takes its curve as the baseline).
 """
 
 from __future__ import annotations
@@ -75,7 +77,9 @@ class CostStore:
             data = json.loads(path.read_text())
             if data.get("version") != VERSION or data.get("key") != asdict(key):
                 raise ValueError(f"version and key must be {VERSION} and this model's, got {data.get('version')}")
-            return CostModel(tuple(data["tokens"]), tuple(data["cost_ns"]))
+            baseline = (tuple(data["baseline_tokens"]), tuple(data["baseline_cost_ns"])) \
+                if "baseline_tokens" in data else None
+            return CostModel(tuple(data["tokens"]), tuple(data["cost_ns"]), baseline=baseline)
         except FileNotFoundError:
             return None
         except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
@@ -87,7 +91,8 @@ class CostStore:
         key = self._key(backend)
         path = self.folder / key.file_name()
         data = {"version": VERSION, "key": asdict(key), "tokens": list(cost.tokens),
-                "cost_ns": [float(c) for c in cost.at(np.asarray(cost.tokens))]}  # the scale folded in
+                "cost_ns": [float(c) for c in cost.at(np.asarray(cost.tokens))],  # the scale folded in
+                "baseline_tokens": list(cost.baseline[0]), "baseline_cost_ns": list(cost.baseline[1])}
         try:
             self.folder.mkdir(parents=True, exist_ok=True)
             tmp = path.with_suffix(f".{os.getpid()}.tmp")

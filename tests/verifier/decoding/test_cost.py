@@ -85,11 +85,12 @@ def test_commit_matches_a_slow_reference(seed):
         assert torch.equal(v, torch.stack([entries[2 * i + 1][:, :, j] for j in keep], dim=2))
 
 
-def ref_observe(points: dict[int, float], scale: float, weight: float, t: int, ns: float
-                ) -> tuple[dict[int, float], float]:
+def ref_observe(points: dict[int, float], scale: float, weight: float, t: int, ns: float,
+                bx: list[int], by: list[float]) -> tuple[dict[int, float], float]:
     """CostModel.observe written out: ns clipped to [1/2, 2] x the curve at t; the scale moves
     weight of the way toward scale x ns / curve(t); the shape's point at t moves weight / 2 toward
-    ns / new scale; points left of t at most its value, right of it at least."""
+    ns / new scale; points left of t at most its value, right of it at least; then every point's
+    ratio to the 1-token point within [2/3, 3/2] x the baseline's (bx, by)."""
     xs, ys = list(points), list(points.values())
     shape = ref_at(xs, ys, t)
     current = scale * shape
@@ -98,7 +99,10 @@ def ref_observe(points: dict[int, float], scale: float, weight: float, t: int, n
     target = shape + weight / 2 * (ns / scale - shape)
     out = dict(points)
     out[t] = target
-    return {x: (min(c, target) if x < t else max(c, target) if x > t else c) for x, c in sorted(out.items())}, scale
+    out = {x: (min(c, target) if x < t else max(c, target) if x > t else c) for x, c in sorted(out.items())}
+    first = out[1]
+    return {x: min(max(c, first * ref_at(bx, by, x) / by[0] * 2 / 3), first * ref_at(bx, by, x) / by[0] * 1.5)
+            for x, c in out.items()}, scale
 
 
 @pytest.mark.parametrize("seed", range(20))
@@ -111,7 +115,7 @@ def test_observe_matches_a_slow_reference(seed):
     points, scale = dict(zip(sizes, costs)), 1.0
     for _ in range(30):
         t, ns = int(rng.integers(1, 60)), float(rng.uniform(0.0, 60.0))
-        points, scale = ref_observe(points, scale, weight, t, ns)
+        points, scale = ref_observe(points, scale, weight, t, ns, sizes, costs)
         cm.observe(t, ns)
         assert cm.tokens == tuple(points) and cm.scale == pytest.approx(scale)
         assert cm.cost_ns == pytest.approx(list(points.values()))
@@ -128,6 +132,24 @@ def test_observe_converges_to_the_steps_that_run_and_flat_never_moves():
     flat = CostModel.flat(64)
     flat.observe(5, 1.0)
     assert flat.tokens == (1, 64) and flat.cost_ns == (1e9, 1e9) and flat.observed == 1
+
+
+def test_a_busy_spell_moves_the_level_but_bounds_the_shape():
+    cm = CostModel((1, 2, 8), (10.0, 16.0, 40.0), weight=0.2)
+    for _ in range(300):
+        cm.observe(2, 80.0)  # 2-token steps timed while another process ran (5x the measured)
+    ratio = float(cm.at(2)) / float(cm.at(1))
+    assert ratio == pytest.approx(1.6 * 1.5)  # the shape stops at 3/2 x the measured ratio
+    assert float(cm.at(2)) == pytest.approx(80.0, rel=1e-3)  # the level (scale) follows
+    for _ in range(300):
+        cm.observe(8, 1.0)  # and far too fast: at most 2/3 x the measured ratio
+    assert float(cm.at(8)) / float(cm.at(1)) == pytest.approx(4.0 * 2 / 3)
+    assert cm.baseline == ((1, 2, 8), (10.0, 16.0, 40.0))
+
+
+def test_a_baseline_is_checked_like_the_curve():
+    with pytest.raises(ValueError, match="increasing from 1"):
+        CostModel((1, 2), (1.0, 2.0), baseline=((2, 3), (1.0, 2.0)))
 
 
 @pytest.mark.parametrize("tokens, costs", [((), ()), ((2, 4), (1.0, 2.0)), ((1, 1), (1.0, 1.0)), ((1, 2), (1.0,))])

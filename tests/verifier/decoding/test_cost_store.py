@@ -41,6 +41,18 @@ def test_a_curve_is_measured_once_then_read(backend, tmp_path):
     assert read.tokens == measured.tokens and read.cost_ns == pytest.approx([c * 3 for c in measured.cost_ns])
 
 
+def test_the_measured_baseline_is_kept_with_the_refined_curve(backend, tmp_path):
+    store = CostStore(tmp_path)
+    refined = CostModel((1, 4, 17), (2e6, 5e6, 9e6), baseline=((1, 17), (1e6, 4e6)))
+    store.save(backend, refined)
+    read = store.load(backend)
+    assert read.baseline == ((1, 17), (1e6, 4e6)) and read.cost_ns == pytest.approx(refined.cost_ns)
+    data = json.loads((tmp_path / CostKey.of(backend).file_name()).read_text())
+    del data["baseline_tokens"], data["baseline_cost_ns"]  # a file of the first version 1 writer
+    (tmp_path / CostKey.of(backend).file_name()).write_text(json.dumps(data))
+    assert store.load(backend).baseline == (read.tokens, read.cost_ns)
+
+
 def test_the_key_names_backend_model_precision_and_machine(backend, tmp_path):
     key = CostKey.of(backend)
     assert key.backend == "llama.cpp" and key.precision == backend.precision and key.model_bytes > 0
