@@ -55,7 +55,11 @@ def edit_requests(traces, tokenizer_path: str) -> list[tuple[str, str]]:
 
 
 def _generate(engine, ids: list[int], max_new: int, source, stop_ids: list[int] | None = None) -> tuple:
-    """(tokens, steps, seconds) of one greedy generation."""
+    """(tokens, steps, seconds) of one greedy generation, its prefill included (never one kept from
+    the variant before)."""
+    from specdraft.bench.generate import fresh_prefill
+
+    fresh_prefill(engine.backend)
     t0 = time.perf_counter()
     results = list(engine.generate(ids, max_new, drafter=source, stop_token_ids=stop_ids))
     return [t for r in results for t in r.tokens], len(results), time.perf_counter() - t0

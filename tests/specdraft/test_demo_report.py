@@ -30,6 +30,12 @@ def test_speedups_are_ratios_of_decode_rates():
     assert row.run("specdraft").mat == pytest.approx(4.1) and row.run("llama.cpp lookup 10").mat is None
 
 
+def test_a_shared_prefill_counts_in_both_end_to_end_rates():
+    row = DemoRow(P, 600, _row().runs, prefill_s=4.5)  # plain 41 tokens in 7.5 + 4.5 s, specdraft in 5.5 + 4.5 s
+    assert row.e2e_speedup() == pytest.approx(12.0 / 10.0)
+    assert row.speedup() == pytest.approx(5.0)  # decode rates: the prefill is not in them
+
+
 def test_the_table_flags_outputs_that_differ_from_plain():
     lines = table([_row(), _row(draft_ids=tuple(range(1, 42)), lookup16_ids=(7,) * 41)]).splitlines()
     assert "plain tok/s" in lines[0] and "lookup16 tok/s" in lines[0] and "specdraft tok/s" in lines[0]
@@ -46,6 +52,7 @@ def test_json_and_chart(tmp_path):
     assert doc["model"] == "m" and len(doc["rows"]) == 2
     r = doc["rows"][1]
     assert (r["name"], r["workload"], r["prompt_tokens"], r["speedup"]) == ("rename", "edit", 600, 5.0)
+    assert r["prefill_s"] == 0.0
     by_method = {run["method"]: run for run in r["runs"]}
     assert by_method["llama.cpp lookup 16"]["same_as_plain"] is False and by_method["specdraft"]["same_as_plain"]
     assert by_method["specdraft"]["decode_tok_s"] == 80.0 and by_method["specdraft"]["mat"] == pytest.approx(4.1)

@@ -69,6 +69,7 @@ class LlamaCppBackend:
     """One GGUF model and one context; generations run one at a time (the cache is the backend)."""
 
     kind = "llama.cpp"
+    keeps_prefix = True  # `start` keeps what a new context shares with the cache (callers may time a prefill once)
 
     def __init__(self, path: str, max_nodes: int = 64, n_ctx: int = 4096, n_threads: int = 0,
                  tokenizer: object | None = None) -> None:
@@ -98,7 +99,9 @@ class LlamaCppBackend:
         self.path, self.precision = str(path), f"gguf cpu {threads} threads"
         self._batch = _Batch(L, int(L.llama_n_batch(self._ctx)), int(L.llama_n_seq_max(self._ctx)))
         self._cached = 0  # tokens in sequence 0 of the KV cache
+        self._history: list[int] = []  # [_cached] the token at each of those positions
         self._uncached: list[int] = []  # committed tokens decoded again with the next batch
+        self.reused = 0  # context tokens the last `start` kept from the cache
         self._pending: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
 
     @staticmethod
@@ -127,14 +130,28 @@ class LlamaCppBackend:
     # ------------------------------------------------------------ Backend
 
     def start(self, context: list[int]) -> object:
-        self._L.llama_memory_clear(self._mem, True)
-        self._cached, self._uncached, self._pending = 0, [], None
-        for i in range(0, len(context), self._batch.size):
+        """The cache of `context`, keeping the longest prefix it shares with what the cache holds
+        (the last generation's prompt and output, as llama.cpp's server does with cache_prompt):
+        only the rest is decoded. `reused` tells how many tokens were kept."""
+        keep = 0 if self._pending is not None else _common_prefix(self._history, context)
+        if keep == 0:
+            self._L.llama_memory_clear(self._mem, True)
+        else:
+            self._L.llama_memory_seq_rm(self._mem, 0, keep, -1)
+        self._cached, self._history, self._uncached, self._pending = keep, list(context[:keep]), [], None
+        for i in range(keep, len(context), self._batch.size):
             chunk = context[i:i + self._batch.size]
             self._batch.fill_chain(chunk, self._cached, 1, outputs=False)
             self._decode(len(chunk))
             self._cached += len(chunk)
+            self._history += chunk
+        self.reused = keep
         return self
+
+    def forget(self) -> None:
+        """Empties the cache: the next `start` decodes its whole context."""
+        self._L.llama_memory_clear(self._mem, True)
+        self._cached, self._history, self._uncached, self._pending = 0, [], [], None
 
     def verify(self, cache: object, cache_len: int, root: int, tree: DraftTree) -> tuple[torch.Tensor, TreeInputs]:
         if self._pending is not None or cache_len != self._cached + len(self._uncached):
@@ -155,14 +172,15 @@ class LlamaCppBackend:
                                           self._cached + chain)
         self._decode(chain + 1 + len(order))
         self._cached += chain
+        self._history += self._uncached
         self._uncached = []
         logits = self._batch.logits(self._L, self._ctx, 1 + len(order), self.vocab_size)  # [1+n, V] batch order
-        self._pending = (first_seq, tree.token_ids[order], batch_of)
+        self._pending = (root, first_seq, tree.token_ids[order], batch_of)
         rows = np.concatenate([[0], 1 + batch_of])  # node order: row 1+i is node i
         return torch.from_numpy(logits[rows]), build_tree_inputs(root, tree, 0, torch.float32, "cpu")
 
     def commit(self, cache: object, cache_len: int, accepted: list[int]) -> None:
-        first_seq, tokens, batch_of = self._pending
+        root, first_seq, tokens, batch_of = self._pending
         path = [int(batch_of[a]) for a in accepted]  # batch positions, root to leaf
         kept = 0
         while kept < len(path) and path[kept] == kept:  # accepted nodes right after the root: no hole
@@ -175,6 +193,7 @@ class LlamaCppBackend:
             self._L.llama_memory_seq_cp(self._mem, seq, 0, -1, -1)
             self._L.llama_memory_seq_keep(self._mem, 0)
         self._cached += 1 + kept
+        self._history += [int(root)] + [int(tokens[p]) for p in path[:kept]]
         self._uncached = [int(tokens[p]) for p in path[kept:]]
         self._pending = None
 
@@ -188,6 +207,7 @@ class LlamaCppBackend:
             self.commit(self, cache_len, [])
             self._L.llama_memory_seq_rm(self._mem, 0, cache_len, -1)  # back to the context alone
             self._cached = cache_len
+            del self._history[cache_len:]
             return elapsed
         return time_chain
 
@@ -196,6 +216,13 @@ class LlamaCppBackend:
         rc = self._L.llama_decode(self._ctx, self._batch.struct)
         if rc != 0:
             raise RuntimeError(f"llama_decode must succeed, got return code {rc} (1: no KV slot: context full)")
+
+
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    """How many leading tokens a and b share."""
+    n = min(len(a), len(b))
+    diff = np.flatnonzero(np.asarray(a[:n], np.int64) != np.asarray(b[:n], np.int64))
+    return int(diff[0]) if len(diff) else n
 
 
 def _leaves(parents: np.ndarray) -> np.ndarray:

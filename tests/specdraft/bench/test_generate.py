@@ -51,3 +51,25 @@ def test_differences_show_their_margins_and_the_chart_is_written(tmp_path):
     write_chart([row, WorkloadSpeed("chat", 20, 90, 80, 9.0, 8.9, 10.0, 9.5, True, (), "llama.cpp")],
                 str(tmp_path / "out" / "generate.png"))
     assert (tmp_path / "out" / "generate.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_every_timed_run_pays_its_own_prefill(smollm2):
+    """A backend that keeps the prompt's cache (llama.cpp) forgets it before a timed run; the HF
+    backend keeps nothing and is left as it is."""
+    pytest.importorskip("llama_cpp")
+    from specdraft.bench.generate import fresh_prefill
+    from verifier.decoding.hf import HFBackend
+    from verifier.decoding.llama_cpp import LlamaCppBackend
+    from verifier.decoding.model import ModelSpec, resolve_gguf
+
+    backend = LlamaCppBackend(resolve_gguf(ModelSpec("smollm2")), max_nodes=4, n_ctx=256, n_threads=2,
+                              tokenizer=smollm2.tokenizer)
+    ids = backend.tokenizer.encode("def fibonacci(n):")
+    backend.start(ids)
+    backend.start(ids)
+    assert backend.reused == len(ids)
+    fresh_prefill(backend)
+    backend.start(ids)
+    assert backend.reused == 0
+    backend.close()
+    fresh_prefill(HFBackend(smollm2))  # nothing to forget

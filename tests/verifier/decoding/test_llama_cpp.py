@@ -99,6 +99,45 @@ def test_a_commit_leaves_the_cache_of_a_plain_run(backend, plain):
     assert torch.equal(after, want)
 
 
+def _root_logits(backend, context: list[int], root: int) -> torch.Tensor:
+    cache = backend.start(context)
+    logits, _ = backend.verify(cache, len(context), root, DraftTree.empty())
+    backend.commit(cache, len(context), [])
+    return logits[0]
+
+
+def test_a_new_prompt_keeps_the_prefix_it_shares_with_the_cache(engine, backend, plain):
+    """The last generation's prompt and output stay in the cache: a prompt sharing a prefix with
+    them decodes only the rest, with the logits of a fresh start (bit for bit where the kept part
+    is the same prefill; to float tolerance, same argmax, where it was decoded step by step)."""
+    ids, truth = backend.tokenizer.encode(PROMPTS[0]), plain[0]
+    assert [t for s in engine.generate(ids, 10) for t in s.tokens] == truth[:10]
+    again = _root_logits(backend, ids[:-1], ids[-1])
+    assert backend.reused == len(ids) - 1
+    backend.forget()
+    fresh = _root_logits(backend, ids[:-1], ids[-1])
+    assert backend.reused == 0 and torch.equal(again, fresh)
+    list(engine.generate(ids, 10))
+    follow_up = ids + truth[:10] + backend.tokenizer.encode("\n\n# now in Rust:\n")
+    kept = _root_logits(backend, follow_up[:-1], follow_up[-1])
+    assert backend.reused == len(ids) + 9  # prompt + output in the cache (the 10th token was the last root)
+    backend.forget()
+    fresh = _root_logits(backend, follow_up[:-1], follow_up[-1])
+    assert int(kept.argmax()) == int(fresh.argmax()) and torch.allclose(kept, fresh, rtol=1e-3, atol=1e-2)
+    other = ids[:3] + backend.tokenizer.encode(" lambda: None")
+    _root_logits(backend, other[:-1], other[-1])
+    assert backend.reused == 3
+
+
+def test_a_tree_left_unaccepted_empties_the_cache(backend):
+    ids = backend.tokenizer.encode(PROMPTS[1])
+    cache = backend.start(ids[:-1])
+    backend.verify(cache, len(ids) - 1, ids[-1], DraftTree.chain([5, 6, 7]))  # the generation ends here
+    fresh = _root_logits(backend, ids[:-1], ids[-1])
+    assert backend.reused == 0
+    assert torch.equal(fresh, _root_logits(backend, ids[:-1], ids[-1])) and backend.reused == len(ids) - 1
+
+
 def test_seeded_sampling_is_the_same_with_and_without_drafts(engine, backend, plain):
     params = SamplingParams(temperature=0.8, top_p=0.95, seed=11)
     ids = backend.tokenizer.encode(PROMPTS[1])
