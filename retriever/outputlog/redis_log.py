@@ -15,9 +15,10 @@ Reads are plain XREAD (no consumer groups: every replica sees every entry).
 Redis Cluster: a URL `redis+cluster://[user:password@]host:port[,host:port...]` (or
 `rediss+cluster://` for TLS) names seed nodes and uses redis-py's `RedisCluster`. A tenant's
 three keys share its `{E}` slot, so the append script stays atomic; `P:tenants` lives on one
-slot. A cluster read is one non-blocking XREAD per tenant, pipelined (the pipeline sends each
-node its own commands), polled every `CLUSTER_POLL_S` until `block_ms` passed: no single XREAD
-spans slots. `wait_replicas` sends WAIT to each master the batch wrote to, on the connection
+slot. A cluster read is one XRANGE per tenant that may have news, pipelined (the pipeline sends
+each node its own commands), polled every `CLUSTER_POLL_S` until `block_ms` passed: no single
+command spans slots. Which tenants may have news: the change notes of `P:{changes}`
+(`retriever.outputlog.cluster_tail`), written after each acknowledged append batch. `wait_replicas` sends WAIT to each master the batch wrote to, on the connection
 that wrote (WAIT counts only that connection's writes).
 
 Timeouts are short and redis-py's own retries are off: a failure raises `LogUnavailable`
@@ -38,7 +39,9 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import NoScriptError, RedisError
 
+from retriever.outputlog.cluster_tail import ClusterTail
 from retriever.outputlog.contract import (
+    START,
     LogConfig,
     LogEntry,
     LogRead,
@@ -190,6 +193,7 @@ class RedisLog:
         wait_s = config.wait_ms / 1000.0 if config.wait_replicas else 0.0
         self._writer = self._client(config.timeout_s + wait_s)
         self._reader = self._client(config.timeout_s + (0 if self.cluster else config.block_ms / 1000.0))
+        self._tail = ClusterTail(self._reader, f"{prefix}:{{changes}}")  # cluster reads only
         self._known: list[str] = []
         self._keys: dict[str, tuple[str, str, str]] = {}
         self._tenant_of: dict[bytes, str] = {}
@@ -226,6 +230,8 @@ class RedisLog:
             if int(acked) < c.wait_replicas:
                 raise LogUnavailable(f"redis append must reach {c.wait_replicas} replicas within {c.wait_ms} ms, "
                                      f"got {acked}")
+        if self.cluster:  # after the appends were acknowledged: the readers' ordering (cluster_tail)
+            await self._tail.note(self._writer, dict.fromkeys(item.tenant for item in batch))
 
     async def _append_pipeline(self, batch: Sequence[PendingOutput]) -> tuple[list[object], list[object]]:
         """(the writes' results, the WAIT replies): WAIT (when `wait_replicas`) goes last on each
@@ -282,19 +288,23 @@ class RedisLog:
         return entries
 
     async def _read_each(self, cursors: dict[str, str], count: int, block_ms: int) -> LogRead:
-        """Cluster: one XREAD per tenant, pipelined, polled every CLUSTER_POLL_S for `block_ms`."""
+        """Cluster: one XRANGE per due tenant (`ClusterTail`: noted, new or advanced; all at a sweep),
+        pipelined, polled every CLUSTER_POLL_S for `block_ms`."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + block_ms / 1000.0
-        tenants = list(cursors)
         while True:
-            pipe = self._reader.pipeline(transaction=False)
-            for tenant in tenants:
-                pipe.xread({self.keys(tenant)[0]: cursors[tenant]}, count=count)
-            replies = await pipe.execute(raise_on_error=True)
+            tenants = await self._tail.due(cursors)
+            replies: list = []
+            if tenants:
+                pipe = self._reader.pipeline(transaction=False)
+                for tenant in tenants:  # XRANGE, not XREAD: redis-py asks the server for XREAD's (movable) keys
+                    cursor = cursors[tenant]
+                    pipe.xrange(self.keys(tenant)[0], "-" if cursor == START else f"({cursor}", "+", count=count)
+                replies = await pipe.execute(raise_on_error=True)
             entries, advanced = [], dict(cursors)
-            for tenant, reply in zip(tenants, replies):
-                for _, items in reply or ():
-                    entries += self._entries(tenant, items, advanced)
+            for tenant, items in zip(tenants, replies):
+                entries += self._entries(tenant, items or (), advanced)
+            self._tail.advanced(cursors, advanced)
             if entries or loop.time() >= deadline:
                 return LogRead(tuple(entries), advanced)
             await asyncio.sleep(min(CLUSTER_POLL_S, max(0.0, deadline - loop.time())))
