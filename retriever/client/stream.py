@@ -16,7 +16,8 @@ Placement (`RetrieverClient.route`): the stream goes to the tenant's first owner
 UNAVAILABLE (the replica died or drains) or FAILED_PRECONDITION naming owners (errors.NotOwner),
 the session is re-sent at once, prompt and output so far, to the next owner (`reroutes` counts
 them); the backoff applies once every owner failed in a row. EndSession goes to the replica that
-drafted the session last.
+drafted the session last; when that one is gone (UNAVAILABLE, not a deadline: a replica that may
+have taken the end is not asked twice) the session is re-sent to an owner and ended there.
 """
 
 from __future__ import annotations
@@ -338,17 +339,29 @@ class DraftStreamSession:
                 return item.error is None and stream.outstanding == 0
             stream.outstanding -= 1
 
+    def _end_resent(self) -> int:
+        """(Re)starts the session with everything on an owner (routed), then ends it there."""
+        timeout_s = self._client.call_timeout_s
+        self._client.draft(self.tenant, self.session_id, self._prompt, self._output, 1, timeout_s=timeout_s)
+        return self._client.end_session(self.tenant, self.session_id, (), None, self._verified)
+
     def _finish(self) -> None:
         try:
             if not self._prompt or self.refused:  # the calls would be refused too
                 return
-            timeout_s = self._client.call_timeout_s
-            unsent, address = self._unsent, self._address
-            if not self._close_stream(timeout_s):  # (re)start the session with everything, on an owner
-                self._client.draft(self.tenant, self.session_id, self._prompt, self._output, 1, timeout_s=timeout_s)
-                unsent, address = [], None
-            self.output_tokens = self._client.end_session(self.tenant, self.session_id, unsent, address,
-                                                          self._verified)
+            if not self._close_stream(self._client.call_timeout_s):
+                self.output_tokens = self._end_resent()
+                return
+            try:
+                self.output_tokens = self._client.end_session(self.tenant, self.session_id, self._unsent,
+                                                              self._address, self._verified)
+            except errors.Unavailable as e:  # the replica went away before it took the end: not a deadline
+                if isinstance(e, errors.DeadlineExceeded):  # it may have taken it: a re-send could count it twice
+                    raise
+                log.info("ending draft session %s on %s failed (%s); re-sent to an owner", self.session_id,
+                         self._address, e)
+                self.reroutes += 1
+                self.output_tokens = self._end_resent()
         except (errors.Unauthenticated, errors.PermissionDenied) as e:
             code = REFUSAL_CODES[0] if isinstance(e, errors.Unauthenticated) else REFUSAL_CODES[1]
             self._client.refusals.refused(self.tenant, code, str(e))
