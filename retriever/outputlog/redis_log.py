@@ -37,7 +37,7 @@ import redis.asyncio as aioredis
 from redis.asyncio.cluster import ClusterNode, RedisCluster
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
-from redis.exceptions import NoScriptError, RedisError
+from redis.exceptions import NoScriptError, RedisClusterException, RedisError
 
 from retriever.outputlog.cluster_tail import ClusterTail
 from retriever.outputlog.contract import (
@@ -96,6 +96,9 @@ return id
 """
 APPEND_SHA = __import__("hashlib").sha1(APPEND_LUA.encode()).hexdigest()
 CLUSTER_SCHEMES = ("redis+cluster", "rediss+cluster")
+# What a store call raises when Redis cannot serve it (RedisClusterException, e.g. "cannot be
+# connected" or a slot not covered, is not a RedisError).
+STORE_ERRORS = (RedisError, RedisClusterException, OSError, asyncio.TimeoutError)
 CLUSTER_POLL_S = 0.05  # cluster reads: how often tailed tenants are polled while nothing is new
 
 
@@ -174,7 +177,7 @@ async def forget_slots(client: "aioredis.Redis | RedisCluster") -> None:
     if isinstance(client, RedisCluster):
         try:
             await client.aclose()
-        except (RedisError, OSError):
+        except (RedisError, RedisClusterException, OSError):
             pass
 
 
@@ -218,7 +221,7 @@ class RedisLog:
             if any(isinstance(r, NoScriptError) for r in results):  # a restarted, flushed or new server
                 await self._writer.script_load(APPEND_LUA)
                 results, waits = await self._append_pipeline(batch)
-        except (RedisError, OSError, asyncio.TimeoutError) as e:
+        except STORE_ERRORS as e:
             await forget_slots(self._writer)
             raise LogUnavailable(f"redis append must succeed, got {type(e).__name__}: {e}") from None
         failed = next((r for r in results if isinstance(r, Exception)), None)
@@ -268,7 +271,7 @@ class RedisLog:
                 return await self._read_each(cursors, count, block_ms)
             streams = {self.keys(tenant)[0]: cursor for tenant, cursor in cursors.items()}
             reply = await self._reader.xread(streams, count=count, block=block_ms or None)
-        except (RedisError, OSError, asyncio.TimeoutError) as e:
+        except STORE_ERRORS as e:
             await forget_slots(self._reader)
             raise LogUnavailable(f"redis read must succeed, got {type(e).__name__}: {e}") from None
         entries, advanced = [], dict(cursors)
@@ -315,7 +318,7 @@ class RedisLog:
             count = await self._writer.scard(self._tenants_key)
             if count != len(self._known):
                 self._known = sorted(m.decode() for m in await self._writer.smembers(self._tenants_key))
-        except (RedisError, OSError, asyncio.TimeoutError) as e:
+        except STORE_ERRORS as e:
             await forget_slots(self._writer)
             raise LogUnavailable(f"redis tenants must be readable, got {type(e).__name__}: {e}") from None
         return list(self._known)
@@ -329,7 +332,7 @@ class RedisLog:
                 pipe.xlen(stream)
                 pipe.get(tokens)
             values = await pipe.execute() if tenants else []
-        except (RedisError, OSError, asyncio.TimeoutError) as e:
+        except STORE_ERRORS as e:
             raise LogUnavailable(f"redis size must be readable, got {type(e).__name__}: {e}") from None
         return LogSize(len(tenants), sum(int(v) for v in values[0::2]), sum(int(v or 0) for v in values[1::2]))
 
@@ -337,5 +340,5 @@ class RedisLog:
         for client in (self._writer, self._reader):
             try:
                 await client.aclose()
-            except (RedisError, OSError):
+            except (RedisError, RedisClusterException, OSError):
                 pass

@@ -137,3 +137,23 @@ def test_newly_owned_tenants_warm_a_few_per_read_and_none_serves_before_its_repl
         await writer.close()
 
     asyncio.run(body())
+
+
+def test_an_unreachable_cluster_is_a_log_unavailable_and_the_heartbeat_goes_on():
+    from retriever.outputlog.contract import LogUnavailable
+    from specdraft.bench.redis_proc import free_port
+
+    config = LogConfig(redis_url=f"redis+cluster://127.0.0.1:{free_port()}", timeout_s=0.2)
+
+    async def body():
+        m = Membership(config)
+        with pytest.raises(LogUnavailable, match="membership must be writable"):  # not RedisClusterException
+            await m.register(Member("a", "h:1"), ttl_s=1.0)
+        placement = Placement(Membership(config), PlacementConfig("a", "h:1", heartbeat_s=0.05, ttl_s=1.0))
+        task = asyncio.create_task(placement.run())
+        await asyncio.sleep(0.3)
+        assert not task.done() and not placement.listed  # still heartbeating, never listed
+        task.cancel()
+        await m.close()
+
+    asyncio.run(body())
