@@ -16,8 +16,9 @@ Placement (`RetrieverClient.route`): the stream goes to the tenant's first owner
 UNAVAILABLE (the replica died or drains) or FAILED_PRECONDITION naming owners (errors.NotOwner),
 the session is re-sent at once, prompt and output so far, to the next owner (`reroutes` counts
 them); the backoff applies once every owner failed in a row. EndSession goes to the replica that
-drafted the session last; when that one is gone (UNAVAILABLE, not a deadline: a replica that may
-have taken the end is not asked twice) the session is re-sent to an owner and ended there.
+drafted the session last; when that one is gone (UNAVAILABLE; not a deadline, nor a durable end
+that was taken but not confirmed: those are never ended twice) the session is re-sent to an owner
+and ended there.
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ from retriever import errors
 from retriever.client.channel import REFUSAL_CODES, Refusals
 from retriever.client.conversions import draft_request, tree_from_proto
 from retriever.drafting.types import DraftTree
-from retriever.status import owners_in
+from retriever.status import NOT_DURABLE_MARK, owners_in
 
 log = logging.getLogger(__name__)
 _REROUTED = grpc.StatusCode.ABORTED  # _drop_stream's answer when the session goes to the next owner at once
@@ -355,9 +356,9 @@ class DraftStreamSession:
             try:
                 self.output_tokens = self._client.end_session(self.tenant, self.session_id, self._unsent,
                                                               self._address, self._verified)
-            except errors.Unavailable as e:  # the replica went away before it took the end: not a deadline
-                if isinstance(e, errors.DeadlineExceeded):  # it may have taken it: a re-send could count it twice
-                    raise
+            except errors.Unavailable as e:  # the replica went away before it took the end
+                if isinstance(e, errors.DeadlineExceeded) or NOT_DURABLE_MARK in str(e):
+                    raise  # it may have taken the end, or did: a re-send would count the output twice
                 log.info("ending draft session %s on %s failed (%s); re-sent to an owner", self.session_id,
                          self._address, e)
                 self.reroutes += 1
