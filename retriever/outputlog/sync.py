@@ -54,6 +54,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 APPLY_SLICE_S = 0.002  # longest stretch of index inserts before yielding to the loop
+RESERVE_MIN_TOKENS = 1024  # a replayed tenant's index is sized at once for at least this many new tokens
 WARM_PER_READ = 32  # newly owned tenants whose replay one read starts (each serves once its own is in)
 
 
@@ -255,6 +256,19 @@ class LogSync:
             self._warming.discard(tenant)
             self._dropped += drafter.drop_tenant(tenant)
 
+    def _reserve(self, drafter: "Drafter", entries: tuple[LogEntry, ...]) -> None:
+        """Sizes the indexes of the tenants replayed by `entries` (all at the warm-up, the warming ones
+        after) once for what they are about to take."""
+        sizes: dict[str, list[int]] = {}
+        for entry in entries:
+            if not self.warm or entry.tenant in self._warming:
+                size = sizes.setdefault(entry.tenant, [0, 0])
+                size[0] += int(entry.tokens.shape[0])
+                size[1] += 1
+        for tenant, (tokens, outputs) in sizes.items():
+            if tokens >= RESERVE_MIN_TOKENS:
+                drafter.reserve_prior(tenant, tokens, outputs)
+
     def _caught_up(self, tenants: list[str]) -> None:
         """Marks `tenants` replayed (they serve from now on); logs when the last newly owned one is."""
         if not tenants:
@@ -285,7 +299,9 @@ class LogSync:
                  self._warmup[0], self._warmup[1], self._warm_s)
 
     async def _apply(self, drafter: "Drafter", entries: tuple[LogEntry, ...]) -> None:
-        """Inserts other replicas' entries, yielding to the loop every APPLY_SLICE_S."""
+        """Inserts other replicas' entries, yielding to the loop every APPLY_SLICE_S; the index of a
+        tenant being replayed is sized for its entries first."""
+        self._reserve(drafter, entries)
         slice_start = time.perf_counter()
         for entry in entries:
             if entry.origin == self.replica_id and entry.tenant not in self._warming:
