@@ -152,3 +152,22 @@ def test_session_ends_on_the_next_owner_when_its_replica_refuses_the_end(redis_s
                 node.stop()
             except Exception:  # noqa: BLE001 - the stopped owner
                 pass
+
+
+def test_a_durable_end_taken_but_not_confirmed_is_not_re_sent(redis_server):
+    from tests.retriever.outputlog.test_integration import Node as Server
+
+    node = Server(redis_url=redis_server.url, durable_end_session=True, durable_timeout_s=0.3)
+    node.wait_status(SERVING, timeout_s=10)
+    client = RetrieverClient(f"127.0.0.1:{node.server.port}", deadline_s=1.0, call_timeout_s=2.0)
+    try:
+        session = client.session(TENANT)
+        session.start([5, 6, 7, 8, 9, 5, 6, 7])
+        session.draft([8], 8)
+        redis_server.kill()  # the end is taken, its output cannot be confirmed in the log
+        session.end(OUTPUT)
+        assert session.closed.wait(10) and session.output_tokens is None
+        assert session.reroutes == 0  # not re-sent: that would queue the output twice
+    finally:
+        client.close()
+        node.stop()
