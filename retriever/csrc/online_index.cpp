@@ -193,8 +193,12 @@ int64_t OnlineIndex::find_head(const Level& lv, uint64_t h) const {
 
 void OnlineIndex::rehash(int lvl, int64_t min_positions) {
   Level& lv = levels_[lvl];
+  // Grown by push(): room for twice the live positions (+64); reserved: for min_positions
+  // inserts before the next doubling (the size push() would have reached, no bigger).
+  const uint64_t need = std::max<uint64_t>(static_cast<uint64_t>(live_positions()) * 2 + 64,
+                                           static_cast<uint64_t>(std::max<int64_t>(min_positions, 0)) * 2 + 2);
   uint64_t cap = 64;
-  while (cap < static_cast<uint64_t>(std::max(live_positions(), min_positions)) * 2 + 64) cap *= 2;
+  while (cap < need) cap *= 2;
   lv.slots.assign(cap, 0);
   lv.used = 0;
   for (int64_t p = base_; p < end_; ++p) insert_level(lvl, p);
@@ -253,7 +257,7 @@ void OnlineIndex::reserve(int64_t positions) {
   const int64_t want = std::min<int64_t>(live_positions() + positions, 2 * budget_ + 64);
   if (want + 2 > mask_ + 1) grow_ring(want + 2);
   for (int l = 0; l < kNumLevels; ++l) {
-    if (static_cast<uint64_t>(want) * 2 + 64 > levels_[l].slots.size()) rehash(l, want);
+    if (static_cast<uint64_t>(want + 1) * 2 > levels_[l].slots.size()) rehash(l, want);
   }
 }
 

@@ -112,7 +112,7 @@ def test_online_index_reserve_sizes_once_within_twice_the_budget():
             index.append(doc)
             index.end_document()
     assert reserved.memory_bytes - sized < 1024  # no table or ring grew while the replay went in (the doc list did)
-    assert reserved.memory_bytes <= 2 * grown.memory_bytes
+    assert abs(reserved.memory_bytes - grown.memory_bytes) < 1024  # the size growth would have reached
     huge = _core.OnlineIndex(1000)
     huge.reserve(10**12)  # capped at twice the budget
     assert huge.memory_bytes < 2 * reserved.memory_bytes
