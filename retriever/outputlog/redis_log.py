@@ -18,7 +18,8 @@ three keys share its `{E}` slot, so the append script stays atomic; `P:tenants` 
 slot. A cluster read is one XRANGE per tenant that may have news, pipelined (the pipeline sends
 each node its own commands), polled every `CLUSTER_POLL_S` until `block_ms` passed: no single
 command spans slots. Which tenants may have news: the change notes of `P:{changes}`
-(`retriever.outputlog.cluster_tail`), written after each acknowledged append batch. `wait_replicas` sends WAIT to each master the batch wrote to, on the connection
+(`retriever.outputlog.cluster_tail`), written after each acknowledged append batch.
+`wait_replicas` sends WAIT to each master the batch wrote to, on the connection
 that wrote (WAIT counts only that connection's writes).
 
 Timeouts are short and redis-py's own retries are off: a failure raises `LogUnavailable`

@@ -362,7 +362,8 @@ def table(r: ClusterBench) -> str:
              f"in {r.owners_back_s} s"]
     for m in r.master_kill:
         lines.append(f"redis master kill -9 (wait_replicas={m['wait_replicas']}): promoted in {m['promotion_s']} s; "
-                     f"{m['sessions']} sessions, {m['failed']} failed, {m['late']} drafts late; {m['acked']} EndSession-acked outputs, "
+                     f"{m['sessions']} sessions, {m['failed']} failed, {m['late']} drafts late; "
+                     f"{m['acked']} EndSession-acked outputs, "
                      f"{m['missing']} missing afterwards")
     lines.append(f"load average: {r.load_average}")
     return "\n".join(lines)
