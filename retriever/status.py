@@ -84,6 +84,9 @@ def error_of(code: grpc.StatusCode | int, message: str) -> errors.SpecdraftError
 
 
 OWNERS_MARK = "(owners: "  # NotOwner's message ends with this, the addresses, and ")"
+# A durable EndSession that ended the session but could not confirm its output in the log answers
+# UNAVAILABLE with this message: the end was taken, so a client must not end the session elsewhere.
+NOT_DURABLE_MARK = "EndSession's output must be durable"
 
 
 def owners_in(message: str) -> tuple[str, ...]:

@@ -16,7 +16,9 @@ Placement (`RetrieverClient.route`): the stream goes to the tenant's first owner
 UNAVAILABLE (the replica died or drains) or FAILED_PRECONDITION naming owners (errors.NotOwner),
 the session is re-sent at once, prompt and output so far, to the next owner (`reroutes` counts
 them); the backoff applies once every owner failed in a row. EndSession goes to the replica that
-drafted the session last.
+drafted the session last; when that one is gone (UNAVAILABLE; not a deadline, nor a durable end
+that was taken but not confirmed: those are never ended twice) the session is re-sent to an owner
+and ended there.
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ from retriever import errors
 from retriever.client.channel import REFUSAL_CODES, Refusals
 from retriever.client.conversions import draft_request, tree_from_proto
 from retriever.drafting.types import DraftTree
-from retriever.status import owners_in
+from retriever.status import NOT_DURABLE_MARK, owners_in
 
 log = logging.getLogger(__name__)
 _REROUTED = grpc.StatusCode.ABORTED  # _drop_stream's answer when the session goes to the next owner at once
@@ -338,17 +340,29 @@ class DraftStreamSession:
                 return item.error is None and stream.outstanding == 0
             stream.outstanding -= 1
 
+    def _end_resent(self) -> int:
+        """(Re)starts the session with everything on an owner (routed), then ends it there."""
+        timeout_s = self._client.call_timeout_s
+        self._client.draft(self.tenant, self.session_id, self._prompt, self._output, 1, timeout_s=timeout_s)
+        return self._client.end_session(self.tenant, self.session_id, (), None, self._verified)
+
     def _finish(self) -> None:
         try:
             if not self._prompt or self.refused:  # the calls would be refused too
                 return
-            timeout_s = self._client.call_timeout_s
-            unsent, address = self._unsent, self._address
-            if not self._close_stream(timeout_s):  # (re)start the session with everything, on an owner
-                self._client.draft(self.tenant, self.session_id, self._prompt, self._output, 1, timeout_s=timeout_s)
-                unsent, address = [], None
-            self.output_tokens = self._client.end_session(self.tenant, self.session_id, unsent, address,
-                                                          self._verified)
+            if not self._close_stream(self._client.call_timeout_s):
+                self.output_tokens = self._end_resent()
+                return
+            try:
+                self.output_tokens = self._client.end_session(self.tenant, self.session_id, self._unsent,
+                                                              self._address, self._verified)
+            except errors.Unavailable as e:  # the replica went away before it took the end
+                if isinstance(e, errors.DeadlineExceeded) or NOT_DURABLE_MARK in str(e):
+                    raise  # it may have taken the end, or did: a re-send would count the output twice
+                log.info("ending draft session %s on %s failed (%s); re-sent to an owner", self.session_id,
+                         self._address, e)
+                self.reroutes += 1
+                self.output_tokens = self._end_resent()
         except (errors.Unauthenticated, errors.PermissionDenied) as e:
             code = REFUSAL_CODES[0] if isinstance(e, errors.Unauthenticated) else REFUSAL_CODES[1]
             self._client.refusals.refused(self.tenant, code, str(e))

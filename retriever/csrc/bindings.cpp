@@ -166,6 +166,7 @@ NB_MODULE(_core, m) {
       .def(nb::init<int64_t>(), "token_budget"_a)
       .def("append", [](OnlineIndex& ix, TokensIn t) { ix.append(t.data(), t.shape(0)); }, "tokens"_a)
       .def("end_document", &OnlineIndex::end_document)
+      .def("reserve", &OnlineIndex::reserve, "positions"_a)
       .def_prop_ro("num_tokens", &OnlineIndex::num_tokens)
       .def_prop_ro("num_documents", &OnlineIndex::num_documents)
       .def_prop_ro("memory_bytes", &OnlineIndex::memory_bytes);

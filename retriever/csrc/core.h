@@ -66,6 +66,7 @@ class OnlineIndex {
   OnlineIndex& operator=(const OnlineIndex&) = delete;
   void append(const int32_t* tokens, size_t n);  // to the open document
   void end_document();                           // close it; evict over budget
+  void reserve(int64_t positions);               // room for this many more positions (tokens + separators)
   void query(const int32_t* context, size_t n, const QueryParams& p, Candidates& out) const;  // clears out
   Candidates query(const int32_t* context, size_t n, const QueryParams& p) const {
     Candidates out;
@@ -82,9 +83,9 @@ class OnlineIndex {
   int32_t at(int64_t pos) const { return ring_[pos & mask_]; }
   int64_t live_positions() const { return end_ - base_; }
   void push(int32_t token);
-  void grow_ring();
+  void grow_ring(int64_t min_capacity = 0);
   void evict_over_budget();
-  void rehash(int lvl);
+  void rehash(int lvl, int64_t min_positions = 0);
   void insert_level(int lvl, int64_t pos);
   void table_insert(Level& lv, int lvl, int64_t pos, uint64_t h);
   uint64_t ngram_hash(int64_t end_pos, const Level& lv) const;

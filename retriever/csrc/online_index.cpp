@@ -134,8 +134,9 @@ uint64_t OnlineIndex::ngram_hash(int64_t end_pos, const Level& lv) const {
   return mix(hash_[end_pos & mask_] - before * lv.base_pow);
 }
 
-void OnlineIndex::grow_ring() {
-  const int64_t cap = (mask_ + 1) * 2;
+void OnlineIndex::grow_ring(int64_t min_capacity) {
+  int64_t cap = (mask_ + 1) * 2;
+  while (cap < min_capacity) cap *= 2;
   std::vector<int32_t> ring(cap, kSeparator);
   std::vector<uint64_t> hash(cap, 0);
   std::vector<uint32_t> prev(cap * kNumLevels, 0);
@@ -190,10 +191,14 @@ int64_t OnlineIndex::find_head(const Level& lv, uint64_t h) const {
   }
 }
 
-void OnlineIndex::rehash(int lvl) {
+void OnlineIndex::rehash(int lvl, int64_t min_positions) {
   Level& lv = levels_[lvl];
+  // Grown by push(): room for twice the live positions (+64); reserved: for min_positions
+  // inserts before the next doubling (the size push() would have reached, no bigger).
+  const uint64_t need = std::max<uint64_t>(static_cast<uint64_t>(live_positions()) * 2 + 64,
+                                           static_cast<uint64_t>(std::max<int64_t>(min_positions, 0)) * 2 + 2);
   uint64_t cap = 64;
-  while (cap < static_cast<uint64_t>(live_positions()) * 2 + 64) cap *= 2;
+  while (cap < need) cap *= 2;
   lv.slots.assign(cap, 0);
   lv.used = 0;
   for (int64_t p = base_; p < end_; ++p) insert_level(lvl, p);
@@ -241,6 +246,18 @@ void OnlineIndex::push(int32_t token) {
     } else {
       insert_level(l, p);
     }
+  }
+}
+
+void OnlineIndex::reserve(int64_t positions) {
+  // Sizes the ring and every level's table once for `positions` more (tokens and separators; at
+  // most twice the budget in all), as push() would grow them step by step: a replay of many
+  // outputs then inserts each token once instead of again at every doubling.
+  if (positions <= 0) return;
+  const int64_t want = std::min<int64_t>(live_positions() + positions, 2 * budget_ + 64);
+  if (want + 2 > mask_ + 1) grow_ring(want + 2);
+  for (int l = 0; l < kNumLevels; ++l) {
+    if (static_cast<uint64_t>(want + 1) * 2 > levels_[l].slots.size()) rehash(l, want);
   }
 }
 

@@ -95,6 +95,11 @@ class _Tenant:
         self.sessions: OrderedDict[str, _Session] = OrderedDict()
         self.context_tokens = 0
 
+    def reserve(self, positions: int) -> None:
+        if self.index is None:
+            self.index = _core.OnlineIndex(self._budget)
+        self.index.reserve(positions)
+
     def add(self, tokens: np.ndarray) -> None:
         if self.index is None:
             self.index = _core.OnlineIndex(self._budget)
@@ -245,6 +250,13 @@ class Drafter:
         state = self._tenant(tenant, required=False) if tokens.shape[0] else None
         if state is not None:  # None: the tenant cap is reached and every tenant has open sessions
             state.add(tokens)
+
+    def reserve_prior(self, tenant: str, tokens: int, outputs: int) -> None:
+        """Makes room in the tenant's index for `outputs` more outputs of `tokens` tokens in all (a
+        replay about to add them): its tables are sized once instead of doubling as they fill."""
+        state = self._tenant(tenant, required=False) if tokens > 0 else None
+        if state is not None:
+            state.reserve(tokens + outputs)  # a separator after each output
 
     def drop_tenant(self, tenant: str) -> bool:
         """Frees the tenant's prior outputs (index, reference outputs; e.g. another replica owns it now);

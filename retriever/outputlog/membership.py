@@ -21,10 +21,10 @@ import logging
 import time
 from dataclasses import dataclass
 
-from redis.exceptions import RedisError
+from redis.exceptions import RedisClusterException, RedisError
 
 from retriever.outputlog.contract import LogConfig, LogUnavailable
-from retriever.outputlog.redis_log import forget_slots, redis_client
+from retriever.outputlog.redis_log import STORE_ERRORS, forget_slots, redis_client
 from retriever.placement import Member, owned_by, owners
 
 log = logging.getLogger(__name__)
@@ -60,7 +60,7 @@ class Membership:
             pipe.hset(self._info, me.replica_id, json.dumps({"address": me.address, "capacity": me.capacity}))
             pipe.zadd(self._alive, {me.replica_id: int((time.time() + ttl_s) * 1000)})
             await pipe.execute()
-        except (RedisError, OSError, asyncio.TimeoutError) as e:
+        except STORE_ERRORS as e:
             await forget_slots(self._client)
             raise LogUnavailable(f"redis membership must be writable, got {type(e).__name__}: {e}") from None
 
@@ -76,7 +76,7 @@ class Membership:
                 await pipe.execute()
             ids = [i.decode() for i in await self._client.zrangebyscore(self._alive, now_ms, "+inf")]
             infos = await self._client.hmget(self._info, ids) if ids else []
-        except (RedisError, OSError, asyncio.TimeoutError) as e:
+        except STORE_ERRORS as e:
             await forget_slots(self._client)
             raise LogUnavailable(f"redis membership must be readable, got {type(e).__name__}: {e}") from None
         members = []
@@ -90,13 +90,13 @@ class Membership:
         try:
             await self._client.zrem(self._alive, replica_id)
             await self._client.hdel(self._info, replica_id)
-        except (RedisError, OSError, asyncio.TimeoutError) as e:
+        except STORE_ERRORS as e:
             raise LogUnavailable(f"redis membership must be writable, got {type(e).__name__}: {e}") from None
 
     async def close(self) -> None:
         try:
             await self._client.aclose()
-        except (RedisError, OSError):
+        except (RedisError, RedisClusterException, OSError):
             pass
 
 
@@ -133,9 +133,10 @@ class Placement:
             try:
                 await self.refresh()
                 failing = False
-            except LogUnavailable as e:
+            except Exception as e:  # noqa: BLE001 - the heartbeat must outlive any store failure
                 if not failing:
-                    log.warning("placement: membership unreachable, keeping %d members: %s", len(self.members), e)
+                    log.warning("placement: membership unreachable, keeping %d members: %s", len(self.members), e,
+                                exc_info=None if isinstance(e, LogUnavailable) else e)
                 failing = True
             await asyncio.sleep(self.config.heartbeat_s)
 

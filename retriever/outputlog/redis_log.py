@@ -15,9 +15,11 @@ Reads are plain XREAD (no consumer groups: every replica sees every entry).
 Redis Cluster: a URL `redis+cluster://[user:password@]host:port[,host:port...]` (or
 `rediss+cluster://` for TLS) names seed nodes and uses redis-py's `RedisCluster`. A tenant's
 three keys share its `{E}` slot, so the append script stays atomic; `P:tenants` lives on one
-slot. A cluster read is one non-blocking XREAD per tenant, pipelined (the pipeline sends each
-node its own commands), polled every `CLUSTER_POLL_S` until `block_ms` passed: no single XREAD
-spans slots. `wait_replicas` sends WAIT to each master the batch wrote to, on the connection
+slot. A cluster read is one XRANGE per tenant that may have news, pipelined (the pipeline sends
+each node its own commands), polled every `CLUSTER_POLL_S` until `block_ms` passed: no single
+command spans slots. Which tenants may have news: the change notes of `P:{changes}`
+(`retriever.outputlog.cluster_tail`), written after each acknowledged append batch.
+`wait_replicas` sends WAIT to each master the batch wrote to, on the connection
 that wrote (WAIT counts only that connection's writes).
 
 Timeouts are short and redis-py's own retries are off: a failure raises `LogUnavailable`
@@ -36,9 +38,11 @@ import redis.asyncio as aioredis
 from redis.asyncio.cluster import ClusterNode, RedisCluster
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
-from redis.exceptions import NoScriptError, RedisError
+from redis.exceptions import NoScriptError, RedisClusterException, RedisError
 
+from retriever.outputlog.cluster_tail import ClusterTail
 from retriever.outputlog.contract import (
+    START,
     LogConfig,
     LogEntry,
     LogRead,
@@ -93,6 +97,9 @@ return id
 """
 APPEND_SHA = __import__("hashlib").sha1(APPEND_LUA.encode()).hexdigest()
 CLUSTER_SCHEMES = ("redis+cluster", "rediss+cluster")
+# What a store call raises when Redis cannot serve it (RedisClusterException, e.g. "cannot be
+# connected" or a slot not covered, is not a RedisError).
+STORE_ERRORS = (RedisError, RedisClusterException, OSError, asyncio.TimeoutError)
 CLUSTER_POLL_S = 0.05  # cluster reads: how often tailed tenants are polled while nothing is new
 
 
@@ -171,7 +178,7 @@ async def forget_slots(client: "aioredis.Redis | RedisCluster") -> None:
     if isinstance(client, RedisCluster):
         try:
             await client.aclose()
-        except (RedisError, OSError):
+        except (RedisError, RedisClusterException, OSError):
             pass
 
 
@@ -190,6 +197,7 @@ class RedisLog:
         wait_s = config.wait_ms / 1000.0 if config.wait_replicas else 0.0
         self._writer = self._client(config.timeout_s + wait_s)
         self._reader = self._client(config.timeout_s + (0 if self.cluster else config.block_ms / 1000.0))
+        self._tail = ClusterTail(self._reader, f"{prefix}:{{changes}}")  # cluster reads only
         self._known: list[str] = []
         self._keys: dict[str, tuple[str, str, str]] = {}
         self._tenant_of: dict[bytes, str] = {}
@@ -214,7 +222,7 @@ class RedisLog:
             if any(isinstance(r, NoScriptError) for r in results):  # a restarted, flushed or new server
                 await self._writer.script_load(APPEND_LUA)
                 results, waits = await self._append_pipeline(batch)
-        except (RedisError, OSError, asyncio.TimeoutError) as e:
+        except STORE_ERRORS as e:
             await forget_slots(self._writer)
             raise LogUnavailable(f"redis append must succeed, got {type(e).__name__}: {e}") from None
         failed = next((r for r in results if isinstance(r, Exception)), None)
@@ -226,6 +234,8 @@ class RedisLog:
             if int(acked) < c.wait_replicas:
                 raise LogUnavailable(f"redis append must reach {c.wait_replicas} replicas within {c.wait_ms} ms, "
                                      f"got {acked}")
+        if self.cluster:  # after the appends were acknowledged: the readers' ordering (cluster_tail)
+            await self._tail.note(self._writer, dict.fromkeys(item.tenant for item in batch))
 
     async def _append_pipeline(self, batch: Sequence[PendingOutput]) -> tuple[list[object], list[object]]:
         """(the writes' results, the WAIT replies): WAIT (when `wait_replicas`) goes last on each
@@ -262,7 +272,7 @@ class RedisLog:
                 return await self._read_each(cursors, count, block_ms)
             streams = {self.keys(tenant)[0]: cursor for tenant, cursor in cursors.items()}
             reply = await self._reader.xread(streams, count=count, block=block_ms or None)
-        except (RedisError, OSError, asyncio.TimeoutError) as e:
+        except STORE_ERRORS as e:
             await forget_slots(self._reader)
             raise LogUnavailable(f"redis read must succeed, got {type(e).__name__}: {e}") from None
         entries, advanced = [], dict(cursors)
@@ -282,19 +292,23 @@ class RedisLog:
         return entries
 
     async def _read_each(self, cursors: dict[str, str], count: int, block_ms: int) -> LogRead:
-        """Cluster: one XREAD per tenant, pipelined, polled every CLUSTER_POLL_S for `block_ms`."""
+        """Cluster: one XRANGE per due tenant (`ClusterTail`: noted, new or advanced; all at a sweep),
+        pipelined, polled every CLUSTER_POLL_S for `block_ms`."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + block_ms / 1000.0
-        tenants = list(cursors)
         while True:
-            pipe = self._reader.pipeline(transaction=False)
-            for tenant in tenants:
-                pipe.xread({self.keys(tenant)[0]: cursors[tenant]}, count=count)
-            replies = await pipe.execute(raise_on_error=True)
+            tenants = await self._tail.due(cursors)
+            replies: list = []
+            if tenants:
+                pipe = self._reader.pipeline(transaction=False)
+                for tenant in tenants:  # XRANGE, not XREAD: redis-py asks the server for XREAD's (movable) keys
+                    cursor = cursors[tenant]
+                    pipe.xrange(self.keys(tenant)[0], "-" if cursor == START else f"({cursor}", "+", count=count)
+                replies = await pipe.execute(raise_on_error=True)
             entries, advanced = [], dict(cursors)
-            for tenant, reply in zip(tenants, replies):
-                for _, items in reply or ():
-                    entries += self._entries(tenant, items, advanced)
+            for tenant, items in zip(tenants, replies):
+                entries += self._entries(tenant, items or (), advanced)
+            self._tail.advanced(cursors, advanced)
             if entries or loop.time() >= deadline:
                 return LogRead(tuple(entries), advanced)
             await asyncio.sleep(min(CLUSTER_POLL_S, max(0.0, deadline - loop.time())))
@@ -305,7 +319,7 @@ class RedisLog:
             count = await self._writer.scard(self._tenants_key)
             if count != len(self._known):
                 self._known = sorted(m.decode() for m in await self._writer.smembers(self._tenants_key))
-        except (RedisError, OSError, asyncio.TimeoutError) as e:
+        except STORE_ERRORS as e:
             await forget_slots(self._writer)
             raise LogUnavailable(f"redis tenants must be readable, got {type(e).__name__}: {e}") from None
         return list(self._known)
@@ -319,7 +333,7 @@ class RedisLog:
                 pipe.xlen(stream)
                 pipe.get(tokens)
             values = await pipe.execute() if tenants else []
-        except (RedisError, OSError, asyncio.TimeoutError) as e:
+        except STORE_ERRORS as e:
             raise LogUnavailable(f"redis size must be readable, got {type(e).__name__}: {e}") from None
         return LogSize(len(tenants), sum(int(v) for v in values[0::2]), sum(int(v or 0) for v in values[1::2]))
 
@@ -327,5 +341,5 @@ class RedisLog:
         for client in (self._writer, self._reader):
             try:
                 await client.aclose()
-            except (RedisError, OSError):
+            except (RedisError, RedisClusterException, OSError):
                 pass

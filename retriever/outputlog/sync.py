@@ -20,9 +20,11 @@
 - Every drafter call happens on the loop that ran `start` (the Drafter is not thread-safe).
 - With a `Placement` (`retriever.outputlog.membership`: several replicas sharing tenants), only
   the tenants this replica owns are tailed; a tenant it comes to own is replayed from the start
-  (`ready(tenant)` is False meanwhile: the servicer sends its sessions elsewhere), and a tenant it
+  (`ready(tenant)` is False meanwhile: the servicer sends its sessions elsewhere; WARM_PER_READ
+  tenants start per read, each ready as soon as its own replay is in), and a tenant it
   no longer owns stops being tailed and its index is freed (`Drafter.drop_tenant`). Tailing starts
-  once the members were listed (warming every tenant first would spike memory).
+  once the members were listed (warming every tenant first would spike memory). A change of the
+  members is acted on at the next read (not after `discover_s`).
 """
 
 from __future__ import annotations
@@ -52,6 +54,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 APPLY_SLICE_S = 0.002  # longest stretch of index inserts before yielding to the loop
+RESERVE_MIN_TOKENS = 1024  # a replayed tenant's index is sized at once for at least this many new tokens
+WARM_PER_READ = 32  # newly owned tenants whose replay one read starts (each serves once its own is in)
 
 
 async def cancel_until_done(tasks: list["asyncio.Task[None]"], timeout_s: float = 5.0) -> None:
@@ -126,6 +130,7 @@ class LogSync:
         self._applied = [0, 0, 0, 0]  # entries, tokens, skipped own, rejected
         self._reading, self._read_errors, self._last_read_s, self._tenants = True, 0, 0.0, 0
         self._cursors: dict[str, str] = {}  # tailed tenant -> cursor
+        self._handover = (0.0, 0)  # when the current warming of newly owned tenants began, and how many
 
     def publish(self, tenant: str, tokens: np.ndarray) -> None:
         """Queues a finished output (int32 [k]) for the log; the `Drafter`'s `on_output`."""
@@ -190,19 +195,21 @@ class LogSync:
     async def _follow(self, drafter: "Drafter") -> None:
         c = self._config
         cursors = self._cursors
-        discovered_s, delay = float("-inf"), c.backoff_min_s
+        discovered_s, delay, changes = float("-inf"), c.backoff_min_s, -1
         while True:
             if self.placement is not None and not self.placement.listed:
                 await asyncio.sleep(0.02)  # the members first: tail only what this replica owns
                 continue
             try:
-                if time.monotonic() - discovered_s >= c.discover_s:
+                if time.monotonic() - discovered_s >= c.discover_s or self._placement_changes() != changes:
+                    changes = self._placement_changes()
                     self._place(drafter, await self.log.tenants())
                     discovered_s = time.monotonic()
                     self._tenants = len(cursors)
                 if not self.warm and not self._sized:
                     self._warmup[2], self._sized = (await self.log.size()).tokens, True
-                result = await self.log.read(cursors, c.read_count, c.block_ms if self.warm else 0)
+                asked = self._asked()
+                result = await self.log.read(asked, c.read_count, c.block_ms if self.warm and not self._warming else 0)
             except Exception as e:  # noqa: BLE001 - the store is down or misbehaves: retry later
                 self._read_failed(e)
                 await asyncio.sleep(delay)
@@ -210,12 +217,26 @@ class LogSync:
                 continue
             self._read_ok()
             delay = c.backoff_min_s
-            caught_up = [t for t in self._warming if result.cursors.get(t) == cursors.get(t)]
+            caught_up = [t for t in self._warming if t in asked and result.cursors.get(t) == asked[t]]
             cursors.update(result.cursors)
             await self._apply(drafter, result.entries)
-            self._warming.difference_update(caught_up)
+            self._caught_up(caught_up)
             if not self.warm and not result.entries:
                 self._warm_done()
+
+    def _placement_changes(self) -> int:
+        return self.placement.changes if self.placement is not None else 0
+
+    def _asked(self) -> dict[str, str]:
+        """The cursors to read now: every tailed tenant but the newly owned ones not read yet, of
+        which WARM_PER_READ at a time (each serves once its own replay is read and applied)."""
+        if not self._warming:
+            return self._cursors
+        fresh = [t for t in self._warming if self._cursors[t] == START]
+        if len(fresh) <= WARM_PER_READ:
+            return self._cursors
+        waiting = set(fresh[WARM_PER_READ:])
+        return {t: c for t, c in self._cursors.items() if t not in waiting}
 
     def _place(self, drafter: "Drafter", tenants: Sequence[str]) -> None:
         """Tails the owned tenants of `tenants` (from START; warming when it was in the log before);
@@ -226,11 +247,37 @@ class LogSync:
             if tenant not in self._cursors and owns(tenant):
                 self._cursors[tenant] = START
                 if self.warm and tenant in known:  # owned anew, not new to the log: its past is replayed
+                    if not self._warming:
+                        self._handover = (time.monotonic(), 0)
                     self._warming.add(tenant)
+                    self._handover = (self._handover[0], self._handover[1] + 1)
         for tenant in [t for t in self._cursors if not owns(t)]:
             del self._cursors[tenant]
             self._warming.discard(tenant)
             self._dropped += drafter.drop_tenant(tenant)
+
+    def _reserve(self, drafter: "Drafter", entries: tuple[LogEntry, ...]) -> None:
+        """Sizes the indexes of the tenants replayed by `entries` (all at the warm-up, the warming ones
+        after) once for what they are about to take."""
+        sizes: dict[str, list[int]] = {}
+        for entry in entries:
+            if not self.warm or entry.tenant in self._warming:
+                size = sizes.setdefault(entry.tenant, [0, 0])
+                size[0] += int(entry.tokens.shape[0])
+                size[1] += 1
+        for tenant, (tokens, outputs) in sizes.items():
+            if tokens >= RESERVE_MIN_TOKENS:
+                drafter.reserve_prior(tenant, tokens, outputs)
+
+    def _caught_up(self, tenants: list[str]) -> None:
+        """Marks `tenants` replayed (they serve from now on); logs when the last newly owned one is."""
+        if not tenants:
+            return
+        self._warming.difference_update(tenants)
+        if not self._warming and self._handover[1]:
+            log.info("placement: %d newly owned tenants replayed in %.2f s", self._handover[1],
+                     time.monotonic() - self._handover[0])
+            self._handover = (0.0, 0)
 
     def _read_failed(self, error: Exception) -> None:
         self._read_errors += 1
@@ -252,7 +299,9 @@ class LogSync:
                  self._warmup[0], self._warmup[1], self._warm_s)
 
     async def _apply(self, drafter: "Drafter", entries: tuple[LogEntry, ...]) -> None:
-        """Inserts other replicas' entries, yielding to the loop every APPLY_SLICE_S."""
+        """Inserts other replicas' entries, yielding to the loop every APPLY_SLICE_S; the index of a
+        tenant being replayed is sized for its entries first."""
+        self._reserve(drafter, entries)
         slice_start = time.perf_counter()
         for entry in entries:
             if entry.origin == self.replica_id and entry.tenant not in self._warming:

@@ -29,7 +29,7 @@ from retriever.service.metrics import LOOKUP_SAMPLE_EVERY, RetrieverMetrics
 from retriever.service.settings import Limits, RetrieverSettings
 from retriever.service.validation import check_name, check_token_ids, validate_draft
 from retriever.service.wire import encode_batch
-from retriever.status import answer, code_of
+from retriever.status import NOT_DURABLE_MARK, answer, code_of
 from retriever.store.faiss_manifest import FAISS_KIND
 
 if TYPE_CHECKING:
@@ -213,7 +213,7 @@ class RetrieverServicer(pb_grpc.RetrieverServicer):
                 await self._durable()
             except errors.Unavailable as e:
                 status, message = answer(e, log, "retriever")
-                await context.abort(status.grpc, f"EndSession's output must be durable, got: {message}")
+                await context.abort(status.grpc, f"{NOT_DURABLE_MARK}, got: {message}")
         return response
 
     async def Describe(self, request: pb.DescribeRequest, context: grpc.aio.ServicerContext) -> pb.DescribeResponse:

@@ -4,8 +4,10 @@ Three phases, each on a fresh local Redis Cluster (3 masters + 3 replicas, `Redi
 1. memory: `tenants` x `tokens` of outputs in the log; one retriever process, then `replicas`
    processes (R = `owners`) started together; each one's online index bytes and RSS once warm.
 2. replica kill -9: a client (seeds: every replica) runs sessions over random tenants while one
-   replica is killed; sessions failed (no draft, or EndSession not acknowledged) after the client's
-   re-send, and the time until the survivors list each other only and serve every tenant again.
+   replica is killed; sessions failed after the client's re-send (no draft although no deadline
+   passed: every owner refused or answered empty; or EndSession not acknowledged), drafts that
+   missed the 0.5 s deadline (counted apart: the client decodes that step plainly, the session goes
+   on), and the time until the survivors list each other only and serve every tenant again.
 3. Redis master kill -9: one retriever with durable EndSession runs sessions while the master of
    their tenants' slots is killed; acknowledged outputs missing after the promotion, without and
    with `SPECDRAFT_REDIS_WAIT_REPLICAS=1` (WAIT for one replica after each append batch).
@@ -43,12 +45,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--output-tokens", type=int, default=500, help="tokens per output (default: %(default)s)")
     p.add_argument("--kill-s", type=float, default=8.0, help="seconds of sessions around each kill")
     p.add_argument("--json", metavar="PATH", help="also write the result as JSON")
+    p.add_argument("--outputs-from", metavar="JSONL", help="draw each tenant's outputs from the output_ids of "
+                   "these traces (real model outputs, e.g. /work/shared/traces/dev.jsonl) instead of random tokens")
+    p.add_argument("--log-dir", metavar="DIR", help="keep each retriever's log there (replica-N.log)")
 
 
 @dataclass(frozen=True)
 class ClusterBench:
     tenants: int
     tokens_per_tenant: int
+    outputs: str  # "random" tokens, or the traces file the outputs were drawn from
+    single_tokens: int  # tokens the single replica indexed (all tenants)
     replicas: int
     owners: int
     single_index_mb: float
@@ -62,23 +69,46 @@ class ClusterBench:
     kill_rerouted_sessions: int
     members_back_s: float  # kill -9 -> the survivors list only each other
     owners_back_s: float  # kill -9 -> every tenant drafts on both survivors
+    kill_late_drafts: int  # sessions whose draft missed the 0.5 s deadline (no draft that step; not failed)
+    kill_late_before: int  # of them, before the kill
     master_kill: tuple[dict, ...]  # per wait_replicas setting: acked, missing, promotion_s, sessions, failed
     load_average: tuple[float, ...]
 
 
-def _outputs(tenant_index: int, n: int, size: int) -> list[np.ndarray]:
+Pool = tuple[np.ndarray, ...]  # real outputs (int32 token ids) to draw tenants' outputs from
+
+
+def load_pool(path: str) -> Pool:
+    """The `output_ids` of a traces JSONL (e.g. /work/shared/traces/dev.jsonl) of at least 40 tokens."""
+    with open(path) as f:
+        rows = [json.loads(line) for line in f if line.strip()]
+    pool = tuple(np.asarray(r["output_ids"], np.int32) for r in rows if len(r.get("output_ids", ())) >= 40)
+    if not pool:
+        raise ValueError(f"--outputs-from must name a JSONL with output_ids of >= 40 tokens, got none in {path}")
+    return pool
+
+
+def _outputs(tenant_index: int, n: int, size: int, pool: Pool = ()) -> list[np.ndarray]:
+    """The tenant's outputs: `n // size` of `size` random tokens, or real outputs drawn from `pool`
+    (seeded by the tenant) until they hold `n` tokens."""
     rng = np.random.default_rng(tenant_index)
-    return [rng.integers(0, VOCAB, size, dtype=np.int32) for _ in range(max(1, n // size))]
+    if not pool:
+        return [rng.integers(0, VOCAB, size, dtype=np.int32) for _ in range(max(1, n // size))]
+    outs, total = [], 0
+    while total < n:
+        outs.append(pool[int(rng.integers(len(pool)))])
+        total += outs[-1].shape[0]
+    return outs
 
 
-async def _fill(url: str, tenants: int, tokens: int, size: int) -> None:
+async def _fill(url: str, tenants: int, tokens: int, size: int, pool: Pool = ()) -> None:
     from retriever.outputlog.contract import LogConfig, PendingOutput, encode_tokens
     from retriever.outputlog.redis_log import RedisLog
 
     log = RedisLog(LogConfig(redis_url=url, token_budget=tokens, timeout_s=5.0))
     seq, batch = 0, []
     for t in range(tenants):
-        for out in _outputs(t, tokens, size):
+        for out in _outputs(t, tokens, size, pool):
             seq += 1
             batch.append(PendingOutput(f"tenant-{t}", encode_tokens(out), "bench", seq, 0.0))
             if len(batch) == 256:
@@ -102,10 +132,17 @@ def _env(url: str, args: argparse.Namespace, **extra: str) -> dict[str, str]:
             "SPECDRAFT_MAX_QUEUE_WAIT_MS": "0", **extra}  # a loaded 2-core box: no queue-wait refusals
 
 
-def _start_many(env: dict[str, str], n: int) -> list[ServerProcess]:
+def _log_path(args: argparse.Namespace, name: str) -> str | None:
+    if not getattr(args, "log_dir", None):
+        return None
+    Path(args.log_dir).mkdir(parents=True, exist_ok=True)
+    return str(Path(args.log_dir) / f"{name}.log")
+
+
+def _start_many(env: dict[str, str], n: int, args: argparse.Namespace) -> list[ServerProcess]:
     procs: list[ServerProcess] = []
-    threads = [threading.Thread(target=lambda: procs.append(ServerProcess(env, args=(), start_timeout_s=1800)))
-               for _ in range(n)]
+    threads = [threading.Thread(target=lambda i=i: procs.append(ServerProcess(
+        env, args=(), start_timeout_s=1800, log_path=_log_path(args, f"replica-{i}")))) for i in range(n)]
     for t in threads:
         t.start()
     for t in threads:
@@ -126,36 +163,39 @@ def _settle(procs: list[ServerProcess], timeout_s: float = 600.0) -> None:
 
 
 def _memory(url: str, args: argparse.Namespace
-            ) -> tuple[tuple[float, float, list[float], list[float]], list[ServerProcess]]:
-    """(single replica's index MB and RSS, each replica's index MB and RSS), the replicas (left running)."""
-    with ServerProcess(_env(url, args), args=(), start_timeout_s=1800) as single:
+            ) -> tuple[tuple[float, float, list[float], list[float], int], list[ServerProcess]]:
+    """(single replica's index MB and RSS, each replica's index MB and RSS, the single replica's indexed
+    tokens), the replicas (left running)."""
+    with ServerProcess(_env(url, args), args=(), start_timeout_s=1800, log_path=_log_path(args, "single")) as single:
         single_index, single_rss = _metric(single, "online_index_bytes") / 2**20, single.rss_mb()
+        single_tokens = int(_metric(single, "tenant_tokens"))
     time.sleep(3.5)  # its membership entry is gone (left at stop; TTL otherwise)
-    procs = _start_many(_env(url, args), args.replicas)
+    procs = _start_many(_env(url, args), args.replicas, args)
     _settle(procs)
     return (single_index, single_rss, [_metric(p, "online_index_bytes") / 2**20 for p in procs],
-            [p.rss_mb() for p in procs]), procs
+            [p.rss_mb() for p in procs], single_tokens), procs
 
 
 class _Sessions(threading.Thread):
-    """Sessions over random tenants until stopped: the prompt is a slice of one of the tenant's outputs,
+    """Sessions over random tenants until stopped: the prompt is a slice of the tenant's newest output,
     so a working owner drafts the next token; counts sessions and failures."""
 
-    def __init__(self, targets: str, tenants: int, tokens: int, size: int, durable_check: bool = False) -> None:
+    def __init__(self, targets: str, tenants: int, tokens: int, size: int, pool: Pool = ()) -> None:
         super().__init__(daemon=True)
         from retriever.client import RetrieverClient
 
         self.client = RetrieverClient(targets, deadline_s=0.5, call_timeout_s=3.0, backoff_s=(0.02, 0.5))
-        self.tenants, self.tokens, self.size = tenants, tokens, size
+        self.tenants, self.tokens, self.size, self.pool = tenants, tokens, size, pool
         self.sessions = self.failed = self.rerouted = self.no_draft = 0
         self.failed_at: list[float] = []  # monotonic time of each failed session
+        self.late_at: list[float] = []  # ... of each session whose draft missed the 0.5 s deadline
         self.acked: list[tuple[str, bytes]] = []  # (tenant, output payload) of acknowledged EndSessions
         self.stop_event, self.rng = threading.Event(), random.Random(0)
 
     def run(self) -> None:
         while not self.stop_event.is_set():
             t = self.rng.randrange(self.tenants)
-            out = _outputs(t, self.tokens, self.size)[0]
+            out = _outputs(t, self.tokens, self.size, self.pool)[-1]  # the newest: never trimmed
             s = self.client.session(f"tenant-{t}")
             s.start(out[:20].tolist())
             tree = s.draft([int(out[20])], 8)
@@ -164,11 +204,14 @@ class _Sessions(threading.Thread):
             ok = s.closed.wait(10) and s.output_tokens is not None
             self.sessions += 1
             self.rerouted += s.reroutes > 0
-            if tree is None or not ok:
+            late = tree is None and s.timeouts > 0  # the draft missed its deadline: plain decoding, not a failure
+            if late:
+                self.late_at.append(time.monotonic())
+            if (tree is None and not late) or not ok:
                 self.failed += 1
                 self.no_draft += tree is None
                 self.failed_at.append(time.monotonic())
-            else:
+            if ok:
                 self.acked.append((f"tenant-{t}", np.asarray([int(out[20]), *fresh], np.int32).tobytes()))
 
     def finish(self) -> None:
@@ -177,15 +220,17 @@ class _Sessions(threading.Thread):
         self.client.close()
 
 
-def _replica_kill(procs: list[ServerProcess], args: argparse.Namespace) -> tuple[int, ...]:
+def _replica_kill(procs: list[ServerProcess], args: argparse.Namespace, pool: Pool) -> tuple[int, ...]:
     from retriever.client import RetrieverClient
 
-    load = _Sessions(",".join(p.target for p in procs), args.tenants, args.tokens, args.output_tokens)
+    load = _Sessions(",".join(p.target for p in procs), args.tenants, args.tokens, args.output_tokens, pool)
     load.start()
     time.sleep(args.kill_s / 2)
     victim, survivors = procs[0], procs[1:]
     victim.proc.send_signal(signal.SIGKILL)
     killed = time.monotonic()
+    print(f"replica kill -9 at {time.strftime('%H:%M:%S', time.gmtime())}: pid {victim.proc.pid} "
+          f"(log {victim.log_path})", flush=True)
     probes = [RetrieverClient(p.target, deadline_s=2.0, call_timeout_s=2.0) for p in survivors]
     members_back = owners_back = float("nan")
     pending = {(i, t) for i in range(len(probes)) for t in range(args.tenants)}
@@ -203,7 +248,8 @@ def _replica_kill(procs: list[ServerProcess], args: argparse.Namespace) -> tuple
     for c in probes:
         c.close()
     before = sum(t < killed for t in load.failed_at)
-    return load.sessions, load.failed, before, load.no_draft, load.rerouted, members_back, owners_back
+    late = (len(load.late_at), sum(t < killed for t in load.late_at))
+    return load.sessions, load.failed, before, load.no_draft, load.rerouted, members_back, owners_back, late
 
 
 def _unserved(probes: list, pending: set[tuple[int, int]]) -> set[tuple[int, int]]:
@@ -229,18 +275,19 @@ def _unserved(probes: list, pending: set[tuple[int, int]]) -> set[tuple[int, int
     return left
 
 
-def _master_kill(workdir: Path, args: argparse.Namespace, wait_replicas: int) -> dict:
+def _master_kill(workdir: Path, args: argparse.Namespace, wait_replicas: int, pool: Pool) -> dict:
     """One retriever (durable EndSession) under sessions while a Redis master is killed -9."""
     import redis
 
     cluster = RedisClusterProcs(workdir / f"redis-wait{wait_replicas}").start()
     tenants, tokens = 30, 2000
     try:
-        asyncio.run(_fill(cluster.url, tenants, tokens, args.output_tokens))
+        asyncio.run(_fill(cluster.url, tenants, tokens, args.output_tokens, pool))
         env = _env(cluster.url, args, SPECDRAFT_DURABLE_END_SESSION="1", SPECDRAFT_DURABLE_TIMEOUT_S="2",
                    SPECDRAFT_REDIS_WAIT_REPLICAS=str(wait_replicas), SPECDRAFT_REDIS_WAIT_MS="500")
-        with ServerProcess(env, args=(), start_timeout_s=300) as proc:
-            load = _Sessions(proc.target, tenants, tokens, args.output_tokens)
+        with ServerProcess(env, args=(), start_timeout_s=300, log_path=_log_path(args, f"master-kill-{wait_replicas}")
+                           ) as proc:
+            load = _Sessions(proc.target, tenants, tokens, args.output_tokens, pool)
             load.start()
             time.sleep(args.kill_s / 2)
             victim = cluster.master_of("specdraft:{tenant-0}:outputs")
@@ -261,6 +308,7 @@ def _master_kill(workdir: Path, args: argparse.Namespace, wait_replicas: int) ->
         missing = sum(payload not in stored[tenant] for tenant, payload in load.acked)
         client.close()
         return {"wait_replicas": wait_replicas, "sessions": load.sessions, "failed": load.failed,
+                "late": len(load.late_at),
                 "acked": len(load.acked), "acked_before_kill": acked_before, "missing": missing,
                 "promotion_s": round(promotion_s, 2)}
     finally:
@@ -268,43 +316,54 @@ def _master_kill(workdir: Path, args: argparse.Namespace, wait_replicas: int) ->
 
 
 def bench_cluster(args: argparse.Namespace) -> ClusterBench:
+    pool = load_pool(args.outputs_from) if args.outputs_from else ()
     with tempfile.TemporaryDirectory(prefix="specdraft-cluster-") as tmp:
         workdir = Path(tmp)
         cluster = RedisClusterProcs(workdir / "redis").start()
         procs: list[ServerProcess] = []
         try:
             t0 = time.monotonic()
-            asyncio.run(_fill(cluster.url, args.tenants, args.tokens, args.output_tokens))
+            asyncio.run(_fill(cluster.url, args.tenants, args.tokens, args.output_tokens, pool))
             print(f"filled the log: {args.tenants} tenants x {args.tokens} tokens in {time.monotonic() - t0:.1f} s",
                   flush=True)
-            (single_index, single_rss, index_mb, rss_mb), procs = _memory(cluster.url, args)
+            (single_index, single_rss, index_mb, rss_mb, single_tokens), procs = _memory(cluster.url, args)
             print(f"memory: single {single_index:.1f} MB, replicas {[round(x, 1) for x in index_mb]} MB", flush=True)
-            sessions, failed, before, no_draft, rerouted, members_back, owners_back = _replica_kill(procs, args)
+            sessions, failed, before, no_draft, rerouted, members_back, owners_back, late = _replica_kill(
+                procs, args, pool)
+            print(f"replica kill -9: {sessions} sessions, {failed} failed ({no_draft} without a draft), "
+                  f"{late[0]} drafts late; members back in {members_back:.2f} s, 2 owners in {owners_back:.2f} s",
+                  flush=True)
         finally:
             for p in procs:
                 p.stop(10)
             cluster.kill_all()
-        master_kill = tuple(_master_kill(workdir, args, w) for w in (0, 1))
-    return ClusterBench(args.tenants, args.tokens, args.replicas, args.owners, round(single_index, 1),
+        master_kill = tuple(_master_kill(workdir, args, w, pool) for w in (0, 1))
+    return ClusterBench(args.tenants, args.tokens, args.outputs_from or "random", single_tokens,
+                        args.replicas, args.owners, round(single_index, 1),
                         round(single_rss, 1), tuple(round(x, 1) for x in index_mb), tuple(round(x, 1) for x in rss_mb),
                         sessions, failed, before, no_draft, rerouted, round(members_back, 2), round(owners_back, 2),
-                        master_kill,
+                        late[0], late[1], master_kill,
                         tuple(round(x, 2) for x in os.getloadavg()))
 
 
 def table(r: ClusterBench) -> str:
     ideal = r.single_index_mb * r.owners / r.replicas
-    lines = [f"scale: {r.tenants} tenants x {r.tokens_per_tenant} tokens, {r.replicas} replicas, R = {r.owners}",
-             f"online index MB: single replica {r.single_index_mb} (RSS {r.single_rss_mb}); per replica "
+    per_token = r.single_index_mb * 2**20 / max(1, r.single_tokens)
+    lines = [f"scale: {r.tenants} tenants x {r.tokens_per_tenant} tokens ({r.outputs} outputs), {r.replicas} "
+             f"replicas, R = {r.owners}",
+             f"online index MB: single replica {r.single_index_mb} ({r.single_tokens} tokens, {per_token:.0f} B/token; "
+             f"RSS {r.single_rss_mb}); per replica "
              f"{list(r.replica_index_mb)} (RSS {list(r.replica_rss_mb)}); ideal R/n x single = {ideal:.1f}",
              f"replica kill -9: {r.kill_sessions} sessions, {r.kill_failed_sessions} failed after re-send "
              f"({r.kill_failed_before} before the kill; {r.kill_failed_no_draft} without a draft, "
              f"the rest at EndSession), "
-             f"{r.kill_rerouted_sessions} re-sent; members back in {r.members_back_s} s, every tenant on 2 owners "
+             f"{r.kill_rerouted_sessions} re-sent, {r.kill_late_drafts} drafts past the 0.5 s deadline "
+             f"({r.kill_late_before} before the kill); members back in {r.members_back_s} s, every tenant on 2 owners "
              f"in {r.owners_back_s} s"]
     for m in r.master_kill:
         lines.append(f"redis master kill -9 (wait_replicas={m['wait_replicas']}): promoted in {m['promotion_s']} s; "
-                     f"{m['sessions']} sessions, {m['failed']} failed; {m['acked']} EndSession-acked outputs, "
+                     f"{m['sessions']} sessions, {m['failed']} failed, {m['late']} drafts late; "
+                     f"{m['acked']} EndSession-acked outputs, "
                      f"{m['missing']} missing afterwards")
     lines.append(f"load average: {r.load_average}")
     return "\n".join(lines)

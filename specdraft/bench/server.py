@@ -66,14 +66,18 @@ class ServerProcess:
     on leaving a `with` block)."""
 
     def __init__(self, env: dict[str, str], args: tuple[str, ...] = ("--output-log", "off"),
-                 start_timeout_s: float = 60.0) -> None:
+                 start_timeout_s: float = 60.0, log_path: str | None = None) -> None:
+        """`log_path`: the server's stderr (its log) is appended there; None: discarded."""
         from specdraft.bench.redis_proc import free_port
 
         self.metrics_port = free_port()
         cmd = [sys.executable, "-m", "specdraft.cli", "retriever", "serve", "--host", "127.0.0.1", "--port", "0",
                "--metrics-port", str(self.metrics_port), *args]
-        self.proc = subprocess.Popen(cmd, env={**os.environ, **env}, stdout=subprocess.PIPE,
-                                     stderr=subprocess.DEVNULL, text=True)
+        self.log_path = log_path
+        stderr = open(log_path, "a") if log_path else subprocess.DEVNULL  # noqa: SIM115 - the child holds it
+        self.proc = subprocess.Popen(cmd, env={**os.environ, **env}, stdout=subprocess.PIPE, stderr=stderr, text=True)
+        if log_path:
+            stderr.close()
         line = self.proc.stdout.readline() if self.proc.stdout else ""
         match = re.search(r"listening on \S+:(\d+)", line)
         if match is None:

@@ -66,6 +66,8 @@ def test_online_query_matches_reference(seed):
     index, model = _core.OnlineIndex(budget), ref.OnlineRef(budget)
     docs = random_docs(rng, vocab, rng.randint(1, 12), 80)
     for i, doc in enumerate(docs):  # appended in random pieces; the last stays open sometimes
+        if rng.random() < 0.3:  # room made ahead (a replay): same answers
+            index.reserve(rng.choice([-1, 0, 7, len(doc) + 1, 300, 10**12]))
         cut = rng.randint(0, len(doc))
         for piece in (doc[:cut], doc[cut:]):
             index.append(np.array(piece, np.int32))
@@ -97,6 +99,23 @@ def test_online_index_memory_stays_flat_under_budget():
             sizes.append(index.memory_bytes)
     assert index.num_tokens <= 10_000
     assert sizes[1] <= sizes[0]
+
+
+def test_online_index_reserve_sizes_once_within_twice_the_budget():
+    rng = np.random.default_rng(1)
+    docs = [rng.integers(0, 151_936, 500, dtype=np.int32) for _ in range(8)]
+    grown, reserved = _core.OnlineIndex(4000), _core.OnlineIndex(4000)
+    reserved.reserve(4000 + 8)
+    sized = reserved.memory_bytes
+    for doc in docs:
+        for index in (grown, reserved):
+            index.append(doc)
+            index.end_document()
+    assert reserved.memory_bytes - sized < 1024  # no table or ring grew while the replay went in (the doc list did)
+    assert abs(reserved.memory_bytes - grown.memory_bytes) < 1024  # the size growth would have reached
+    huge = _core.OnlineIndex(1000)
+    huge.reserve(10**12)  # capped at twice the budget
+    assert huge.memory_bytes < 2 * reserved.memory_bytes
 
 
 def test_online_index_rejects_out_of_range_tokens():

@@ -98,3 +98,62 @@ def test_replicas_index_only_owned_tenants_take_over_a_leaver_and_free_lost_ones
         await writer.close()
 
     asyncio.run(body())
+
+
+def test_newly_owned_tenants_warm_a_few_per_read_and_none_serves_before_its_replay(config, monkeypatch):
+    from retriever.outputlog import sync as sync_module
+
+    monkeypatch.setattr(sync_module, "WARM_PER_READ", 2)
+
+    async def body():
+        writer = open_log(config)
+        await writer.append([PendingOutput(t, encode_tokens(output_of(t)), "writer", i + 1, 0.0)
+                             for i, t in enumerate(TENANTS)])
+        a, c = PlacedReplica(config, "a"), PlacedReplica(config, "c")
+        for r in (a, c, a, c):
+            await r.sync.placement.refresh()
+        for r in (a, c):
+            await r.sync.start(r.drafter)
+        await until(lambda: a.sync.warm and len(a.sync.placement.members) == 2, timeout_s=5.0)
+        assert all(a.sync.ready(t) for t in TENANTS)  # R = 2 of 2: a owns everything already
+        b = PlacedReplica(config, "b")
+        await b.sync.placement.refresh()
+        await b.sync.start(b.drafter)
+        await until(lambda: b.sync.warm and len(b.sync.placement.members) == 3, timeout_s=5.0)
+        await c.sync.stop()  # leaves: b now owns every tenant, and warms those it lacked
+        mine = {t for t in TENANTS if b.sync.ready(t)}
+        seen: set[int] = set()
+        t0 = time.monotonic()
+        while not all(b.sync.ready(t) for t in TENANTS):
+            ready = {t for t in TENANTS if b.sync.ready(t)}
+            assert all(b.proposes(t) for t in ready - mine)  # ready only once its own replay is in
+            seen.add(len(ready))
+            assert time.monotonic() - t0 < 5.0, "b must own and serve every tenant within 5 s"
+            await asyncio.sleep(0.001)
+        assert b.indexed() == set(TENANTS)
+        assert len(seen - {len(mine)}) >= 2  # some newly owned tenants served while others still warmed
+        for r in (a, b):
+            await r.sync.stop()
+        await writer.close()
+
+    asyncio.run(body())
+
+
+def test_an_unreachable_cluster_is_a_log_unavailable_and_the_heartbeat_goes_on():
+    from retriever.outputlog.contract import LogUnavailable
+    from specdraft.bench.redis_proc import free_port
+
+    config = LogConfig(redis_url=f"redis+cluster://127.0.0.1:{free_port()}", timeout_s=0.2)
+
+    async def body():
+        m = Membership(config)
+        with pytest.raises(LogUnavailable, match="membership must be writable"):  # not RedisClusterException
+            await m.register(Member("a", "h:1"), ttl_s=1.0)
+        placement = Placement(Membership(config), PlacementConfig("a", "h:1", heartbeat_s=0.05, ttl_s=1.0))
+        task = asyncio.create_task(placement.run())
+        await asyncio.sleep(0.3)
+        assert not task.done() and not placement.listed  # still heartbeating, never listed
+        task.cancel()
+        await m.close()
+
+    asyncio.run(body())

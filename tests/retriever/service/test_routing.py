@@ -119,3 +119,55 @@ def test_not_owner_is_one_row_of_the_status_table():
     back = error_of(grpc.StatusCode.FAILED_PRECONDITION, str(e))
     assert isinstance(back, errors.NotOwner) and back.owners == ("h:1", "h:2")
     assert type(error_of(grpc.StatusCode.FAILED_PRECONDITION, "tokenizer mismatch")) is errors.FailedPrecondition
+
+
+def test_session_ends_on_the_next_owner_when_its_replica_refuses_the_end(redis_server):
+    nodes = cluster_of(redis_server.url)
+    by_address = {address(n): n for n in nodes}
+    d = nodes[0].stub.Describe(pb.DescribeRequest(tenant=TENANT), timeout=2)
+    first, second = [m.address for m in d.owners]
+    client = RetrieverClient(",".join(by_address), deadline_s=1.0, call_timeout_s=2.0, backoff_s=(0.05, 0.2))
+    try:
+        client.describe()  # the membership: sessions go to the first owner
+        session = client.session(TENANT)
+        session.start([5, 6, 7, 8, 9, 5, 6, 7])
+        assert session.draft([8], 8) is not None and session._address == first
+        by_address[first].server.stop(5)  # draining: its open stream goes on, new calls are refused
+        deadline = time.monotonic() + 5
+        while True:  # until the first owner refuses new calls
+            try:
+                by_address[first].stub.Describe(pb.DescribeRequest(), timeout=1)
+            except grpc.RpcError as e:
+                if e.code() == grpc.StatusCode.UNAVAILABLE:
+                    break  # (a call caught as the stop begins is CANCELLED: probe again)
+            assert time.monotonic() < deadline, "the draining replica must refuse new calls"
+            time.sleep(0.01)
+        session.end(OUTPUT)  # the stream closes cleanly there; EndSession is refused: re-sent to the second
+        assert session.closed.wait(10) and session.output_tokens == 1 + len(OUTPUT)
+        assert session.reroutes == 1
+    finally:
+        client.close()
+        for node in nodes:
+            try:
+                node.stop()
+            except Exception:  # noqa: BLE001 - the stopped owner
+                pass
+
+
+def test_a_durable_end_taken_but_not_confirmed_is_not_re_sent(redis_server):
+    from tests.retriever.outputlog.test_integration import Node as Server
+
+    node = Server(redis_url=redis_server.url, durable_end_session=True, durable_timeout_s=0.3)
+    node.wait_status(SERVING, timeout_s=10)
+    client = RetrieverClient(f"127.0.0.1:{node.server.port}", deadline_s=1.0, call_timeout_s=2.0)
+    try:
+        session = client.session(TENANT)
+        session.start([5, 6, 7, 8, 9, 5, 6, 7])
+        session.draft([8], 8)
+        redis_server.kill()  # the end is taken, its output cannot be confirmed in the log
+        session.end(OUTPUT)
+        assert session.closed.wait(10) and session.output_tokens is None
+        assert session.reroutes == 0  # not re-sent: that would queue the output twice
+    finally:
+        client.close()
+        node.stop()
