@@ -9,8 +9,11 @@ Printed: MAT and tokens/s per variant, the worst per-request MAT ratio right/non
 the mean MAT ratio (target > 1), the tokens/s ratio wrong/none (target >= 0.95), and whether the
 three outputs agree (they must: greedy). FIM: `--fim` completions cut from stdlib files (prefix of
 up to 40 lines, middle of 1-5 lines, suffix of up to 20 lines; files and cuts drawn with a fixed
-seed), run on the model's FIM prompt (`verifier.api.fim`): MAT, tokens/s and exact-match of the
-middle; a model without FIM tokens skips them (SmolLM2, the default, has none).
+seed), run greedily on the model's FIM prompt (`verifier.api.fim`) up to `--fim-max-new-tokens`:
+MAT, tokens/s (and apart: the first steps, which hold the prompt's forward, and the tokens/s
+after them), how many the model ended (a FIM end token) rather than the limit, and the match
+measures of `FimScore` (exact; exact with trailing whitespace trimmed; the middle's lines, then
+maybe more; the first line); a model without FIM tokens skips them (SmolLM2, the default, has none).
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ class Tally:
     tokens: int = 0
     steps: int = 0
     seconds: float = 0.0
+    first_s: float = 0.0  # of `seconds`: until each request's first step ended (its prompt's forward + one step)
     mats: list[float] = field(default_factory=list)  # per request
 
     @property
@@ -40,6 +44,17 @@ class Tally:
     @property
     def tok_s(self) -> float:
         return self.tokens / self.seconds if self.seconds else 0.0
+
+    @property
+    def decode_tok_s(self) -> float:
+        """Tokens/s after each request's first step (the prompt's forward left out)."""
+        rest = self.seconds - self.first_s
+        return (self.tokens - len(self.mats)) / rest if rest > 0 else 0.0
+
+    def add(self, tokens: int, steps: int, seconds: float, first_s: float) -> None:
+        self.tokens, self.steps, self.seconds = self.tokens + tokens, self.steps + steps, self.seconds + seconds
+        self.first_s += first_s
+        self.mats.append(tokens / max(steps, 1))
 
 
 def edit_requests(traces, tokenizer_path: str) -> list[tuple[str, str]]:
@@ -55,14 +70,18 @@ def edit_requests(traces, tokenizer_path: str) -> list[tuple[str, str]]:
 
 
 def _generate(engine, ids: list[int], max_new: int, source, stop_ids: list[int] | None = None) -> tuple:
-    """(tokens, steps, seconds) of one greedy generation, its prefill included (never one kept from
-    the variant before)."""
+    """(tokens, steps, seconds, seconds to the first step's end) of one greedy generation, its prefill
+    included (never one kept from the variant before)."""
     from specdraft.bench.generate import fresh_prefill
 
     fresh_prefill(engine.backend)
     t0 = time.perf_counter()
-    results = list(engine.generate(ids, max_new, drafter=source, stop_token_ids=stop_ids))
-    return [t for r in results for t in r.tokens], len(results), time.perf_counter() - t0
+    tokens, steps, first = [], 0, 0.0
+    for r in engine.generate(ids, max_new, drafter=source, stop_token_ids=stop_ids):
+        tokens += r.tokens
+        steps += 1
+        first = first or time.perf_counter() - t0
+    return tokens, steps, time.perf_counter() - t0, first
 
 
 def run_edits(engine, loaded, drafter, requests: list[tuple[str, str]], max_new: int) -> tuple[dict, bool]:
@@ -81,10 +100,8 @@ def run_edits(engine, loaded, drafter, requests: list[tuple[str, str]], max_new:
         for variant, prediction in zip(VARIANTS, ("", file, wrong)):
             pred_ids = tok.encode(prediction, add_special_tokens=False) if prediction else []
             source = LocalDraftSource(drafter, tenant=variant, session_id=f"{variant}-{i}", prediction_ids=pred_ids)
-            tokens, steps, s = _generate(engine, ids, max_new, source)
-            t = tallies[variant]
-            t.tokens, t.steps, t.seconds = t.tokens + len(tokens), t.steps + steps, t.seconds + s
-            t.mats.append(len(tokens) / max(steps, 1))
+            tokens, steps, s, first = _generate(engine, ids, max_new, source)
+            tallies[variant].add(len(tokens), steps, s, first)
             outputs.append(tokens)
         same &= outputs[0] == outputs[1] == outputs[2]
         print(f"  edit {i}: MAT none {tallies['none'].mats[-1]:.2f} right {tallies['right'].mats[-1]:.2f} "
@@ -93,43 +110,98 @@ def run_edits(engine, loaded, drafter, requests: list[tuple[str, str]], max_new:
 
 
 def fim_cuts(n: int, seed: int = 0) -> list[tuple[str, str, str]]:
-    """(prefix, middle, suffix) cut from n stdlib .py files (middle: 1-5 whole lines, not blank)."""
+    """n (prefix, middle, suffix) cut from stdlib .py files, one a file (middle: 1-5 whole lines, not
+    blank); a file whose cut is blank is passed over for one drawn after the first n (fewer only when
+    the stdlib has too few files)."""
     root = Path(sysconfig.get_paths()["stdlib"])
     files = sorted(p for p in root.glob("*.py") if p.stat().st_size > 2000)
     rng = random.Random(seed)
     cuts = []
-    for path in rng.sample(files, min(n, len(files))):
+    for path in _drawn(rng, files, n):
+        if len(cuts) == n:
+            break
         lines = path.read_text(encoding="utf-8", errors="replace").splitlines(keepends=True)
         k = rng.randint(1, 5)
         start = rng.randrange(10, max(11, len(lines) - k - 10))
         middle = "".join(lines[start:start + k])
-        if not middle.strip():
-            continue
-        cuts.append(("".join(lines[max(0, start - 40):start]), middle, "".join(lines[start + k:start + k + 20])))
+        if middle.strip():
+            cuts.append(("".join(lines[max(0, start - 40):start]), middle, "".join(lines[start + k:start + k + 20])))
     return cuts
 
 
-def run_fim(engine, loaded, drafter, cuts, max_new: int) -> tuple[Tally, int] | None:
-    """Tally and exact matches of the FIM completions; None when the model has no FIM tokens."""
+def _drawn(rng: random.Random, files: list[Path], n: int):
+    """n files drawn, then (lazily: the first n cuts do not depend on it) the others in a drawn order."""
+    first = rng.sample(files, min(n, len(files)))
+    yield from first
+    rest = sorted(set(files) - set(first))
+    yield from rng.sample(rest, len(rest))
+
+
+@dataclass(frozen=True)
+class FimScore:
+    """One completion against the middle cut out, as code-completion evaluations compare them; "trimmed"
+    lines: trailing whitespace stripped from each line, trailing blank lines dropped."""
+
+    exact: bool  # the completion is the middle, character for character
+    exact_trimmed: bool  # its trimmed lines are the middle's
+    lines: bool  # its first k trimmed lines are the middle's k (the middle, then maybe more)
+    first_line: bool  # its first trimmed line is the middle's first
+    ended: bool  # the model ended it (a FIM end token or EOS), not the token limit
+
+
+def _trimmed(text: str) -> list[str]:
+    lines = [line.rstrip() for line in text.splitlines()]
+    while lines and not lines[-1]:
+        lines.pop()
+    return lines
+
+
+def score_fim(completion: str, middle: str, ended: bool) -> FimScore:
+    """Example: middle "a = 1\\nb = 2\\n", completion "a = 1  \\nb = 2\\nc = 3" -> not exact, not
+    exact_trimmed, lines and first_line."""
+    got, want = _trimmed(completion), _trimmed(middle)
+    return FimScore(completion == middle, got == want, bool(want) and got[:len(want)] == want,
+                    bool(want) and got[:1] == want[:1], ended)
+
+
+def run_fim(engine, loaded, drafter, cuts, max_new: int) -> tuple[Tally, list[FimScore]] | None:
+    """Tally and scores of the FIM completions; None when the model has no FIM tokens."""
     from verifier.api.fim import fim_prompt, fim_tokens
     from verifier.drafting import LocalDraftSource
 
     tokens = fim_tokens(loaded.tokenizer)
     if tokens is None:
         return None
-    tally, exact = Tally(), 0
+    ends = {*loaded.eos_token_ids, *tokens.end_ids}
+    tally, scores = Tally(), []
     for i, (prefix, middle, suffix) in enumerate(cuts):
         ids = fim_prompt(tokens, loaded.tokenizer, prefix, suffix)
         source = LocalDraftSource(drafter, tenant="fim", session_id=f"fim-{i}")
-        out, steps, s = _generate(engine, ids, max_new, source, [*loaded.eos_token_ids, *tokens.end_ids])
-        out = [t for t in out if t not in tokens.end_ids]
-        tally.tokens, tally.steps, tally.seconds = tally.tokens + len(out), tally.steps + steps, tally.seconds + s
-        tally.mats.append(len(out) / max(steps, 1))
-        exact += loaded.tokenizer.decode(out, skip_special_tokens=True) == middle
-    return tally, exact
+        out, steps, s, first = _generate(engine, ids, max_new, source, sorted(ends))
+        ended = bool(out) and out[-1] in ends
+        out = [t for t in out if t not in ends]
+        tally.add(len(out), steps, s, first)
+        text = loaded.tokenizer.decode(out, skip_special_tokens=True)
+        scores.append(score_fim(text, middle, ended))
+    return tally, scores
 
 
-def table(tallies: dict, same: bool, fim, model: str, n_fim: int) -> str:
+def fim_line(t: Tally, scores: list[FimScore], n_asked: int, max_new: int) -> str:
+    """The FIM report: speed (prompt forward apart) and the match measures, each out of the completions."""
+    n = len(scores)
+
+    def count(what: str) -> str:
+        return f"{sum(getattr(x, what) for x in scores)}/{n}"
+
+    return (f"FIM: {n} completions (of {n_asked} asked), at most {max_new} new tokens: MAT {t.mat:.2f}, "
+            f"{t.tok_s:.1f} tokens/s overall; first steps (the prompt's forward + one step) {t.first_s:.1f} s of "
+            f"{t.seconds:.1f} s, {t.decode_tok_s:.1f} tokens/s after them; ended by the model {count('ended')} "
+            f"(the rest hit the limit); exact match {count('exact')}, exact with trailing whitespace trimmed "
+            f"{count('exact_trimmed')}, the middle's lines then more {count('lines')}, first line "
+            f"{count('first_line')}")
+
+
+def table(tallies: dict, same: bool, fim, model: str, n_fim: int, fim_max_new: int) -> str:
     none, right, wrong = (tallies[v] for v in VARIANTS)
     lines = ["| variant | requests | tokens | MAT | tokens/s |", "|---|---|---|---|---|"]
     lines += [f"| {v} | {len(t.mats)} | {t.tokens} | {t.mat:.2f} | {t.tok_s:.1f} |" for v, t in tallies.items()]
@@ -141,9 +213,7 @@ def table(tallies: dict, same: bool, fim, model: str, n_fim: int) -> str:
     if fim is None:
         lines.append(f"FIM: skipped, model {model} has no fill-in-the-middle tokens")
     else:
-        t, exact = fim
-        lines.append(f"FIM: {len(t.mats)} completions, MAT {t.mat:.2f}, {t.tok_s:.1f} tokens/s, "
-                     f"exact-match {exact}/{len(t.mats)} (of {n_fim} asked)")
+        lines.append(fim_line(*fim, n_fim, fim_max_new))
     return "\n".join(lines)
 
 
@@ -158,6 +228,8 @@ def add_arguments(p) -> None:
     p.add_argument("--threads", type=int, default=0, help="llama.cpp threads (default 0: every core)")
     p.add_argument("--limit", type=int, default=20, help="edit requests (refactor traces, default %(default)s)")
     p.add_argument("--fim", type=int, default=20, help="FIM completions from stdlib files (default %(default)s)")
+    p.add_argument("--fim-max-new-tokens", type=int, default=96,
+                   help="FIM token limit (default %(default)s: the 20 default middles hold at most 60 tokens)")
     p.add_argument("--traces", default=None, help="JSONL traces (default: the dev traces)")
     p.add_argument("--tokenizer", default="../shared/models/qwen2.5-coder-1.5b",
                    help="the traces' tokenizer (to decode their prompts)")
@@ -184,9 +256,9 @@ def run(args) -> int:
     for _ in engine.generate(list(loaded.tokenizer.encode("def f(x):\n    return")), 4):  # first-call costs
         pass
     tallies, same = run_edits(engine, loaded, Drafter(DrafterConfig()), requests, args.max_new_tokens)
-    fim = run_fim(engine, loaded, Drafter(DrafterConfig()), fim_cuts(args.fim), min(args.max_new_tokens, 128))
+    fim = run_fim(engine, loaded, Drafter(DrafterConfig()), fim_cuts(args.fim), args.fim_max_new_tokens)
     print(f"Predicted outputs: model={args.model} backend={loaded.kind} {loaded.precision}, "
           f"max_new_tokens={args.max_new_tokens}, "
           f"max_nodes={args.max_nodes}, {len(requests)} edit requests")
-    print(table(tallies, same, fim, args.model, args.fim))
+    print(table(tallies, same, fim, args.model, args.fim, args.fim_max_new_tokens))
     return 0

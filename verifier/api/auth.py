@@ -30,7 +30,7 @@ import grpc
 from retriever import errors
 from retriever.credentials import Principal, TokenGrant, TokenTable, load_tokens, read_pem, token_digest
 from retriever.logs import SummaryLog
-from verifier.api.openai_wire import ApiError
+from verifier.api.json_fields import ApiError
 from verifier.api.settings import VerifierSettings, env_name
 
 if TYPE_CHECKING:

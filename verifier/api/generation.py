@@ -2,8 +2,9 @@
 
 - `run(engine, request, drafter, model, metrics=None) -> Iterator[Chunk]`: drives
   `Engine.generate` with the retriever session `drafter` (`verifier.drafting.StreamDraftSource`
-  around it), streams text through `verifier.api.stops.TextStream` (stop strings, EOS, no split
-  characters) and ends with a chunk carrying the finish reason and `GenerationStats`.
+  around it), streams text through `verifier.api.stops.TextStream` (stop strings, EOS, llama.cpp's
+  line limits, no split characters) and ends with a chunk carrying the finish reason and
+  `GenerationStats`.
 - `Generator`: the model's one lock; `stream(request, api, stop, deadline)` runs one generation at a
   time and reports it to the `VerifierMetrics` it holds (`generator.metrics`). The gRPC servicer
   (`verifier.api.grpc_service`) and the HTTP API (`verifier.api.http_api`) both stream from it.
@@ -26,7 +27,7 @@ from retriever import errors
 from verifier.api.metrics import VerifierMetrics
 from verifier.api.prediction import prediction_usage
 from verifier.api.requests import GenerationRequest
-from verifier.api.stops import TextStream
+from verifier.api.stops import LineLimits, TextStream
 from verifier.decoding.engine import Engine
 from verifier.decoding.stats import GenerationStats, StepTally
 from verifier.drafting import StreamDraftSource
@@ -54,7 +55,8 @@ def run(engine: Engine, request: GenerationRequest, drafter: "DraftStreamSession
     a last chunk."""
     t0 = time.perf_counter()
     stops = frozenset(model.eos_token_ids) | frozenset(request.stop_token_ids)
-    stream = TextStream(_decoder(model.tokenizer), request.stops, stops)
+    stream = TextStream(_decoder(model.tokenizer), request.stops, stops,
+                        LineLimits(request.min_indent, request.line_time_limit_s))
     source = StreamDraftSource(drafter, metrics.draft_fallback if metrics is not None else None,
                                request.prediction_ids) if drafter is not None else None
     tally = StepTally()

@@ -54,7 +54,8 @@ from retriever.credentials import Principal
 from verifier.api.auth import ApiAuth, ServerTls, api_auth, authorize_http, http_tenant
 from verifier.api.metrics import VerifierMetrics, reason_label
 from verifier.api.infill import INFILL_NAMES, InfillFormatter, error_body, parse_infill
-from verifier.api.openai_wire import NAMES, ApiError, Formatter, parse
+from verifier.api.json_fields import ApiError
+from verifier.api.openai_wire import NAMES, Formatter, parse
 from verifier.api.pumps import Pump, Refused, Running, disconnected
 from verifier.api.requests import FieldNames, GenerationRequest, InvalidField, RequestValues, check
 

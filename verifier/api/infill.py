@@ -1,8 +1,9 @@
 """llama.cpp's `/infill` wire format on plain values (what llama.vscode and llama.vim send for FIM).
 
-Pure (no HTTP framework, no model): `parse_infill(body, tenant_header)` type-checks the JSON body
-into `InfillRequest` (its `values` go through `verifier.api.requests.check` with `INFILL_NAMES`,
-like the OpenAI routes'), raising `ApiError` on a malformed field; `InfillFormatter` turns
+Pure (no HTTP framework, no model): `parse_infill(body, header)` (header: X-Specdraft-Tenant's
+value) type-checks the JSON body (with `verifier.api.json_fields`' readers) into `InfillRequest`
+(its `values` go through `verifier.api.requests.check` with `INFILL_NAMES`, like the OpenAI
+routes'), raising `ApiError` on a malformed field; `InfillFormatter` turns
 `verifier.api.generation.Chunk`s into llama.cpp's response objects; `error_body` is llama.cpp's
 error JSON `{"error": {"code", "message", "type"}}` (status and type from `retriever.status`).
 
@@ -16,10 +17,14 @@ prompt is checked and an empty completion answered at once, nothing generated: l
 it to warm a prompt cache this server does not keep), `temperature` (default 0.8, <= 0 greedy),
 `top_k` (default 40, <= 0 off), `top_p` (default 0.95), `seed` (-1: random), `stop`, `stream`,
 `samplers` (a list without "temperature" / "top_k" / "top_p" turns that step off, as in
-llama.cpp's sampler chain; its other samplers, e.g. "infill", are not applied). Ignored (accepted
-with any value): `model` (one model is served), `cache_prompt`, `id_slot`, `n_cmpl`, `n_indent`,
-`t_max_prompt_ms`, `t_max_predict_ms` (the server's deadline applies), `lora`, penalties and
-every other `/completion` option. The tenant is the `X-Specdraft-Tenant` header's (or the token's).
+llama.cpp's sampler chain; its other samplers, e.g. "infill", are not applied), `n_indent` (an
+integer >= 0: a generated line indented less ends the completion before it, blank lines too) and
+`t_max_predict_ms` (an integer >= -1, 0 / -1 off: a newline generated that long after the first
+token ends it), as llama.cpp applies them (`verifier.api.stops.LineLimits`; stop_type "limit").
+Ignored (accepted with any value): `model` (one model is served), `cache_prompt` (no prompt
+cache is kept), `id_slot`, `n_cmpl`, `t_max_prompt_ms` (llama.cpp does not apply it either),
+`lora` (no adapters are served), penalties and every other `/completion` option. The tenant is
+the `X-Specdraft-Tenant` header's (or the token's).
 
 Response: {"content", "stop": true, "stop_type": "eos" | "word" | "limit", "tokens_predicted",
 "tokens_evaluated", "tokens_cached": 0, "truncated": false, "generation_settings", "timings":
@@ -36,9 +41,10 @@ import uuid
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Mapping
 
-from verifier.api.openai_wire import (ApiError, _bad, _boolean, _integer, _number, _stops, _unicode, show,
-                                      specdraft_stats)
-from verifier.api.requests import MAX_ID_BYTES, FieldNames, RequestValues
+from verifier.api.json_fields import (ApiError, bad, boolean, integer, json_object, number, stops, tenant_header,
+                                      unicode_text)
+from verifier.api.openai_wire import specdraft_stats
+from verifier.api.requests import FieldNames, RequestValues
 
 if TYPE_CHECKING:
     from verifier.api.generation import Chunk
@@ -67,8 +73,8 @@ def _text(body: Mapping, key: str, required: bool) -> str:
     if v is None and not required:
         return ""
     if not isinstance(v, str):
-        raise _bad(key, "a string", v)
-    return _unicode(key, v)
+        raise bad(key, "a string", v)
+    return unicode_text(key, v)
 
 
 def _extra(body: Mapping) -> tuple[tuple[str, str], ...]:
@@ -76,11 +82,11 @@ def _extra(body: Mapping) -> tuple[tuple[str, str], ...]:
     if v is None:
         return ()
     if not isinstance(v, list):
-        raise _bad("input_extra", _EXTRA, v)
+        raise bad("input_extra", _EXTRA, v)
     out = []
     for i, chunk in enumerate(v):
         if not isinstance(chunk, dict):
-            raise _bad(f"input_extra[{i}]", '{"filename": string, "text": string}', chunk)
+            raise bad(f"input_extra[{i}]", '{"filename": string, "text": string}', chunk)
         out.append((_text(chunk, "filename", False) or "tmp", _text(chunk, "text", True)))
     return tuple(out)
 
@@ -90,38 +96,46 @@ def _samplers(body: Mapping) -> frozenset[str] | None:
     if v is None:
         return None
     if not isinstance(v, list) or not all(isinstance(s, str) for s in v):
-        raise _bad("samplers", "a list of sampler names", v)
+        raise bad("samplers", "a list of sampler names", v)
     return frozenset(v)
 
 
 def _n_predict(body: Mapping) -> int:
     key = "n_predict" if body.get("n_predict") is not None else "max_tokens"
-    n = _integer(body, key, -1)
+    n = integer(body, key, -1)
     if n < -1:
-        raise _bad(key, "an integer >= -1 (-1 = the server's default)", n)
+        raise bad(key, "an integer >= -1 (-1 = the server's default)", n)
     return n
 
 
-def parse_infill(body: object, tenant_header: str = "") -> InfillRequest:
+def _line_limits(body: Mapping) -> dict:
+    """n_indent and t_max_predict_ms as RequestValues' min_indent and line_time_limit_s."""
+    n_indent = integer(body, "n_indent", 0)
+    if n_indent < 0:
+        raise bad("n_indent", "an integer >= 0 (0 = no indentation limit)", n_indent)
+    t_ms = integer(body, "t_max_predict_ms", 0)
+    if t_ms < -1:
+        raise bad("t_max_predict_ms", "an integer >= -1 (0 or -1 = no time limit)", t_ms)
+    return {"min_indent": n_indent, "line_time_limit_s": max(0, t_ms) / 1000.0}
+
+
+def parse_infill(body: object, header: str = "") -> InfillRequest:
     """The request's values (field types checked, not yet the rules of `check`); raises ApiError."""
-    if not isinstance(body, dict):
-        raise ApiError(400, f"the request body must be a JSON object, got {show(body)}")
-    if len(tenant_header.encode()) > MAX_ID_BYTES:
-        raise ApiError(400, f"the X-Specdraft-Tenant header must be at most {MAX_ID_BYTES} bytes, got "
-                       f"{len(tenant_header.encode())} bytes")
+    body = json_object(body)
+    tenant = tenant_header(header)
     samplers = _samplers(body)
     on = (lambda step: samplers is None or step in samplers)  # noqa: E731
-    temperature = max(0.0, _number(body, "temperature", DEFAULT_TEMPERATURE)) if on("temperature") else 1.0
-    top_k = _integer(body, "top_k", DEFAULT_TOP_K) if on("top_k") else 0
-    seed = _integer(body, "seed", None)
+    temperature = max(0.0, number(body, "temperature", DEFAULT_TEMPERATURE)) if on("temperature") else 1.0
+    top_k = integer(body, "top_k", DEFAULT_TOP_K) if on("top_k") else 0
+    seed = integer(body, "seed", None)
     n_predict = _n_predict(body)
     values = RequestValues(
         text=_text(body, "input_prefix", True) + _text(body, "prompt", False),
         suffix=_text(body, "input_suffix", True), fim=True, fim_extra=_extra(body),
-        temperature=temperature, top_p=_number(body, "top_p", DEFAULT_TOP_P) if on("top_p") else 1.0,
+        temperature=temperature, top_p=number(body, "top_p", DEFAULT_TOP_P) if on("top_p") else 1.0,
         top_k=max(0, top_k), seed=None if seed == -1 else seed, max_new_tokens=max(0, n_predict),
-        stops=_stops(body), tenant=tenant_header)
-    return InfillRequest(values, _boolean(body, "stream"), n_predict)
+        stops=stops(body), tenant=tenant, **_line_limits(body))
+    return InfillRequest(values, boolean(body, "stream"), n_predict)
 
 
 def error_body(error: ApiError) -> dict:
@@ -153,7 +167,8 @@ class InfillFormatter:
     def new(cls, model: str, request: "GenerationRequest", n_ctx: int) -> "InfillFormatter":
         s = request.sampling
         settings = {"n_ctx": n_ctx, "n_predict": request.max_new_tokens, "temperature": s.temperature,
-                    "top_k": s.top_k, "top_p": s.top_p, "seed": s.seed, "stop": list(request.stops), "model": model}
+                    "top_k": s.top_k, "top_p": s.top_p, "seed": s.seed, "stop": list(request.stops), "model": model,
+                    "n_indent": request.min_indent, "t_max_predict_ms": round(request.line_time_limit_s * 1000)}
         return cls(model, request.tenant, "infill-" + uuid.uuid4().hex, len(request.prompt_ids), settings)
 
     def _final(self, content: str, stop_type: str, predicted: int, extra: dict) -> dict:

@@ -1,8 +1,8 @@
 """The OpenAI wire format on plain values: request JSON -> `OpenAIRequest`, chunks -> response JSON.
 
-Pure (no HTTP framework, no model): `parse(kind, body, tenant_header)` type-checks the JSON body
-of `/v1/completions` (kind "completion") or `/v1/chat/completions` (kind "chat") into
-`RequestValues` (the rules on values are `verifier.api.requests.check`'s, with `NAMES[kind]`), and
+Pure (no HTTP framework, no model): `parse(kind, body, header)` (header: X-Specdraft-Tenant's
+value) type-checks the JSON body (with `verifier.api.json_fields`' readers) of `/v1/completions`
+(kind "completion") or `/v1/chat/completions` (kind "chat") into `RequestValues` (the rules on values are `verifier.api.requests.check`'s, with `NAMES[kind]`), and
 raises `ApiError` (OpenAI's error JSON and its HTTP status) on a malformed or unsupported field
 (a string holding a lone surrogate, e.g. JSON's `"\\ud800"`, is a 400 naming its field).
 `Formatter` turns `verifier.api.generation.Chunk`s into response objects and stream chunks.
@@ -24,9 +24,9 @@ import uuid
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Mapping
 
-from retriever import errors
-from retriever.status import status_of
-from verifier.api.requests import MAX_ID_BYTES, ChatMessage, FieldNames, RequestValues
+from verifier.api.json_fields import (ApiError, bad, boolean, integer, json_object, number, show, stops, string,
+                                      tenant_header, unicode_text)
+from verifier.api.requests import ChatMessage, FieldNames, RequestValues
 from verifier.decoding.stats import source_name
 
 if TYPE_CHECKING:
@@ -51,24 +51,6 @@ _NEUTRAL = {"n": (None, 1), "best_of": (None, 1), "echo": (None, False), "logpro
             "response_format": (None, {"type": "text"})}
 
 
-class ApiError(Exception):
-    """An HTTP error in OpenAI's shape: `body()` is {"error": {message, type, param, code}}."""
-
-    def __init__(self, status: int, message: str, type_: str = "invalid_request_error",
-                 param: str | None = None, code: str | None = None) -> None:
-        super().__init__(message)
-        self.status, self.message, self.type, self.param, self.code = status, message, type_, param, code
-
-    def body(self) -> dict:
-        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
-
-    @classmethod
-    def of(cls, error: errors.SpecdraftError, param: str | None = None, code: str | None = None) -> "ApiError":
-        """A domain error as its HTTP status and OpenAI type (the one table, `retriever.status`)."""
-        status = status_of(error)
-        return cls(status.http, str(error), status.openai_type, param, code)
-
-
 @dataclass(frozen=True)
 class OpenAIRequest:
     kind: str  # "completion" | "chat"
@@ -76,77 +58,6 @@ class OpenAIRequest:
     values: RequestValues
     stream: bool
     include_usage: bool  # stream_options.include_usage
-
-
-def show(value: object) -> str:
-    """A short rendering of a client's value for "got Z" (strings cut at 40 characters)."""
-    if isinstance(value, str):
-        return repr(value if len(value) <= 40 else value[:40] + "...")
-    if isinstance(value, list):
-        return f"a list of {len(value)} items"
-    if isinstance(value, dict):
-        return "an object"
-    return "null" if value is None else repr(value).lower() if isinstance(value, bool) else repr(value)
-
-
-def _bad(param: str, what: str, value: object) -> ApiError:
-    return ApiError(400, f"{param} must be {what}, got {show(value)}", param=param)
-
-
-def _unicode(param: str, v: str) -> str:
-    """`v` when UTF-8 can encode it; ApiError 400 naming `param` at its first lone surrogate
-    (JSON's `"\\ud800"` escapes decode to those, and no tokenizer or response can take them)."""
-    try:
-        v.encode("utf-8")
-    except UnicodeEncodeError as e:
-        raise ApiError(400, f"{param} must be valid Unicode text, got a lone surrogate at character {e.start}",
-                       param=param) from None
-    return v
-
-
-def _number(body: Mapping, key: str, default: float) -> float:
-    v = body.get(key)
-    if v is None:
-        return default
-    if isinstance(v, bool) or not isinstance(v, (int, float)):
-        raise _bad(key, "a number", v)
-    return float(v)
-
-
-def _integer(body: Mapping, key: str, default: int | None, lo: int = -(1 << 63), hi: int = 1 << 64) -> int | None:
-    v = body.get(key)
-    if v is None:
-        return default
-    if isinstance(v, float) and v.is_integer():
-        v = int(v)
-    if isinstance(v, bool) or not isinstance(v, int) or not lo <= v < hi:
-        raise _bad(key, f"an integer in [{lo}, {hi})" if lo > -(1 << 63) else "an integer", v)
-    return v
-
-
-def _boolean(body: Mapping, key: str) -> bool:
-    v = body.get(key)
-    if v is not None and not isinstance(v, bool):
-        raise _bad(key, "a boolean", v)
-    return bool(v)
-
-
-def _string(body: Mapping, key: str) -> str:
-    v = body.get(key)
-    if v is not None and not isinstance(v, str):
-        raise _bad(key, "a string", v)
-    return _unicode(key, v or "")
-
-
-def _stops(body: Mapping) -> tuple[str, ...]:
-    v = body.get("stop")
-    if v is None:
-        return ()
-    if isinstance(v, str):
-        return (_unicode("stop", v),)
-    if isinstance(v, list) and all(isinstance(s, str) for s in v):
-        return tuple(_unicode(f"stop[{i}]", s) for i, s in enumerate(v))
-    raise _bad("stop", "a string or a list of strings", v)
 
 
 def _is_ids(v: object) -> bool:
@@ -158,31 +69,31 @@ def _prompt(body: Mapping) -> dict:
     if isinstance(v, list) and len(v) == 1 and (isinstance(v[0], str) or _is_ids(v[0])):
         v = v[0]  # a batch of one
     if isinstance(v, str):
-        return {"text": _unicode("prompt", v)}
+        return {"text": unicode_text("prompt", v)}
     if _is_ids(v):
         return {"token_ids": tuple(v)}
-    raise _bad("prompt", "a string, a list of token ids, or a list of one of those (batches are not supported)", v)
+    raise bad("prompt", "a string, a list of token ids, or a list of one of those (batches are not supported)", v)
 
 
 def _content(m: Mapping, i: int) -> str:
     c = m.get("content")
     if c is None or isinstance(c, str):
-        return _unicode(f"messages[{i}].content", c or "")
+        return unicode_text(f"messages[{i}].content", c or "")
     if isinstance(c, list) and all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str)
                                    for p in c):
-        return "".join(_unicode(f"messages[{i}].content[{j}].text", p["text"]) for j, p in enumerate(c))
-    raise _bad(f"messages[{i}].content", "a string or a list of text parts", c)
+        return "".join(unicode_text(f"messages[{i}].content[{j}].text", p["text"]) for j, p in enumerate(c))
+    raise bad(f"messages[{i}].content", "a string or a list of text parts", c)
 
 
 def _messages(body: Mapping) -> dict:
     v = body.get("messages")
     if not isinstance(v, list):
-        raise _bad("messages", "a list of messages", v)
+        raise bad("messages", "a list of messages", v)
     out = []
     for i, m in enumerate(v):
         if not isinstance(m, dict) or not isinstance(m.get("role"), str):
-            raise _bad(f"messages[{i}]", 'an object with a string "role"', m)
-        role = _unicode(f"messages[{i}].role", "system" if m["role"] == "developer" else m["role"])
+            raise bad(f"messages[{i}]", 'an object with a string "role"', m)
+        role = unicode_text(f"messages[{i}].role", "system" if m["role"] == "developer" else m["role"])
         out.append(ChatMessage(role, _content(m, i)))
     return {"messages": tuple(out)}
 
@@ -194,14 +105,14 @@ def _prediction(body: Mapping) -> str:
         return ""
     what = '{"type": "content", "content": a string or a list of text parts}'
     if not isinstance(v, dict) or v.get("type") != "content":
-        raise _bad("prediction", what, v)
+        raise bad("prediction", what, v)
     c = v.get("content")
     if isinstance(c, str):
         return c
     if isinstance(c, list) and all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str)
                                    for p in c):
         return "".join(p["text"] for p in c)
-    raise _bad("prediction.content", "a string or a list of text parts", c)
+    raise bad("prediction.content", "a string or a list of text parts", c)
 
 
 def _suffix(body: Mapping, kind: str) -> str:
@@ -209,7 +120,7 @@ def _suffix(body: Mapping, kind: str) -> str:
     if kind == "chat" and v not in (None, ""):
         raise ApiError(400, f'suffix must be null or "" on chat completions (not supported), got {show(v)}',
                        param="suffix", code="unsupported_parameter")
-    return _string(body, "suffix")
+    return string(body, "suffix")
 
 
 def _is(value: object, neutral: object) -> bool:
@@ -229,10 +140,10 @@ def _check_neutral(body: Mapping) -> None:
 def _max_tokens(body: Mapping, kind: str) -> int:
     keys = ("max_completion_tokens", "max_tokens") if kind == "chat" else ("max_tokens",)
     for key in keys:
-        n = _integer(body, key, None)
+        n = integer(body, key, None)
         if n is not None:
             if n < 1:
-                raise _bad(key, "an integer >= 1", n)
+                raise bad(key, "an integer >= 1", n)
             return n
     return COMPLETIONS_MAX_TOKENS if kind == "completion" else 0
 
@@ -242,34 +153,31 @@ def _stream_options(body: Mapping, stream: bool) -> bool:
     if opts is None:
         return False
     if not isinstance(opts, dict):
-        raise _bad("stream_options", "an object", opts)
+        raise bad("stream_options", "an object", opts)
     if not stream:
         raise ApiError(400, "stream_options must be null when stream is false, got an object", param="stream_options")
-    return _boolean(opts, "include_usage")
+    return boolean(opts, "include_usage")
 
 
-def parse(kind: str, body: object, tenant_header: str = "") -> OpenAIRequest:
+def parse(kind: str, body: object, header: str = "") -> OpenAIRequest:
     """The request's values (field types checked, not yet the rules of `check`); raises ApiError."""
-    if not isinstance(body, dict):
-        raise ApiError(400, f"the request body must be a JSON object, got {show(body)}")
+    body = json_object(body)
     model = body.get("model")
     if model is not None and not isinstance(model, str):
-        raise _bad("model", "a string", model)
+        raise bad("model", "a string", model)
     if model is not None:
-        _unicode("model", model)
+        unicode_text("model", model)
     _check_neutral(body)
-    if len(tenant_header.encode()) > MAX_ID_BYTES:
-        raise ApiError(400, f"the X-Specdraft-Tenant header must be at most {MAX_ID_BYTES} bytes, got "
-                       f"{len(tenant_header.encode())} bytes")
-    top_k = _integer(body, "top_k", 0)
+    tenant = tenant_header(header)
+    top_k = integer(body, "top_k", 0)
     values = RequestValues(
         **(_prompt(body) if kind == "completion" else _messages(body)),
-        temperature=_number(body, "temperature", 1.0), top_p=_number(body, "top_p", 1.0),
-        top_k=0 if top_k == -1 else top_k, seed=_integer(body, "seed", None),
-        max_new_tokens=_max_tokens(body, kind), stops=_stops(body),
-        tenant=tenant_header or _string(body, "user"), no_draft=_boolean(body, "no_draft"),
+        temperature=number(body, "temperature", 1.0), top_p=number(body, "top_p", 1.0),
+        top_k=0 if top_k == -1 else top_k, seed=integer(body, "seed", None),
+        max_new_tokens=_max_tokens(body, kind), stops=stops(body),
+        tenant=tenant or string(body, "user"), no_draft=boolean(body, "no_draft"),
         prediction=_prediction(body), suffix=_suffix(body, kind))
-    stream = _boolean(body, "stream")
+    stream = boolean(body, "stream")
     return OpenAIRequest(kind, model, values, stream, _stream_options(body, stream))
 
 

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Iterator
 from starlette.types import Receive
 
 from retriever import errors
-from verifier.api.openai_wire import ApiError
+from verifier.api.json_fields import ApiError
 
 if TYPE_CHECKING:
     from verifier.api.generation import Chunk

@@ -87,6 +87,8 @@ class RequestValues:
     suffix: str = ""  # fill-in-the-middle: the text after the completion (text prompts only); "" = none
     fim: bool = False  # a FIM prompt even with an empty suffix (llama.cpp's /infill)
     fim_extra: tuple[tuple[str, str], ...] = ()  # FIM: (filename, text) of other files, before the prompt
+    min_indent: int = 0  # llama.cpp's n_indent (`verifier.api.stops.LineLimits`); 0 = off
+    line_time_limit_s: float = 0.0  # llama.cpp's t_max_predict_ms in s (`LineLimits`); 0 = off
 
 
 @dataclass(frozen=True)
@@ -100,6 +102,8 @@ class GenerationRequest:
     request_id: str
     prediction_ids: tuple[int, ...] = ()  # the predicted output's tokens (a draft source); () = none
     stop_token_ids: tuple[int, ...] = ()  # tokens that end the generation besides EOS (FIM: the middle's ends)
+    min_indent: int = 0  # as RequestValues'
+    line_time_limit_s: float = 0.0  # as RequestValues'
 
 
 def _fail(what: str, got: object, param: str | None = None, code: str | None = None) -> InvalidField:
@@ -225,4 +229,4 @@ def check(values: RequestValues, model: "Backend", settings: VerifierSettings,
     max_new = _max_new_tokens(values.max_new_tokens, len(ids), model, settings, names)
     prediction = _prediction_ids(values, model, names)
     return GenerationRequest(tuple(ids), sampling, max_new, stops, tenant, values.no_draft, request_id, prediction,
-                             end_ids)
+                             end_ids, values.min_indent, values.line_time_limit_s)

@@ -11,7 +11,10 @@ Pure (no torch, no grpc). Three parts:
   Aho-Corasick automaton (`pyahocorasick`) over each new chunk plus the previous
   `max_len - 1` characters, and holds back the longest suffix that could still grow into
   a stop, so no released text is ever part of a stop.
-- `TextStream`: both, token by token, plus stop token ids (EOS).
+- `LineLimits`: llama.cpp's line limits (`n_indent`, `t_max_predict_ms` of its /infill and
+  /completion): a generated line indented less than `min_indent` ends the text before its first
+  other character; a token holding a newline once `time_limit_s` have passed ends it after it.
+- `TextStream`: all three, token by token, plus stop token ids (EOS).
 
 The stop rule (same for any chunking of the text): the text ends at the start of the
 occurrence of a stop string that completes first (smallest end; the longest one on a tie).
@@ -27,6 +30,7 @@ Example:
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from typing import AbstractSet, Callable, Sequence
 
@@ -121,6 +125,50 @@ class StopMatcher:
         return 0
 
 
+class LineLimits:
+    """llama.cpp's line limits on a generation's text, token by token (`push` per token's text).
+
+    min_indent > 0: after a generated newline, a line whose indentation (spaces and tabs, one
+    each) is shorter ends the text before its first other character: its first visible
+    character, or the newline of a blank line (llama.cpp cuts there too; the first line, before
+    any generated newline, is never cut). time_limit_s > 0: a token whose text holds a newline,
+    pushed more than time_limit_s after the first push (llama.cpp: after the prompt), ends the
+    text after that token. Either ends the generation as a limit ("length").
+
+    Example: min_indent 4, texts "    a = 1\n", "  ", "b" -> "    a = 1\n", "  ", "" (ended).
+    """
+
+    def __init__(self, min_indent: int = 0, time_limit_s: float = 0.0,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.min_indent, self.time_limit_s, self._clock = min_indent, time_limit_s, clock
+        self._indent: int | None = None  # columns of the line being indented; None: not at a line start
+        self._t0: float | None = None  # clock at the first push
+        self.ended = False
+
+    @property
+    def active(self) -> bool:
+        return self.min_indent > 0 or self.time_limit_s > 0
+
+    def push(self, text: str) -> str:
+        """The part of one token's text to keep; `ended` once a limit cut it (then "" for the rest)."""
+        if self.ended:
+            return ""
+        if self._t0 is None:
+            self._t0 = self._clock()
+        if self.min_indent > 0:
+            for i, c in enumerate(text):
+                if self._indent is not None and c in " \t":
+                    self._indent += 1
+                    continue
+                if self._indent is not None and self._indent < self.min_indent:
+                    self.ended = True
+                    return text[:i]
+                self._indent = 0 if c == "\n" else None
+        if self.time_limit_s > 0 and "\n" in text and self._clock() - self._t0 > self.time_limit_s:
+            self.ended = True
+        return text
+
+
 @dataclass(frozen=True)
 class Delta:
     text: str  # releasable text (may be "")
@@ -132,11 +180,12 @@ class TextStream:
     """Tokens of one generation -> text deltas, stopping on stop strings and stop tokens."""
 
     def __init__(self, decode: Callable[[list[int]], str], stops: Sequence[str],
-                 stop_token_ids: AbstractSet[int] = frozenset()) -> None:
+                 stop_token_ids: AbstractSet[int] = frozenset(), limits: LineLimits | None = None) -> None:
         self._detok = Detokenizer(decode)
         self._matcher = StopMatcher(stops)
         self._stop_ids = frozenset(stop_token_ids)
-        self.finish_reason: str | None = None  # "eos" or "stop" once stopped
+        self._limits = limits if limits is not None and limits.active else None
+        self.finish_reason: str | None = None  # "eos", "stop" or "length" (a line limit) once stopped
         self.kept: list[int] = []  # every kept token so far
 
     @property
@@ -157,9 +206,7 @@ class TextStream:
                 self.finish_reason = self.finish_reason or "eos"
                 break
             kept.append(int(t))
-            parts.append(self._matcher.push(self._detok.push([t])))
-            if self._matcher.stopped:
-                self.finish_reason = "stop"
+            parts.append(self._push_text(self._detok.push([t])))
         self.kept.extend(kept)
         return Delta("".join(parts), kept, generated)
 
@@ -167,8 +214,19 @@ class TextStream:
         """The rest of the text at the end of the generation (call once)."""
         return "" if self.stopped else self._end_text()
 
-    def _end_text(self) -> str:
-        text = self._matcher.push(self._detok.flush())
+    def _push_text(self, text: str) -> str:
+        """One token's text through the line limits and the stop matcher; sets finish_reason."""
+        limited = self._limits is not None
+        if limited:
+            text = self._limits.push(text)
+        out = self._matcher.push(text)
         if self._matcher.stopped:
             self.finish_reason = "stop"
-        return text + self._matcher.finish()
+        elif limited and self._limits.ended:
+            self.finish_reason = "length"
+            out += self._matcher.finish()
+        return out
+
+    def _end_text(self) -> str:
+        text = self._push_text(self._detok.flush())
+        return text if self.stopped else text + self._matcher.finish()

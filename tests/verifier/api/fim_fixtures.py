@@ -30,19 +30,18 @@ def coder_tokenizer():
     return AutoTokenizer.from_pretrained(str(QWEN_CODER), local_files_only=True)
 
 
-@pytest.fixture(scope="module")
-def bigram_fim_model(coder_tokenizer, tmp_path_factory):
+def make_bigram_fim_model(tokenizer, folder: Path, middle: str = MIDDLE) -> Path:
     """A 1-layer Qwen2 whose attention and MLP write nothing, so the next token is a function of the
-    current one (embedding = a basis vector, lm_head maps it on): <|fim_middle|> -> MIDDLE's tokens ->
-    <|file_sep|>; every other token -> <|file_sep|>."""
+    current one (embedding = a basis vector, lm_head maps it on): <|fim_middle|> -> `middle`'s tokens
+    (all distinct) -> <|file_sep|>; every other token -> <|file_sep|>. Saved in `folder`."""
     import torch
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
-    chain = coder_tokenizer.encode(MIDDLE, add_special_tokens=False)
+    chain = tokenizer.encode(middle, add_special_tokens=False)
     assert len(set(chain)) == len(chain)
-    fim = fim_tokens(coder_tokenizer)
-    end = coder_tokenizer.convert_tokens_to_ids("<|file_sep|>")
-    eos = coder_tokenizer.convert_tokens_to_ids("<|endoftext|>")
+    fim = fim_tokens(tokenizer)
+    end = tokenizer.convert_tokens_to_ids("<|file_sep|>")
+    eos = tokenizer.convert_tokens_to_ids("<|endoftext|>")
     hidden = 64
     config = Qwen2Config(vocab_size=151936, hidden_size=hidden, intermediate_size=64, num_hidden_layers=1,
                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
@@ -62,23 +61,34 @@ def bigram_fim_model(coder_tokenizer, tmp_path_factory):
             emb[cur].zero_()
             emb[cur, k] = 1.0
             head[nxt, k] = LOGIT
-    folder = tmp_path_factory.mktemp("bigram-fim")
     model.save_pretrained(folder)
     for name in ("tokenizer.json", "tokenizer_config.json"):
         shutil.copy(QWEN_CODER / name, folder / name)
     return folder
 
 
-@pytest.fixture(scope="module")
-def fim_server(bigram_fim_model, retriever_target):
+def serve_model(folder: Path, retriever_target: str, **settings):
+    """A real verifier server (gRPC + HTTP on free ports) on the HF model in `folder`; stop it after use."""
     from verifier.api.server import create_server
     from verifier.decoding.cost import CostModel
     from verifier.decoding.engine import Engine
     from verifier.decoding.model import ModelSpec, load_model
 
-    loaded = load_model(ModelSpec(str(bigram_fim_model), dtype="float32", device="cpu"))
+    loaded = load_model(ModelSpec(str(folder), dtype="float32", device="cpu"))
     server, _ = create_server(VerifierSettings(host="127.0.0.1", port=0, http_port=0, retriever=retriever_target,
-                                               served_model_name="coder"), engine=Engine(loaded, CostModel.flat()))
+                                               **settings), engine=Engine(loaded, CostModel.flat()))
+    return server
+
+
+@pytest.fixture(scope="module")
+def bigram_fim_model(coder_tokenizer, tmp_path_factory):
+    """`make_bigram_fim_model` writing MIDDLE."""
+    return make_bigram_fim_model(coder_tokenizer, tmp_path_factory.mktemp("bigram-fim"))
+
+
+@pytest.fixture(scope="module")
+def fim_server(bigram_fim_model, retriever_target):
+    server = serve_model(bigram_fim_model, retriever_target, served_model_name="coder")
     yield server
     server.stop(0).wait()
 

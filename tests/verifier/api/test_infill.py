@@ -13,10 +13,10 @@ import urllib.request
 import pytest
 
 from tests.verifier.api.fim_fixtures import (MIDDLE, PREFIX, SUFFIX, bigram_fim_model, coder_tokenizer,  # noqa: F401
-                                             fim_server, post)
+                                             fim_server, make_bigram_fim_model, post, serve_model)
 from verifier.api.fim import extra_context, fim_prompt, fim_tokens
 from verifier.api.infill import DEFAULT_TEMPERATURE, parse_infill
-from verifier.api.openai_wire import ApiError
+from verifier.api.json_fields import ApiError
 from verifier.api.settings import VerifierSettings
 
 EXTRA = [{"filename": "util.py", "text": "def helper():\n    return 1\n"}, {"text": "x = 2\n"}]
@@ -59,6 +59,10 @@ def test_parse_defaults_samplers_and_ignored_fields():
                       "samplers": ["temperature"], "stop": "\n\n", "model": "anything"})
     assert (g.values.temperature, g.values.top_k, g.values.top_p, g.values.max_new_tokens) == (0.0, 0, 1.0, 7)
     assert g.values.stops == ("\n\n",)
+    assert (v.min_indent, v.line_time_limit_s) == (4, 2.5)  # n_indent, t_max_predict_ms
+    assert (d.values.min_indent, d.values.line_time_limit_s) == (0, 0.0)  # absent: off
+    off = parse_infill({"input_prefix": "", "input_suffix": "", "n_indent": 0, "t_max_predict_ms": -1}).values
+    assert (off.min_indent, off.line_time_limit_s) == (0, 0.0)  # llama.cpp's "off" values
 
 
 @pytest.mark.parametrize("body, message", [
@@ -74,6 +78,12 @@ def test_parse_defaults_samplers_and_ignored_fields():
     ({"input_prefix": "", "input_suffix": "", "n_predict": -2}, "n_predict must be an integer >= -1"),
     ({"input_prefix": "", "input_suffix": "", "samplers": "top_k"}, "samplers must be a list of sampler names"),
     ({"input_prefix": "", "input_suffix": "", "temperature": "hot"}, "temperature must be a number, got 'hot'"),
+    ({"input_prefix": "", "input_suffix": "", "n_indent": -1},
+     "n_indent must be an integer >= 0 (0 = no indentation limit), got -1"),
+    ({"input_prefix": "", "input_suffix": "", "n_indent": "4"}, "n_indent must be an integer, got '4'"),
+    ({"input_prefix": "", "input_suffix": "", "t_max_predict_ms": -2},
+     "t_max_predict_ms must be an integer >= -1 (0 or -1 = no time limit), got -2"),
+    ({"input_prefix": "", "input_suffix": "", "t_max_predict_ms": 1.5}, "t_max_predict_ms must be an integer, got 1.5"),
     ([1], "the request body must be a JSON object, got a list of 1 items"),
 ])
 def test_bad_fields_name_what_they_must_be(body, message):
@@ -134,6 +144,7 @@ def test_bad_requests_get_llama_cpp_error_shape(fim_server):
     cases = [({"input_prefix": "x"}, "input_suffix must be a string, got null"),
              ({"input_prefix": "x", "input_suffix": "", "top_k": 10 ** 6},
               "top_k must be at most the vocabulary size"),
+             ({"input_prefix": "x", "input_suffix": "", "n_indent": True}, "n_indent must be an integer, got true"),
              ({"input_prefix": " x" * 5000, "input_suffix": "", "n_predict": 8}, "prompt must be at most 4095 tokens")]
     for body, message in cases:
         status, raw = _raw(fim_server.http_port, body)
@@ -165,14 +176,7 @@ def test_model_without_fim_tokens_is_a_400(plain_server):
 
 def test_an_error_after_the_stream_began_is_a_llama_cpp_error_event(bigram_fim_model, retriever_target):
     """Past the deadline (here: after the first step) a stream ends with llama.cpp's error object."""
-    from verifier.api.server import create_server
-    from verifier.decoding.cost import CostModel
-    from verifier.decoding.engine import Engine
-    from verifier.decoding.model import ModelSpec, load_model
-
-    loaded = load_model(ModelSpec(str(bigram_fim_model), dtype="float32", device="cpu"))
-    server, _ = create_server(VerifierSettings(host="127.0.0.1", port=0, http_port=0, retriever=retriever_target,
-                                               request_deadline_s=1e-6), engine=Engine(loaded, CostModel.flat()))
+    server = serve_model(bigram_fim_model, retriever_target, request_deadline_s=1e-6)
     try:
         status, raw = _raw(server.http_port, {"input_prefix": PREFIX, "input_suffix": SUFFIX, "stream": True,
                                               "temperature": 0, "n_predict": 16})
@@ -182,3 +186,32 @@ def test_an_error_after_the_stream_began_is_a_llama_cpp_error_event(bigram_fim_m
     assert status == 200 and "[DONE]" not in raw
     assert events[-1]["error"]["code"] == 504 and events[-1]["error"]["type"] == "server_error", events[-1]
     assert "deadline" in events[-1]["error"]["message"]
+
+
+TWO_LINES = "    total = a + b\nprint(total)\n"  # its second line is indented less than the first
+
+
+@pytest.fixture(scope="module")
+def two_line_server(coder_tokenizer, tmp_path_factory, retriever_target):
+    server = serve_model(make_bigram_fim_model(coder_tokenizer, tmp_path_factory.mktemp("two-lines"), TWO_LINES),
+                         retriever_target)
+    yield server
+    server.stop(0).wait()
+
+
+def test_llama_vscode_line_limits_end_the_completion(two_line_server):
+    """llama.vscode's n_indent (the cursor line's indentation) ends the middle before a line indented
+    less; its t_max_predict_ms ends it at the first newline generated after that time (1 ms: the
+    newline comes steps after the first token); without either, the whole middle, to the FIM end."""
+    port = two_line_server.http_port
+    body = {**llama_vscode_body(PREFIX, "", SUFFIX, []), "t_max_predict_ms": 60_000}
+    got = post(port, "/infill", body)  # n_indent 4
+    assert (got["content"], got["stop_type"]) == ("    total = a + b\n", "limit")
+    assert got["tokens_predicted"] == 8 and got["generation_settings"]["n_indent"] == 4  # "print" cut, counted
+    events = post(port, "/infill", {**body, "stream": True})
+    assert "".join(e["content"] for e in events) == "    total = a + b\n" and events[-1]["stop_type"] == "limit"
+    del body["n_indent"]  # llama.vscode leaves it out at column 0
+    got = post(port, "/infill", {**body, "t_max_predict_ms": 1})
+    assert (got["content"], got["stop_type"], got["tokens_predicted"]) == ("    total = a + b\n", "limit", 7)
+    got = post(port, "/infill", body)
+    assert (got["content"], got["stop_type"]) == (TWO_LINES, "eos")

@@ -1,6 +1,7 @@
 """verifier.api.stops against slow references: stop strings over random chunkings, the incremental
 detokenizer over random byte-level vocabularies (multi-byte characters split across tokens),
-the combined token stream, and the real Qwen tokenizer."""
+llama.cpp's line limits (indentation over random texts and chunkings, time on a given clock), the
+combined token stream, and the real Qwen tokenizer."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from verifier.api.stops import Detokenizer, StopMatcher, TextStream
+from verifier.api.stops import Detokenizer, LineLimits, StopMatcher, TextStream
 
 QWEN_TOKENIZER = Path(__file__).resolve().parents[3] / ".." / "shared" / "models" / "qwen2.5-coder-1.5b" / "tokenizer.json"
 
@@ -192,3 +193,72 @@ def test_detokenizer_on_the_qwen_tokenizer():
             out += d.push([t])
             assert text.startswith(out)
         assert out + d.flush() == text
+
+
+# ---------------------------------------------------------------- line limits
+
+
+def ref_indent_cut(text: str, min_indent: int) -> int | None:
+    """Where llama.cpp's n_indent cuts `text`: the first character after a newline's spaces and
+    tabs (a visible one or the next newline) on a line indented less than min_indent."""
+    for p, c in enumerate(text):
+        if c == "\n":
+            q = p + 1
+            while q < len(text) and text[q] in " \t":
+                q += 1
+            if q < len(text) and q - (p + 1) < min_indent:
+                return q
+    return None
+
+
+def test_indent_limit_matches_reference_over_random_chunkings():
+    rng = random.Random(11)
+    for _ in range(3000):
+        text = "".join(rng.choice(" \t\na(") for _ in range(rng.randint(0, 30)))
+        n = rng.randint(0, 4)
+        limits, out, i = LineLimits(min_indent=n), "", 0
+        while i < len(text):
+            k = rng.randint(1, 4)
+            out += limits.push(text[i:i + k])
+            i += k
+        cut = ref_indent_cut(text, n) if n > 0 else None
+        assert (out, limits.ended) == ((text, False) if cut is None else (text[:cut], True)), (text, n)
+
+
+def test_time_limit_ends_after_a_newline_past_the_limit():
+    now = [0.0]
+    limits = LineLimits(time_limit_s=0.5, clock=lambda: now[0])
+    pushes = [("a", 0.0), ("\n", 0.3), ("b\nc", 0.6), ("d", 0.7)]
+    out = []
+    for text, t in pushes:
+        now[0] = t + 10.0  # the clock starts at the first push
+        out.append(limits.push(text))
+    assert out == ["a", "\n", "b\nc", ""] and limits.ended  # the token holding the newline is kept whole
+    assert not LineLimits().active and LineLimits(min_indent=1).active
+
+
+def test_text_stream_with_indent_limit_and_stops_matches_reference():
+    """One character per token: the first of the stop (completed inside the kept text) and the indent
+    cut ends the text; the token at the cut is kept (generated), its text is not."""
+    rng = random.Random(13)
+    for _ in range(1500):
+        text = "".join(rng.choice(" \na(") for _ in range(rng.randint(0, 30)))
+        stops = ["".join(rng.choice("a(\n") for _ in range(rng.randint(1, 2)))] if rng.random() < 0.5 else []
+        n = rng.randint(1, 3)
+        ts, out, kept, i = TextStream(lambda ids: "".join(map(chr, ids)), stops, set(), LineLimits(n)), "", [], 0
+        while i < len(text):
+            k = rng.randint(1, 5)
+            delta = ts.push([ord(c) for c in text[i:i + k]])
+            out, kept, i = out + delta.text, kept + delta.token_ids, i + k
+        out += ts.finish()
+        cut = ref_indent_cut(text, n)
+        upto = text if cut is None else text[:cut]
+        stop = ref_stop_cut(upto, stops)
+        if stop is not None:
+            end = next(e for e in range(len(upto) + 1) if ref_stop_cut(upto[:e], stops) is not None)
+            want = (upto[:stop], text[:end], "stop")
+        elif cut is not None:
+            want = (upto, text[:cut + 1], "length")
+        else:
+            want = (text, text, None)
+        assert (out, "".join(map(chr, kept)), ts.finish_reason) == want, (text, stops, n)
