@@ -10,6 +10,8 @@ are not listed (and are deleted by whoever lists them), so a killed replica fall
 `Placement` runs the heartbeat and keeps the live members; `owns(tenant)` and `owners(tenant)`
 apply `retriever.placement.owners` (rendezvous hashing, `r` owners per tenant). Until the
 first listing (or with the store down since) it keeps the last view; it always counts itself in.
+`listed` turns True once the list has held still for `ttl_s` (replicas started together have all
+registered by then: none tails every tenant because it listed itself alone first).
 With one replica, or without Redis (no `Placement`), a replica owns every tenant.
 """
 
@@ -108,7 +110,8 @@ class Placement:
         self.me = Member(config.replica_id, config.address, config.capacity)
         self.members: tuple[Member, ...] = (self.me,)
         self.changes = 0  # times the member list changed
-        self.listed = False  # the members were read at least once
+        self.listed = False  # the member list held still for ttl_s (tailing may start)
+        self._still_since: float | None = None  # monotonic s of the last change (None: never listed)
 
     def owns(self, tenant: str) -> bool:
         return owned_by(self.me.replica_id, tenant, self.members, self.config.owners)
@@ -124,7 +127,10 @@ class Placement:
         if members != self.members:
             log.info("placement: %d live replicas (%s)", len(members), ", ".join(m.replica_id for m in members))
             self.members, self.changes = members, self.changes + 1
-        self.listed = True
+            self._still_since = None
+        now = time.monotonic()
+        self._still_since = now if self._still_since is None else self._still_since
+        self.listed = self.listed or now - self._still_since >= self.config.ttl_s
 
     async def run(self) -> None:
         """Heartbeats forever (cancel to stop); failures are logged once and retried."""

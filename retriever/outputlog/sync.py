@@ -23,7 +23,8 @@
   (`ready(tenant)` is False meanwhile: the servicer sends its sessions elsewhere; WARM_PER_READ
   tenants start per read, each ready as soon as its own replay is in), and a tenant it
   no longer owns stops being tailed and its index is freed (`Drafter.drop_tenant`). Tailing starts
-  once the members were listed (warming every tenant first would spike memory). A change of the
+  once the member list held still for a TTL (`Placement.listed`: replicas started together see each
+  other first; warming every tenant first would spike memory). A change of the
   members is acted on at the next read (not after `discover_s`).
 """
 

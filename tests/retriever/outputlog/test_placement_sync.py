@@ -100,6 +100,29 @@ def test_replicas_index_only_owned_tenants_take_over_a_leaver_and_free_lost_ones
     asyncio.run(body())
 
 
+def test_replicas_started_together_never_tail_a_tenant_they_do_not_own(config):
+    """Started 0.3 s apart (TTL 1 s): each waits for the member list to hold still before tailing,
+    so none warms every tenant first and frees two thirds of them after (a memory spike)."""
+    async def body():
+        writer = open_log(config)
+        await writer.append([PendingOutput(t, encode_tokens(output_of(t)), "writer", i + 1, 0.0)
+                             for i, t in enumerate(TENANTS)])
+        replicas = [PlacedReplica(config, n) for n in ("a", "b", "c")]
+        for r in replicas:
+            await r.sync.start(r.drafter)
+            await asyncio.sleep(0.3)
+        members = [Member(n, f"{n}:1") for n in ("a", "b", "c")]
+        for r in replicas:
+            mine = {t for t in TENANTS if r.name in [m.replica_id for m in owners(t, members, 2)]}
+            await until(lambda: r.sync.warm and r.sync.placement.members == tuple(members), timeout_s=5.0)
+            assert r.indexed() == mine and r.sync.health().dropped_tenants == 0
+        for r in replicas:
+            await r.sync.stop()
+        await writer.close()
+
+    asyncio.run(body())
+
+
 def test_newly_owned_tenants_warm_a_few_per_read_and_none_serves_before_its_replay(config, monkeypatch):
     from retriever.outputlog import sync as sync_module
 
