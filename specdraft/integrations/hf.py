@@ -25,11 +25,11 @@ import torch
 
 from verifier.decoding.accept import SamplingParams
 from verifier.decoding.cost_store import CostStore
+from verifier.decoding.engine import Engine  # at import, not in the first generate call (~0.1 s on 2 cores)
 from verifier.decoding.model import LoadedModel, ModelSpec, cache_root
 
 if TYPE_CHECKING:
     from verifier.decoding.cost import CostModel
-    from verifier.decoding.engine import Engine
 
 _EXPRESSIBLE = {"TemperatureLogitsWarper", "TopKLogitsWarper", "TopPLogitsWarper"}
 
@@ -60,7 +60,7 @@ class SpecdraftGenerate:
         self.client = RetrieverClient(target, deadline_s)
         self.tenant, self.max_nodes, self.cost_model = tenant, max_nodes, cost_model
         self.cost_store = CostStore(cost_dir or cache_root(ModelSpec()) / "costs")
-        self._engines: dict[int, "Engine"] = {}
+        self._engines: dict[int, Engine] = {}
         self.last_run: RunStats | None = None
 
     def __call__(self, model, input_ids: torch.LongTensor, logits_processor=None, stopping_criteria=None,
@@ -80,9 +80,7 @@ class SpecdraftGenerate:
         tail = torch.tensor([new], dtype=input_ids.dtype, device=input_ids.device)  # [1, n]
         return torch.cat([input_ids, tail], dim=1)
 
-    def _engine(self, model) -> "Engine":
-        from verifier.decoding.engine import Engine
-
+    def _engine(self, model) -> Engine:
         key = id(model)
         if key not in self._engines:
             self._engines[key] = Engine(_loaded(model), cost_model=self.cost_model, max_nodes=self.max_nodes,

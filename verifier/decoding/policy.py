@@ -6,9 +6,11 @@ probabilities are the drafter's scores weighed by what this verifier observed fo
 (`ScoreCalibration`). k = 0 is plain decoding. The round trip of a draft (`draft_ns`, an average
 of the measured ones) is sunk once the tree is here, so `choose` ignores it. A miss is a draft
 whose best prefix, with its round trip, would not beat plain decoding by more than `tolerance`
-(predicted), or a verified tree of which nothing was accepted (realized: the calibration, learned
-over every generation, may trust a workload's drafts more than they deserve); an accepted node
-ends the run of misses, and so does a new generation (`start`). After m misses in a row the next min(2^(m-1), max_skip) steps decode
+(predicted), or a verified tree whose emitted tokens (accepted + the bonus) per second, with the
+round trip, fell short of plain decoding's (realized: nothing accepted, or too little for what the
+forward cost: the calibration, learned over every generation, may trust a workload's drafts more
+than they deserve, and a loaded machine may price trees above the curve); a tree that paid ends
+the run of misses, and so does a new generation (`start`). After m misses in a row the next min(2^(m-1), max_skip) steps decode
 without asking (then one step asks again). So where drafts do not pay, a step costs what plain
 decoding costs.
 
@@ -72,11 +74,16 @@ class StepPolicy:
 
     def stepped(self, num_tokens: int, step_ns: int, scores: np.ndarray, accepted_nodes: list[int]) -> None:
         """A forward of num_tokens inputs (root + the verified nodes, scored `scores` [n]) took
-        step_ns with its acceptance and commit; `accepted_nodes` are the accepted node indexes."""
+        step_ns with its acceptance and commit; `accepted_nodes` are the accepted node indexes.
+        A verified tree whose tokens (accepted + the bonus) per ns, with the round trip, fell short
+        of a plain step's by more than `tolerance` is a miss; one that paid ends the run of misses."""
+        plain_ns = float(self.cost.at(1))  # a plain step, as predicted before this one refines it
         self.cost.observe(num_tokens, step_ns)
-        if accepted_nodes:
-            self.misses = 0
-        elif len(scores):
-            self._miss()
+        if len(scores):
+            paid = (1 + len(accepted_nodes)) * plain_ns / (step_ns + self.draft_ns)
+            if not accepted_nodes or paid < 1.0 - self.tolerance:  # nothing accepted never pays
+                self._miss()
+            else:
+                self.misses = 0
         if self.calibration is not None:  # every step: evidence decays while nothing is verified
             self.calibration.update(scores, accepted_nodes)

@@ -51,6 +51,16 @@ def test_an_accepted_node_resets_the_back_off_and_a_rejected_tree_is_a_miss():
     assert p.misses == 3
 
 
+def test_a_tree_whose_tokens_did_not_pay_for_its_forward_is_a_miss():
+    p = policy(tolerance=0.02)
+    p.drafted(np.array([0.95, 0.9, 0.9], np.float32), int(1 * MS))  # round trip 1 ms
+    p.stepped(4, int(30 * MS), np.array([0.95, 0.9, 0.9], np.float32), [0])  # 2 tokens in 31 ms: 2 * 10 / 31 < 0.98
+    assert p.misses == 1 and p.skip == 1
+    p.stepped(4, int(18 * MS), np.array([0.95, 0.9, 0.9], np.float32), [0])  # 2 tokens in 19 ms: 20 / 19 pays
+    # (the first step cost what the curve says at 4 tokens: plain is still 10 ms)
+    assert p.misses == 0
+
+
 def test_a_cheap_round_trip_with_no_tree_is_within_tolerance():
     p = policy(tolerance=0.02)
     p.drafted(None, int(0.1 * MS))  # 1% of a step: not worth backing off for
