@@ -12,17 +12,11 @@ forward cost: the calibration, learned over every generation, may trust a worklo
 than they deserve, and a loaded machine may price trees above the curve); a tree that paid ends
 the run of misses, and so does a new generation (`start`). After m misses in a row the next min(2^(m-1), max_skip) steps decode
 without asking (then one step asks again). So where drafts do not pay, a step costs what plain
-decoding costs. Within a generation the calibrated probabilities are weighed once more by what
-this generation's verified nodes showed: (accepted + prior) / (expected + prior), expected being
-the sum of their calibrated probabilities, so drafts that the engine-wide calibration trusts (it
-learned on other requests) but that keep failing here are priced down at once, not after ~100
-steps of decaying evidence.
+decoding costs.
 
 Example: cost (1: 10 ms, 2: 12 ms), round trip 1 ms, a draft of one node scored 0.1 ->
 rates 1/10 (k=0) vs 1.1/12 (k=1): choose 0; with the round trip 1/11 < (1 - 0.02)/10: a miss,
-the next step asks nothing. A generation whose first tree verified 16 nodes of calibrated
-probability 0.9 (expected 14.4) with none accepted weighs later probabilities by
-(0 + 4) / (14.4 + 4) = 0.22.
+the next step asks nothing.
 """
 
 from __future__ import annotations
@@ -36,24 +30,19 @@ class StepPolicy:
     """One engine's policy (not thread-safe; the engine runs one generation at a time)."""
 
     def __init__(self, cost: CostModel, calibrate: bool = True, tolerance: float = 0.02, max_skip: int = 16,
-                 draft_weight: float = 0.2, prior_nodes: float = 4.0) -> None:
-        """calibrate: weigh scores by observed acceptance, engine-wide and within the generation
-        (`prior_nodes` of evidence that it matches; False: take scores as probabilities)."""
+                 draft_weight: float = 0.2) -> None:
+        """calibrate: weigh scores by observed acceptance (False: take them as probabilities)."""
         self.cost = cost
         self.calibration = ScoreCalibration() if calibrate else None
         self.tolerance, self.max_skip, self.draft_weight = tolerance, max_skip, draft_weight
-        self.prior_nodes = prior_nodes
-        self.expected = self.accepted = 0.0  # this generation: calibrated probabilities and acceptances of its nodes
         self.draft_ns = 0.0  # moving average of the drafting round trip
         self.misses = 0  # drafts in a row that did not pay
         self.skip = 0  # steps left to decode without asking for a draft
         self.skipped = 0  # steps decoded without asking, in all
 
     def start(self) -> None:
-        """A new generation: its drafts have not missed yet and have shown nothing (the cost and the
-        engine-wide calibration carry over)."""
+        """A new generation: its drafts have not missed yet (the cost and calibration carry over)."""
         self.misses = self.skip = 0
-        self.expected = self.accepted = 0.0
 
     def wants_draft(self) -> bool:
         """Whether this step asks the drafter (False while backing off after misses)."""
@@ -64,12 +53,8 @@ class StepPolicy:
         return True
 
     def probabilities(self, scores: np.ndarray) -> np.ndarray:
-        """[n] float32 drafter scores -> [n] acceptance probabilities (float64 when calibrated:
-        engine-wide, then weighed by this generation's evidence)."""
-        if self.calibration is None:
-            return scores
-        factor = (self.accepted + self.prior_nodes) / (self.expected + self.prior_nodes)
-        return np.minimum(self.calibration(scores) * factor, 1.0)
+        """[n] float32 drafter scores -> [n] acceptance probabilities (float64 when calibrated)."""
+        return self.calibration(scores) if self.calibration is not None else scores
 
     def choose(self, scores: np.ndarray) -> int:
         """How many best-first nodes to verify (scores [n] float32, best-first; 0: none)."""
@@ -101,6 +86,4 @@ class StepPolicy:
             else:
                 self.misses = 0
         if self.calibration is not None:  # every step: evidence decays while nothing is verified
-            self.expected += float(np.sum(self.calibration(scores))) if len(scores) else 0.0
-            self.accepted += len(accepted_nodes)
             self.calibration.update(scores, accepted_nodes)

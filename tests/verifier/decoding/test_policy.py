@@ -75,39 +75,3 @@ def test_stepped_refines_the_cost_and_the_calibration():
     assert p.probabilities(np.array([0.95], np.float32))[0] < before / 2
     assert float(p.cost.at(3)) > 20 * MS
     assert p.choose(np.array([0.95, 0.95], np.float32)) == 0
-
-
-def ref_probabilities(calibrated: np.ndarray, history: list[tuple[np.ndarray, int]], prior: float) -> np.ndarray:
-    """The generation's weighing written out: calibrated x (accepted + prior) / (expected + prior),
-    expected and accepted summed over the generation's verified steps (calibrated probabilities then)."""
-    expected = sum(float(np.sum(c)) for c, _ in history)
-    accepted = sum(a for _, a in history)
-    return np.minimum(calibrated * (accepted + prior) / (expected + prior), 1.0)
-
-
-@pytest.mark.parametrize("seed", range(8))
-def test_the_generation_weighing_matches_a_slow_reference(seed):
-    rng = np.random.default_rng(seed)
-    p = StepPolicy(CostModel((1, 8), (10 * MS, 20 * MS)), calibrate=True)
-    history: list[tuple[np.ndarray, int]] = []
-    for _ in range(12):
-        scores = rng.uniform(0, 1, int(rng.integers(0, 6))).astype(np.float32)
-        accepted = sorted(rng.choice(len(scores), int(rng.integers(0, len(scores) + 1)), replace=False).tolist()) \
-            if len(scores) else []
-        history.append((p.calibration(scores), len(accepted)))
-        p.stepped(1 + len(scores), int(12 * MS), scores, accepted)
-        probe = rng.uniform(0, 1, 4).astype(np.float32)
-        assert p.probabilities(probe) == pytest.approx(ref_probabilities(p.calibration(probe), history, 4.0))
-
-
-def test_a_generation_whose_trusted_drafts_fail_prices_them_down_at_once():
-    p = StepPolicy(CostModel((1, 2, 4, 8, 16), (77 * MS, 122 * MS, 243 * MS, 365 * MS, 444 * MS)), calibrate=True)
-    good = np.full(15, 0.95, np.float32)
-    for _ in range(200):  # an edit workload: the engine learns that such scores are accepted
-        p.stepped(16, int(444 * MS), good, list(range(15)))
-    p.start()
-    assert p.choose(good) == 15  # a new generation (new code) starts trusting them
-    p.stepped(16, int(444 * MS), good, [])  # a tree of 15 nodes, none accepted
-    assert p.choose(good) < 15 and p.probabilities(good)[0] < 0.25
-    p.start()  # the next generation starts from the engine-wide calibration again
-    assert p.choose(good) == 15
