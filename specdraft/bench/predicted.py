@@ -105,7 +105,8 @@ def run_edits(engine, loaded, drafter, requests: list[tuple[str, str]], max_new:
             outputs.append(tokens)
         same &= outputs[0] == outputs[1] == outputs[2]
         print(f"  edit {i}: MAT none {tallies['none'].mats[-1]:.2f} right {tallies['right'].mats[-1]:.2f} "
-              f"wrong {tallies['wrong'].mats[-1]:.2f}", flush=True)
+              f"wrong {tallies['wrong'].mats[-1]:.2f}; output right {'=' if outputs[1] == outputs[0] else '!='} none, "
+              f"wrong {'=' if outputs[2] == outputs[0] else '!='} none", flush=True)
     return tallies, same
 
 
