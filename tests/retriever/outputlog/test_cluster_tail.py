@@ -32,14 +32,19 @@ async def read_all(log: RedisLog, cursors: dict[str, str]) -> dict[str, list[str
     return got
 
 
+async def filled(url: str) -> tuple[LogConfig, RedisLog, RedisLog, dict[str, str]]:
+    """A writer that appended one output per tenant, a reader, and the reader's cursors at START."""
+    config = LogConfig(redis_url=url, timeout_s=2.0)
+    writer, reader = RedisLog(config), RedisLog(config)
+    await writer.append([PendingOutput(t, output(i), "w", i + 1, 0.0) for i, t in enumerate(TENANTS)])
+    return config, writer, reader, {t: START for t in TENANTS}
+
+
 def test_only_noted_new_or_advancing_tenants_are_read_between_sweeps(redis_cluster, monkeypatch):
     monkeypatch.setattr(cluster_tail, "SWEEP_S", 60.0)
 
     async def body():
-        config = LogConfig(redis_url=redis_cluster.url, timeout_s=2.0)
-        writer, reader = RedisLog(config), RedisLog(config)
-        await writer.append([PendingOutput(t, output(i), "w", i + 1, 0.0) for i, t in enumerate(TENANTS)])
-        cursors = {t: START for t in TENANTS}
+        config, writer, reader, cursors = await filled(redis_cluster.url)
         assert await read_all(reader, cursors) == {t: ["w"] for t in TENANTS}  # the first read: a sweep
         assert reader._tail._hot == set(TENANTS)  # each advanced: read once more (caught up?)
         assert await read_all(reader, cursors) == {}
@@ -63,10 +68,7 @@ def test_an_entry_without_a_note_is_read_at_the_next_sweep(redis_cluster, monkey
     monkeypatch.setattr(cluster_tail, "SWEEP_S", 0.5)
 
     async def body():
-        config = LogConfig(redis_url=redis_cluster.url, timeout_s=2.0)
-        writer, reader = RedisLog(config), RedisLog(config)
-        await writer.append([PendingOutput(t, output(i), "w", i + 1, 0.0) for i, t in enumerate(TENANTS)])
-        cursors = {t: START for t in TENANTS}
+        config, writer, reader, cursors = await filled(redis_cluster.url)
         await read_all(reader, cursors)
         await read_all(reader, cursors)
         raw = redis_client(config, 2.0)  # an append whose note was lost: XADD straight to the stream

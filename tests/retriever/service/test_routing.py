@@ -55,6 +55,16 @@ def test_describe_names_the_owners_and_a_non_owner_refuses_naming_them(request, 
             node.stop()
 
 
+
+def stop_all(nodes) -> None:
+    """Stops every node, one already stopped (the killed owner) included."""
+    for node in nodes:
+        try:
+            node.stop()
+        except Exception:  # noqa: BLE001 - the stopped owner
+            pass
+
+
 def test_client_sends_sessions_to_owners_and_re_sends_when_an_owner_dies(redis_server):
     nodes = cluster_of(redis_server.url)
     by_address = {address(n): n for n in nodes}
@@ -82,11 +92,7 @@ def test_client_sends_sessions_to_owners_and_re_sends_when_an_owner_dies(redis_s
         assert s.closed.wait(5) and s.output_tokens == 1
     finally:
         client.close()
-        for node in nodes:
-            try:
-                node.stop()
-            except Exception:  # noqa: BLE001 - the stopped owner
-                pass
+        stop_all(nodes)
 
 
 def test_draft_batch_sends_each_call_to_an_owner_of_its_tenant(redis_server):
@@ -147,11 +153,7 @@ def test_session_ends_on_the_next_owner_when_its_replica_refuses_the_end(redis_s
         assert session.reroutes == 1
     finally:
         client.close()
-        for node in nodes:
-            try:
-                node.stop()
-            except Exception:  # noqa: BLE001 - the stopped owner
-                pass
+        stop_all(nodes)
 
 
 def test_a_durable_end_taken_but_not_confirmed_is_not_re_sent(redis_server):
