@@ -6,6 +6,10 @@
   tokens per second.
 - `ScoreCalibration`: drafter scores -> the acceptance rates this model shows, learned from the
   verified steps.
+- `consistent`: calibrated path probabilities made those of disjoint events again (siblings sum
+  to at most their parent's).
+- `GenerationTrust`: how the current generation's drafts fare against that calibration (a
+  workload the engine-wide rates flatter gets short prefixes until its drafts are accepted).
 """
 
 from __future__ import annotations
@@ -174,3 +178,77 @@ class ScoreCalibration:
         bins = self._bin(scores)
         np.add.at(self.verified, bins, 1.0)
         np.add.at(self.accepted, bins[accepted_nodes], 1.0)
+
+
+def consistent(probs: np.ndarray, parents: np.ndarray) -> np.ndarray:
+    """[n] float64 path probabilities, [n] int32 parents (-1: the root; parents precede children)
+    -> [n] float64 where the children of each node (the root: 1) sum to at most its probability.
+
+    At most one child of a node is accepted (one token follows it), so the drafter's scores obey
+    this; a calibration that maps each score alone (siblings 0.45 and 0.45 to 0.8 each) does not,
+    and a wide tree would look worth more tokens than its depth. Each node is scaled by
+    min(1, p'_parent / sum of its raw siblings), parents first.
+
+    Example: parents [-1, -1, 0], probs [0.8, 0.8, 0.9] -> [0.5, 0.5, 0.5].
+    """
+    p, par = probs.tolist(), parents.tolist()
+    sums = [0.0] * (len(p) + 1)  # [n+1] raw children sums, slot 0: the root's
+    for i, j in enumerate(par):
+        sums[j + 1] += p[i]
+    out = [0.0] * len(p)
+    for i, j in enumerate(par):
+        cap = 1.0 if j < 0 else out[j]
+        out[i] = p[i] * min(1.0, cap / sums[j + 1]) if sums[j + 1] > 0 else 0.0
+    return np.asarray(out, np.float64)
+
+
+class GenerationTrust:
+    """How one generation's drafts fare against the calibrated probabilities: a factor t in (0, 1].
+
+    A verified node is tested when its parent is the root or was accepted; its calibrated
+    conditional probability is p_node / p_parent (p_root = 1). t = (accepted + prior) /
+    (expected + prior), at most 1, over the tested nodes of this generation (expected: the sum
+    of their conditional probabilities), the evidence decaying by `decay` per step, so t drifts
+    back to 1 while nothing is verified. A node at depth d is trusted as p x t^d (its path holds
+    d conditional steps): where the engine-wide calibration, learned on other workloads, would
+    verify whole trees that this generation rejects, the policy verifies short prefixes (cheap
+    probes) until they are accepted again. Counting only tested nodes, a rejected 15-node chain
+    is one piece of evidence (its first node), not 15.
+
+    Example: prior 2; a chain whose first node (p 0.9) is rejected: expected 0.9, accepted 0 ->
+    t = 2 / 2.9 = 0.69, and p (0.9, 0.85, 0.8) at depths (1, 2, 3) -> (0.62, 0.40, 0.26). Ten
+    steps later (decay 0.9): expected 0.31, t = 0.87.
+    """
+
+    def __init__(self, prior: float = 2.0, decay: float = 0.9) -> None:
+        self.prior, self.decay = prior, decay
+        self.expected = 0.0  # decayed sum of the tested nodes' conditional probabilities
+        self.accepted = 0.0  # decayed count of the accepted nodes
+
+    def reset(self) -> None:
+        """A new generation: no evidence, t = 1."""
+        self.expected = self.accepted = 0.0
+
+    @property
+    def factor(self) -> float:
+        return min(1.0, (self.accepted + self.prior) / (self.expected + self.prior))
+
+    def __call__(self, probs: np.ndarray, depths: np.ndarray) -> np.ndarray:
+        """[n] float64 probabilities, [n] int32 depths -> [n] float64 trusted probabilities."""
+        return probs * self.factor ** depths.astype(np.float64)
+
+    def update(self, probs: np.ndarray, parents: np.ndarray, accepted_nodes: list[int]) -> None:
+        """One step: probs [n] float64 calibrated (untrusted) probabilities of the verified nodes,
+        parents [n] int32 (-1: the root), the accepted nodes' indices (none for a plain step)."""
+        self.expected *= self.decay
+        self.accepted *= self.decay
+        if len(probs) == 0:
+            return
+        accepted = np.zeros(len(probs) + 1, bool)  # [n+1], slot n: the root
+        accepted[-1] = True
+        accepted[accepted_nodes] = True
+        tested = accepted[parents]  # [n] bool (parents -1 -> the root's slot)
+        parent_p = np.where(parents >= 0, probs[np.maximum(parents, 0)], 1.0)  # [n] float64
+        conditional = np.clip(probs / np.maximum(parent_p, 1e-9), 0.0, 1.0)  # [n] float64
+        self.expected += float(conditional[tested].sum())
+        self.accepted += float(len(accepted_nodes))

@@ -125,13 +125,13 @@ class Engine:
                 t1 = time.perf_counter_ns()
                 tree, kept = self._verified_prefix(draft, max_depth)
                 if asked:
-                    self.policy.drafted(draft.scores if draft is not None else None, t1 - t0)
+                    self.policy.drafted(draft, t1 - t0)
                     verified = kept
                 logits, inputs = self.backend.verify(seq.cache, seq.cache_len, seq.root, tree)  # [1+n, V]
                 acceptance = self.accept(logits, inputs, tree, sampling, seq)
                 self.commit(seq, acceptance)
                 t2 = time.perf_counter_ns()
-                self.policy.stepped(1 + len(tree), t2 - t1, tree.scores, acceptance.nodes.tolist())
+                self.policy.stepped(1 + len(tree), t2 - t1, tree, acceptance.nodes.tolist())
                 tokens = _cut(acceptance.tokens.tolist(), left, stops)
                 accepted = acceptance.nodes.tolist()[:len(tokens)]
                 yield StepResult(tokens, len(tree), len(accepted), tuple(int(s) for s in tree.sources[accepted]),
@@ -174,7 +174,7 @@ class Engine:
             return DraftTree.empty(), 0
         keep = pruned(draft, self.backend.vocab_size, max_depth)  # [n] bool
         valid = (draft if keep.all() else draft.select(keep)).prefix(self.max_nodes)
-        tree = valid.prefix(self.policy.choose(valid.scores))
+        tree = valid.prefix(self.policy.choose(valid))
         chosen = np.zeros(len(draft), bool)
         chosen[np.flatnonzero(keep)[:len(tree)]] = True
         return tree, int(len(draft) if chosen.all() else np.argmin(chosen))

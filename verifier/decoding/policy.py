@@ -3,16 +3,16 @@
 Verifying the first k best-first nodes of a tree is worth (1 + the sum of their acceptance
 probabilities) tokens for cost(1 + k) ns (`CostModel`, refined from every step that runs); the
 probabilities are the drafter's scores weighed by what this verifier observed for such scores
-(`ScoreCalibration`). k = 0 is plain decoding. The round trip of a draft (`draft_ns`, an average
-of the measured ones) is sunk once the tree is here, so `choose` ignores it. A miss is a draft
-whose best prefix, with its round trip, would not beat plain decoding by more than `tolerance`
-(predicted), or a verified tree whose emitted tokens (accepted + the bonus) per second, with the
-round trip, fell short of plain decoding's (realized: nothing accepted, or too little for what the
-forward cost: the calibration, learned over every generation, may trust a workload's drafts more
-than they deserve, and a loaded machine may price trees above the curve); a tree that paid ends
-the run of misses, and so does a new generation (`start`). After m misses in a row the next min(2^(m-1), max_skip) steps decode
-without asking (then one step asks again). So where drafts do not pay, a step costs what plain
-decoding costs.
+(`ScoreCalibration`, engine-wide) and by how this generation's drafts fared against that
+(`GenerationTrust`: a node at depth d is trusted as p x t^d). k = 0 is plain decoding. The round
+trip of a draft (`draft_ns`, an average of the measured ones) is sunk once the tree is here, so
+`choose` ignores it. A miss is a draft whose best prefix, with its round trip, would not beat
+plain decoding by more than `tolerance` (predicted), or a verified tree whose emitted tokens
+(accepted + the bonus) per second, with the round trip, fell short of plain decoding's
+(realized: nothing accepted, or too little for what the forward cost: a loaded machine may price
+trees above the curve); a tree that paid ends the run of misses, and so does a new generation
+(`start`). After m misses in a row the next min(2^(m-1), max_skip) steps decode without asking
+(then one step asks again). So where drafts do not pay, a step costs what plain decoding costs.
 
 Example: cost (1: 10 ms, 2: 12 ms), round trip 1 ms, a draft of one node scored 0.1 ->
 rates 1/10 (k=0) vs 1.1/12 (k=1): choose 0; with the round trip 1/11 < (1 - 0.02)/10: a miss,
@@ -23,7 +23,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from verifier.decoding.cost import CostModel, ScoreCalibration
+from retriever.drafting.types import DraftTree
+from verifier.decoding.cost import CostModel, GenerationTrust, ScoreCalibration, consistent
 
 
 class StepPolicy:
@@ -34,6 +35,7 @@ class StepPolicy:
         """calibrate: weigh scores by observed acceptance (False: take them as probabilities)."""
         self.cost = cost
         self.calibration = ScoreCalibration() if calibrate else None
+        self.trust = GenerationTrust()
         self.tolerance, self.max_skip, self.draft_weight = tolerance, max_skip, draft_weight
         self.draft_ns = 0.0  # moving average of the drafting round trip
         self.misses = 0  # drafts in a row that did not pay
@@ -41,8 +43,10 @@ class StepPolicy:
         self.skipped = 0  # steps decoded without asking, in all
 
     def start(self) -> None:
-        """A new generation: its drafts have not missed yet (the cost and calibration carry over)."""
+        """A new generation: its drafts have not missed yet and are fully trusted (the cost and
+        calibration carry over)."""
         self.misses = self.skip = 0
+        self.trust.reset()
 
     def wants_draft(self) -> bool:
         """Whether this step asks the drafter (False while backing off after misses)."""
@@ -52,18 +56,25 @@ class StepPolicy:
             return False
         return True
 
-    def probabilities(self, scores: np.ndarray) -> np.ndarray:
-        """[n] float32 drafter scores -> [n] acceptance probabilities (float64 when calibrated)."""
-        return self.calibration(scores) if self.calibration is not None else scores
+    def calibrated(self, tree: DraftTree) -> np.ndarray:
+        """[n] float64 engine-wide acceptance probabilities of the tree's nodes (siblings summing
+        to at most their parent's: `consistent`)."""
+        scores = tree.scores
+        probs = self.calibration(scores) if self.calibration is not None else scores.astype(np.float64)
+        return consistent(probs, tree.parents)
 
-    def choose(self, scores: np.ndarray) -> int:
-        """How many best-first nodes to verify (scores [n] float32, best-first; 0: none)."""
-        return self.cost.best_prefix(self.probabilities(scores))
+    def probabilities(self, tree: DraftTree) -> np.ndarray:
+        """[n] float64 acceptance probabilities of the tree's nodes (calibrated, then trusted)."""
+        return self.trust(self.calibrated(tree), tree.depths())
 
-    def drafted(self, scores: np.ndarray | None, draft_ns: int) -> None:
-        """A draft call took draft_ns and gave a tree with these scores (None: no tree)."""
+    def choose(self, tree: DraftTree) -> int:
+        """How many best-first nodes of the tree to verify (0: none)."""
+        return self.cost.best_prefix(self.probabilities(tree))
+
+    def drafted(self, tree: DraftTree | None, draft_ns: int) -> None:
+        """A draft call took draft_ns and gave this tree (None: no tree)."""
         self.draft_ns += self.draft_weight * (draft_ns - self.draft_ns) if self.draft_ns else draft_ns
-        probs = self.probabilities(scores) if scores is not None else np.zeros(0)
+        probs = self.probabilities(tree) if tree is not None else np.zeros(0)
         pays = float(np.max(self.cost.rates(probs, self.draft_ns))) * float(self.cost.at(1))
         if pays < 1.0 - self.tolerance:
             self._miss()
@@ -72,18 +83,21 @@ class StepPolicy:
         self.misses += 1
         self.skip = min(2 ** (self.misses - 1), self.max_skip)
 
-    def stepped(self, num_tokens: int, step_ns: int, scores: np.ndarray, accepted_nodes: list[int]) -> None:
-        """A forward of num_tokens inputs (root + the verified nodes, scored `scores` [n]) took
-        step_ns with its acceptance and commit; `accepted_nodes` are the accepted node indexes.
-        A verified tree whose tokens (accepted + the bonus) per ns, with the round trip, fell short
-        of a plain step's by more than `tolerance` is a miss; one that paid ends the run of misses."""
+    def stepped(self, num_tokens: int, step_ns: int, tree: DraftTree, accepted_nodes: list[int]) -> None:
+        """A forward of num_tokens inputs (root + the verified tree's nodes) took step_ns with its
+        acceptance and commit; `accepted_nodes` are the accepted node indexes. A verified tree
+        whose tokens (accepted + the bonus) per ns, with the round trip, fell short of a plain
+        step's by more than `tolerance` is a miss; one that paid ends the run of misses. Every
+        step refines the cost, the calibration and the trust (their evidence decays while nothing
+        is verified)."""
         plain_ns = float(self.cost.at(1))  # a plain step, as predicted before this one refines it
         self.cost.observe(num_tokens, step_ns)
-        if len(scores):
+        if len(tree):
             paid = (1 + len(accepted_nodes)) * plain_ns / (step_ns + self.draft_ns)
             if not accepted_nodes or paid < 1.0 - self.tolerance:  # nothing accepted never pays
                 self._miss()
             else:
                 self.misses = 0
-        if self.calibration is not None:  # every step: evidence decays while nothing is verified
-            self.calibration.update(scores, accepted_nodes)
+        self.trust.update(self.calibrated(tree), tree.parents, accepted_nodes)
+        if self.calibration is not None:
+            self.calibration.update(tree.scores, accepted_nodes)
