@@ -9,9 +9,9 @@
     await sync.stop(flush_s=1.0)
 
 - Warm-up replays the whole log (every tenant, oldest first) into the drafter with
-  `add_prior_outputs` (one call per tenant and read), in slices of at most `APPLY_SLICE_S` of loop time (drafts keep
-  flowing meanwhile), then tails it: blocking reads of `block_ms`, new tenants looked for
-  every `discover_s`.
+  `add_prior_outputs` (a tenant's entries of one read in calls of ~APPLY_CHUNK_TOKENS), in
+  slices of at most `APPLY_SLICE_S` of loop time (drafts keep flowing meanwhile), then tails
+  it: blocking reads of `block_ms`, new tenants looked for every `discover_s`.
 - Entries whose origin is this replica's id are skipped: the drafter inserted them when
   their session ended. The id is random per process, so a restarted replica replays its
   own earlier outputs exactly once.
