@@ -17,6 +17,7 @@ using namespace specdraft;
 namespace {
 
 using TokensIn = nb::ndarray<const int32_t, nb::ndim<1>, nb::c_contig, nb::device::cpu>;
+using Lengths64 = nb::ndarray<const int64_t, nb::ndim<1>, nb::c_contig, nb::device::cpu>;
 using CalibIn = nb::ndarray<const float, nb::ndim<2>, nb::c_contig, nb::device::cpu>;  // [sources, kCalibCells]
 template <typename T>
 using ArrayOut = nb::ndarray<nb::numpy, T, nb::ndim<1>>;
@@ -167,6 +168,12 @@ NB_MODULE(_core, m) {
       .def("append", [](OnlineIndex& ix, TokensIn t) { ix.append(t.data(), t.shape(0)); }, "tokens"_a)
       .def("end_document", &OnlineIndex::end_document)
       .def("reserve", &OnlineIndex::reserve, "positions"_a)
+      .def("extend",
+           [](OnlineIndex& ix, TokensIn t, Lengths64 lengths) {
+             nb::gil_scoped_release release;
+             ix.extend(t.data(), t.shape(0), lengths.data(), lengths.shape(0));
+           },
+           "tokens"_a, "lengths"_a)
       .def_prop_ro("num_tokens", &OnlineIndex::num_tokens)
       .def_prop_ro("num_documents", &OnlineIndex::num_documents)
       .def_prop_ro("memory_bytes", &OnlineIndex::memory_bytes);

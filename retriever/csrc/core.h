@@ -67,6 +67,10 @@ class OnlineIndex {
   void append(const int32_t* tokens, size_t n);  // to the open document
   void end_document();                           // close it; evict over budget
   void reserve(int64_t positions);               // room for this many more positions (tokens + separators)
+  // Each of `num_docs` documents (lengths[i] tokens, concatenated in `tokens`) appended and ended, as
+  // append + end_document per document would, but level by level (one table hot at a time) when
+  // nothing is evicted meanwhile. Throws std::invalid_argument, index unchanged, on a bad id or length.
+  void extend(const int32_t* tokens, size_t n, const int64_t* lengths, size_t num_docs);
   void query(const int32_t* context, size_t n, const QueryParams& p, Candidates& out) const;  // clears out
   Candidates query(const int32_t* context, size_t n, const QueryParams& p) const {
     Candidates out;
@@ -87,6 +91,7 @@ class OnlineIndex {
   void evict_over_budget();
   void rehash(int lvl, int64_t min_positions = 0);
   void insert_level(int lvl, int64_t pos);
+  void extend_levels(int64_t first);  // every level for positions [first, end_) of closed docs
   void table_insert(Level& lv, int lvl, int64_t pos, uint64_t h);
   uint64_t ngram_hash(int64_t end_pos, const Level& lv) const;
   int64_t find_head(const Level& lv, uint64_t h) const;

@@ -269,6 +269,77 @@ void OnlineIndex::append(const int32_t* tokens, size_t n) {
   }
 }
 
+void OnlineIndex::extend(const int32_t* tokens, size_t n, const int64_t* lengths, size_t num_docs) {
+  size_t total = 0;
+  for (size_t d = 0; d < num_docs; ++d) {
+    if (lengths[d] < 0) throw std::invalid_argument("document lengths must be >= 0");
+    total += static_cast<size_t>(lengths[d]);
+  }
+  if (total != n) throw std::invalid_argument("document lengths must sum to the number of tokens");
+  for (size_t i = 0; i < n; ++i)
+    if (tokens[i] < 0 || tokens[i] > kMaxTokenId) throw std::invalid_argument("token id out of range");
+  const int64_t positions = static_cast<int64_t>(n + num_docs);
+  if (open_doc_start_ >= 0 || live_tokens_ + static_cast<int64_t>(n) > budget_) {
+    // An open document or an eviction on the way: one document at a time, exactly as the live path.
+    reserve(positions);
+    const int32_t* t = tokens;
+    for (size_t d = 0; d < num_docs; ++d) {
+      append(t, static_cast<size_t>(lengths[d]));
+      end_document();
+      t += lengths[d];
+    }
+    return;
+  }
+  // Room for all of them first (invisible to queries: growing and rehashing keep every live chain).
+  const int64_t ring_need = end_ + positions - std::max<int64_t>(base_ - 1, 0) + 1;
+  if (ring_need > mask_ + 1) grow_ring(ring_need);
+  for (int l = 0; l < kNumLevels; ++l) {
+    if ((levels_[l].used + positions + 1) * 2 > levels_[l].slots.size()) rehash(l, live_positions() + positions);
+  }
+  const int64_t first = end_;
+  const int32_t* t = tokens;
+  for (size_t d = 0; d < num_docs; ++d) {  // tokens, prefix hashes and documents first
+    const int64_t start = end_;
+    for (int64_t i = 0; i < lengths[d]; ++i) {
+      const uint64_t before = end_ > 0 ? hash_[(end_ - 1) & mask_] : 0;
+      ring_[end_ & mask_] = t[i];
+      hash_[end_ & mask_] = before * kBase + static_cast<uint64_t>(static_cast<int64_t>(t[i]) + 2);
+      ++end_;
+    }
+    t += lengths[d];
+    live_tokens_ += lengths[d];
+    docs_.emplace_back(start, end_);
+    const uint64_t before = end_ > 0 ? hash_[(end_ - 1) & mask_] : 0;
+    ring_[end_ & mask_] = kSeparator;
+    hash_[end_ & mask_] = before * kBase + static_cast<uint64_t>(static_cast<int64_t>(kSeparator) + 2);
+    ++end_;
+  }
+  extend_levels(first);
+}
+
+void OnlineIndex::extend_levels(int64_t first) {
+  // Level by level, positions in order: each level's table and prev_ column only see their own
+  // inserts, so the result equals push()'s interleaved order (tables sized: no rehash in between).
+  constexpr int kAhead = 8;  // prefetch distance (positions)
+  for (int l = 0; l < kNumLevels; ++l) {
+    Level& lv = levels_[l];
+    const uint64_t cap_mask = lv.slots.size() - 1;
+    int64_t doc_start = first;
+    for (int64_t p = first; p < end_; ++p) {
+      const int64_t q = p + kAhead;
+      if (q < end_ && q - lv.length + 1 >= first) __builtin_prefetch(&lv.slots[ngram_hash(q, lv) & cap_mask]);
+      if (at(p) == kSeparator) {
+        prev_[(p & mask_) * kNumLevels + l] = 0;
+        doc_start = p + 1;
+      } else if (p - lv.length + 1 < doc_start) {
+        prev_[(p & mask_) * kNumLevels + l] = 0;
+      } else {
+        table_insert(lv, l, p, ngram_hash(p, lv));  // sized by extend(): at most half full
+      }
+    }
+  }
+}
+
 void OnlineIndex::end_document() {
   if (open_doc_start_ < 0) return;
   docs_.emplace_back(open_doc_start_, end_);

@@ -100,6 +100,14 @@ class _Tenant:
             self.index = _core.OnlineIndex(self._budget)
         self.index.reserve(positions)
 
+    def add_many(self, tokens: np.ndarray, lengths: np.ndarray) -> None:
+        if self.index is None:
+            self.index = _core.OnlineIndex(self._budget)
+        self.index.extend(tokens, lengths)
+        if self._keep_outputs:
+            for output in np.split(tokens, np.cumsum(lengths)[:-1]):
+                self.prior_outputs.add(output)
+
     def add(self, tokens: np.ndarray) -> None:
         if self.index is None:
             self.index = _core.OnlineIndex(self._budget)
@@ -257,6 +265,14 @@ class Drafter:
         state = self._tenant(tenant, required=False) if tokens > 0 else None
         if state is not None:
             state.reserve(tokens + outputs)  # a separator after each output
+
+    def add_prior_outputs(self, tenant: str, tokens: np.ndarray, lengths: np.ndarray) -> None:
+        """Add outputs in order, their tokens concatenated (int32 [sum(lengths)], lengths int64 [k]),
+        as `add_prior_output` on each would (e.g. a replay): the index is sized once and filled
+        level by level, GIL released. Raises ValueError, nothing added, on a bad id or length."""
+        state = self._tenant(tenant, required=False) if tokens.shape[0] else None
+        if state is not None:
+            state.add_many(tokens, lengths)
 
     def drop_tenant(self, tenant: str) -> bool:
         """Frees the tenant's prior outputs (index, reference outputs; e.g. another replica owns it now);

@@ -7,7 +7,7 @@ A replica re-registers every `heartbeat_s` with expiry now + `ttl_s`; members pa
 are not listed (and are deleted by whoever lists them), so a killed replica falls out within
 `ttl_s` (clocks of the replicas must agree to well within `ttl_s`).
 
-`Placement` runs the heartbeat and keeps the live members; `owns(tenant)` and `owners(tenant)`
+`Placement` runs the heartbeat (on a thread of its own) and keeps the live members; `owns(tenant)` and `owners(tenant)`
 apply `retriever.placement.owners` (rendezvous hashing, `r` owners per tenant). Until the
 first listing (or with the store down since) it keeps the last view; it always counts itself in.
 `listed` turns True once the list has held still for `ttl_s` (replicas started together have all
@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import threading
 import time
 from dataclasses import dataclass
 
@@ -38,10 +39,10 @@ class PlacementConfig:
 
     replica_id: str
     address: str  # advertised gRPC host:port
+    ttl_s: float  # a replica not heard from this long is out (default: Settings.membership_ttl_s)
+    heartbeat_s: float  # how often it re-registers (default: Settings.heartbeat_s)
     capacity: int = 1
     owners: int = 2  # replicas owning each tenant (R)
-    ttl_s: float = 3.0  # a replica not heard from this long is out
-    heartbeat_s: float = 0.5
 
     def __post_init__(self) -> None:
         if not (self.owners >= 1 and self.capacity >= 1 and 0 < self.heartbeat_s < self.ttl_s):
@@ -53,8 +54,17 @@ class Membership:
     """The members' registry in Redis (see the module docstring); raises LogUnavailable."""
 
     def __init__(self, config: LogConfig, prefix: str = "specdraft") -> None:
-        self._client = redis_client(config, config.timeout_s)
+        self._config = config
+        self._clients: dict[asyncio.AbstractEventLoop, object] = {}  # one client per event loop using it
         self._alive, self._info = f"{prefix}:{{members}}:alive", f"{prefix}:{{members}}:info"
+
+    @property
+    def _client(self):  # the running loop's (redis-py clients are bound to the loop of their connections)
+        loop = asyncio.get_running_loop()
+        client = self._clients.get(loop)
+        if client is None:
+            client = self._clients[loop] = redis_client(self._config, self._config.timeout_s)
+        return client
 
     async def register(self, me: Member, ttl_s: float) -> None:
         try:
@@ -96,8 +106,11 @@ class Membership:
             raise LogUnavailable(f"redis membership must be writable, got {type(e).__name__}: {e}") from None
 
     async def close(self) -> None:
+        """Closes the running loop's client (another loop's stays)."""
+        client = self._clients.pop(asyncio.get_running_loop(), None)
         try:
-            await self._client.aclose()
+            if client is not None:
+                await client.aclose()
         except (RedisError, RedisClusterException, OSError):
             pass
 
@@ -112,6 +125,8 @@ class Placement:
         self.changes = 0  # times the member list changed
         self.listed = False  # the member list held still for ttl_s (tailing may start)
         self._still_since: float | None = None  # monotonic s of the last change (None: never listed)
+        self._lock = threading.Lock()  # refresh runs on the heartbeat thread and on callers' loops
+        self._beater: threading.Thread | None = None
 
     def owns(self, tenant: str) -> bool:
         return owned_by(self.me.replica_id, tenant, self.members, self.config.owners)
@@ -120,22 +135,36 @@ class Placement:
         return owners(tenant, self.members, self.config.owners)
 
     async def refresh(self) -> None:
-        """One heartbeat and one listing; raises LogUnavailable (the last view stays)."""
+        """One heartbeat and one listing; raises LogUnavailable (the last view stays). Any thread."""
         await self._membership.register(self.me, self.config.ttl_s)
         listed = await self._membership.members()
         members = tuple(sorted({*listed, self.me}, key=lambda m: m.replica_id))
-        if members != self.members:
-            log.info("placement: %d live replicas (%s)", len(members), ", ".join(m.replica_id for m in members))
-            self.members, self.changes = members, self.changes + 1
-            self._still_since = None
-        now = time.monotonic()
-        self._still_since = now if self._still_since is None else self._still_since
-        self.listed = self.listed or now - self._still_since >= self.config.ttl_s
+        with self._lock:
+            if members != self.members:
+                log.info("placement: %d live replicas (%s)", len(members), ", ".join(m.replica_id for m in members))
+                self.members, self.changes = members, self.changes + 1
+                self._still_since = None
+            now = time.monotonic()
+            self._still_since = now if self._still_since is None else self._still_since
+            self.listed = self.listed or now - self._still_since >= self.config.ttl_s
 
     async def run(self) -> None:
-        """Heartbeats forever (cancel to stop); failures are logged once and retried."""
+        """Heartbeats every heartbeat_s until cancelled, on a thread of its own (its own event loop
+        and Redis connection): a stall of the caller's loop (a long replay, a slow read) never delays
+        a heartbeat, so it never drops this replica out. Failures are logged once and retried."""
+        stop = threading.Event()
+        self._beater = threading.Thread(target=lambda: asyncio.run(self._beat(stop)), name="specdraft-heartbeat",
+                                        daemon=True)
+        self._beater.start()
+        try:
+            while self._beater.is_alive():
+                await asyncio.sleep(0.05)
+        finally:
+            stop.set()
+
+    async def _beat(self, stop: threading.Event) -> None:
         failing = False
-        while True:
+        while not stop.is_set():
             try:
                 await self.refresh()
                 failing = False
@@ -144,10 +173,16 @@ class Placement:
                     log.warning("placement: membership unreachable, keeping %d members: %s", len(self.members), e,
                                 exc_info=None if isinstance(e, LogUnavailable) else e)
                 failing = True
-            await asyncio.sleep(self.config.heartbeat_s)
+            until = time.monotonic() + self.config.heartbeat_s
+            while not stop.is_set() and time.monotonic() < until:
+                await asyncio.sleep(min(0.02, self.config.heartbeat_s))
+        await self._membership.close()
 
     async def leave(self) -> None:
-        """Deregisters (at shutdown: the others take over at once instead of after ttl_s)."""
+        """Deregisters (at shutdown, after `run` was cancelled: the others take over at once instead
+        of after ttl_s)."""
+        if self._beater is not None:  # its last heartbeat must not come after the leave
+            await asyncio.to_thread(self._beater.join, 2.0 * self.config.ttl_s)
         try:
             await self._membership.leave(self.me.replica_id)
         except LogUnavailable as e:

@@ -9,9 +9,9 @@
     await sync.stop(flush_s=1.0)
 
 - Warm-up replays the whole log (every tenant, oldest first) into the drafter with
-  `add_prior_output`, in slices of at most `APPLY_SLICE_S` of loop time (drafts keep
-  flowing meanwhile), then tails it: blocking reads of `block_ms`, new tenants looked for
-  every `discover_s`.
+  `add_prior_outputs` (a tenant's entries of one read in calls of ~APPLY_CHUNK_TOKENS), in
+  slices of at most `APPLY_SLICE_S` of loop time (drafts keep flowing meanwhile), then tails
+  it: blocking reads of `block_ms`, new tenants looked for every `discover_s`.
 - Entries whose origin is this replica's id are skipped: the drafter inserted them when
   their session ended. The id is random per process, so a restarted replica replays its
   own earlier outputs exactly once.
@@ -56,6 +56,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 APPLY_SLICE_S = 0.002  # longest stretch of index inserts before yielding to the loop
 RESERVE_MIN_TOKENS = 1024  # a replayed tenant's index is sized at once for at least this many new tokens
+APPLY_CHUNK_TOKENS = 8192  # tokens per index insert call at most (plus one output): bounds a loop stall
 WARM_PER_READ = 32  # newly owned tenants whose replay one read starts (each serves once its own is in)
 
 
@@ -257,19 +258,6 @@ class LogSync:
             self._warming.discard(tenant)
             self._dropped += drafter.drop_tenant(tenant)
 
-    def _reserve(self, drafter: "Drafter", entries: tuple[LogEntry, ...]) -> None:
-        """Sizes the indexes of the tenants replayed by `entries` (all at the warm-up, the warming ones
-        after) once for what they are about to take."""
-        sizes: dict[str, list[int]] = {}
-        for entry in entries:
-            if not self.warm or entry.tenant in self._warming:
-                size = sizes.setdefault(entry.tenant, [0, 0])
-                size[0] += int(entry.tokens.shape[0])
-                size[1] += 1
-        for tenant, (tokens, outputs) in sizes.items():
-            if tokens >= RESERVE_MIN_TOKENS:
-                drafter.reserve_prior(tenant, tokens, outputs)
-
     def _caught_up(self, tenants: list[str]) -> None:
         """Marks `tenants` replayed (they serve from now on); logs when the last newly owned one is."""
         if not tenants:
@@ -300,26 +288,66 @@ class LogSync:
                  self._warmup[0], self._warmup[1], self._warm_s)
 
     async def _apply(self, drafter: "Drafter", entries: tuple[LogEntry, ...]) -> None:
-        """Inserts other replicas' entries, yielding to the loop every APPLY_SLICE_S; the index of a
-        tenant being replayed is sized for its entries first."""
-        self._reserve(drafter, entries)
+        """Inserts other replicas' entries: each tenant's index sized once for its entries, then
+        filled by `add_prior_outputs` calls of at most APPLY_CHUNK_TOKENS (plus one output);
+        yields to the loop every APPLY_SLICE_S."""
         slice_start = time.perf_counter()
+        for tenant, group in self._groups(entries).items():
+            tokens = sum(int(e.tokens.shape[0]) for e in group)
+            if tokens >= RESERVE_MIN_TOKENS:
+                drafter.reserve_prior(tenant, tokens, len(group))
+            for chunk in _chunks(group):
+                try:
+                    drafter.add_prior_outputs(tenant, np.concatenate([e.tokens for e in chunk]),
+                                              np.fromiter((e.tokens.shape[0] for e in chunk), np.int64, len(chunk)))
+                except ValueError:  # a corrupt or foreign entry: the chunk one by one, that one rejected
+                    chunk = self._one_by_one(drafter, chunk)
+                self._count(chunk)
+                if time.perf_counter() - slice_start > APPLY_SLICE_S:
+                    await asyncio.sleep(0)
+                    slice_start = time.perf_counter()
+
+    def _count(self, applied: list[LogEntry]) -> None:
+        n = sum(int(e.tokens.shape[0]) for e in applied)
+        self._applied[0] += len(applied)
+        self._applied[1] += n
+        if not self.warm:
+            self._warmup[0] += len(applied)
+            self._warmup[1] += n
+
+    def _groups(self, entries: tuple[LogEntry, ...]) -> dict[str, list[LogEntry]]:
+        """The entries to insert, by tenant in log order: not this replica's own (it inserted them
+        when their session ended; but a tenant being replayed takes them all), not empty."""
+        groups: dict[str, list[LogEntry]] = {}
         for entry in entries:
             if entry.origin == self.replica_id and entry.tenant not in self._warming:
                 self._applied[2] += 1
-                continue
+            elif entry.tokens.shape[0]:
+                groups.setdefault(entry.tenant, []).append(entry)
+        return groups
+
+    def _one_by_one(self, drafter: "Drafter", group: list[LogEntry]) -> list[LogEntry]:
+        """Inserts `group` entry by entry; returns the entries inserted (the rest counted rejected)."""
+        inserted = []
+        for entry in group:
             try:
                 drafter.add_prior_output(entry.tenant, entry.tokens)
-            except ValueError as e:  # a corrupt or foreign entry: never stops the tailing
+                inserted.append(entry)
+            except ValueError as e:
                 self._applied[3] += 1
                 log.warning("output log entry %s of a tenant rejected: %s", entry.entry_id, e)
-                continue
-            n = int(entry.tokens.shape[0])
-            self._applied[0] += 1
-            self._applied[1] += n
-            if not self.warm:
-                self._warmup[0] += 1
-                self._warmup[1] += n
-            if time.perf_counter() - slice_start > APPLY_SLICE_S:
-                await asyncio.sleep(0)
-                slice_start = time.perf_counter()
+        return inserted
+
+
+def _chunks(group: list[LogEntry]) -> list[list[LogEntry]]:
+    """`group` in order, cut after the entry that brings a chunk to APPLY_CHUNK_TOKENS or more.
+    Example: entries of 5000, 5000, 100 tokens -> [[5000, 5000], [100]]."""
+    chunks: list[list[LogEntry]] = [[]]
+    size = 0
+    for entry in group:
+        chunks[-1].append(entry)
+        size += int(entry.tokens.shape[0])
+        if size >= APPLY_CHUNK_TOKENS:
+            chunks.append([])
+            size = 0
+    return [c for c in chunks if c]

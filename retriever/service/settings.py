@@ -98,8 +98,8 @@ class RetrieverSettings:
     advertise_address: str = ""  # host:port clients reach this replica at (empty: the bound host:port)
     replica_capacity: int = 1  # relative share of tenants
     tenant_owners: int = 2  # replicas owning each tenant (R)
-    membership_ttl_s: float = 3.0  # a replica not heard from this long is out
-    heartbeat_s: float = 0.5  # how often a replica re-registers
+    membership_ttl_s: float = 2.0  # a replica not heard from this long is out (a loop stall under ~1.6 s is not)
+    heartbeat_s: float = 0.4  # how often a replica re-registers (TTL / 5: four heartbeats may be missed)
     # Auth and transport security (SECURITY.md); both off by default.
     auth_tokens_file: str = ""  # bearer tokens bound to tenants (retriever.credentials); empty: no auth
     tls_cert: str = ""  # PEM certificate chain; with tls_key the server speaks TLS only
@@ -158,8 +158,8 @@ class RetrieverSettings:
             return None
         host = self.host if self.host not in ("0.0.0.0", "::", "") else socket.gethostname()
         address = self.advertise_address or f"{host}:{bound_port}"
-        return PlacementConfig(replica_id, address, self.replica_capacity, self.tenant_owners, self.membership_ttl_s,
-                               self.heartbeat_s)
+        return PlacementConfig(replica_id, address, self.membership_ttl_s, self.heartbeat_s, self.replica_capacity,
+                               self.tenant_owners)
 
     def limits(self, index_vocab_size: int = 0) -> Limits:
         """The request limits; vocab: the setting, else `index_vocab_size`, else MAX_VOCAB_SIZE."""

@@ -44,6 +44,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--owners", type=int, default=2, help="replicas owning each tenant, R (default: %(default)s)")
     p.add_argument("--output-tokens", type=int, default=500, help="tokens per output (default: %(default)s)")
     p.add_argument("--kill-s", type=float, default=8.0, help="seconds of sessions around each kill")
+    p.add_argument("--membership-ttl-s", type=float, help="SPECDRAFT_MEMBERSHIP_TTL_S of the retrievers "
+                   "(default: the settings' default)")
+    p.add_argument("--heartbeat-s", type=float, help="SPECDRAFT_HEARTBEAT_S of the retrievers (default: the settings')")
     p.add_argument("--json", metavar="PATH", help="also write the result as JSON")
     p.add_argument("--outputs-from", metavar="JSONL", help="draw each tenant's outputs from the output_ids of "
                    "these traces (real model outputs, e.g. /work/shared/traces/dev.jsonl) instead of random tokens")
@@ -127,9 +130,10 @@ def _metric(proc: ServerProcess, name: str) -> float:
 
 def _env(url: str, args: argparse.Namespace, **extra: str) -> dict[str, str]:
     return {"SPECDRAFT_REDIS_URL": url, "SPECDRAFT_TENANT_TOKEN_BUDGET": str(max(args.tokens, 1000)),
-            "SPECDRAFT_TENANT_OWNERS": str(args.owners), "SPECDRAFT_MEMBERSHIP_TTL_S": "3",
-            "SPECDRAFT_HEARTBEAT_S": "0.5", "SPECDRAFT_MAX_TENANTS": str(args.tenants + 100),
-            "SPECDRAFT_MAX_QUEUE_WAIT_MS": "0", **extra}  # a loaded 2-core box: no queue-wait refusals
+            "SPECDRAFT_TENANT_OWNERS": str(args.owners), "SPECDRAFT_MAX_TENANTS": str(args.tenants + 100),
+            "SPECDRAFT_MAX_QUEUE_WAIT_MS": "0",  # a loaded 2-core box: no queue-wait refusals
+            **({"SPECDRAFT_MEMBERSHIP_TTL_S": str(args.membership_ttl_s)} if args.membership_ttl_s else {}),
+            **({"SPECDRAFT_HEARTBEAT_S": str(args.heartbeat_s)} if args.heartbeat_s else {}), **extra}
 
 
 def _log_path(args: argparse.Namespace, name: str) -> str | None:

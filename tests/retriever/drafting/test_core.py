@@ -88,6 +88,72 @@ def test_online_query_matches_reference(seed):
         assert_same_trie(got, want)
 
 
+@pytest.mark.parametrize("seed", range(60))
+def test_online_extend_matches_reference_and_the_live_path(seed):
+    """extend (a replay: many documents at once, level by level) answers as the slow reference and as
+    append + end_document per document, also with an open document or evictions on the way."""
+    rng = random.Random(seed)
+    vocab = rng.choice([2, 4, 50])
+    budget = rng.choice([30, 200, 10_000])
+    index, live, model = _core.OnlineIndex(budget), _core.OnlineIndex(budget), ref.OnlineRef(budget)
+    docs = random_docs(rng, vocab, rng.randint(1, 24), 80)
+    i = 0
+    while i < len(docs):
+        group = docs[i:i + rng.randint(1, 8)]
+        i += len(group)
+        if rng.random() < 0.2:  # a document left open before the replay: extend goes on one by one
+            piece = [rng.randrange(vocab) for _ in range(rng.randint(0, 5))]
+            for target in (index, live):
+                target.append(np.array(piece, np.int32))
+            model.append(piece)
+        if rng.random() < 0.2:
+            group = group + [[]]  # an empty document, as append([]) + end_document makes
+        index.extend(np.array([t for d in group for t in d], np.int32), np.array([len(d) for d in group], np.int64))
+        for doc in group:
+            live.append(np.array(doc, np.int32))
+            live.end_document()
+            model.append(doc)
+            model.end_document()
+    assert index.num_tokens == live.num_tokens == sum(map(len, model._live()))
+    assert index.num_documents == live.num_documents == len(model.docs)
+    for _ in range(8):
+        ctx = context_from(rng, docs, vocab)
+        knobs = dict(max_match=rng.choice([3, 64]), max_depth=rng.choice([1, 5, 64]),
+                     max_occurrences=rng.choice([1, 4, 32]), max_nodes=rng.choice([3, 512]),
+                     exponent=rng.choice([1.0, 2.0]))
+        got = _core.testing.query(index, np.array(ctx, np.int32), params(**knobs))
+        want = model.query(ctx, knobs["max_match"], knobs["max_depth"], knobs["max_occurrences"],
+                           knobs["max_nodes"], knobs["exponent"])
+        assert_same_trie(got, want)
+        same = _core.testing.query(live, np.array(ctx, np.int32), params(**knobs))
+        assert (got.tokens.tolist(), got.parents.tolist(), got.mass.tolist()) == (
+            same.tokens.tolist(), same.parents.tolist(), same.mass.tolist())
+
+
+def test_online_extend_refuses_bad_input_and_leaves_the_index_unchanged():
+    index = _core.OnlineIndex(1000)
+    index.extend(np.array([1, 2, 3], np.int32), np.array([3], np.int64))
+    for tokens, lengths, message in (([4, -3], [2], "token id"), ([4, 5], [1], "sum"), ([4, 5], [3, -1], ">= 0"),
+                                     ([4, 1 << 24], [1, 1], "token id")):
+        with pytest.raises(ValueError, match=message):
+            index.extend(np.array(tokens, np.int32), np.array(lengths, np.int64))
+    assert (index.num_tokens, index.num_documents) == (3, 1)
+    got = _core.testing.query(index, np.array([1, 2], np.int32), params())
+    assert got.tokens.tolist() == [3]
+
+
+def test_online_extend_fills_a_replayed_index_without_growing_it_again():
+    rng = np.random.default_rng(2)
+    docs = [rng.integers(0, 151_936, 500, dtype=np.int32) for _ in range(8)]
+    extended, live = _core.OnlineIndex(4000), _core.OnlineIndex(4000)
+    extended.extend(np.concatenate(docs), np.full(8, 500, np.int64))
+    live.reserve(4000 + 8)
+    for doc in docs:
+        live.append(doc)
+        live.end_document()
+    assert abs(extended.memory_bytes - live.memory_bytes) < 1024  # sized as the reserved live path is
+
+
 def test_online_index_memory_stays_flat_under_budget():
     index = _core.OnlineIndex(10_000)
     rng = np.random.default_rng(0)

@@ -177,7 +177,7 @@ def test_an_unreachable_cluster_is_a_log_unavailable_and_the_heartbeat_goes_on()
         m = Membership(config)
         with pytest.raises(LogUnavailable, match="membership must be writable"):  # not RedisClusterException
             await m.register(Member("a", "h:1"), ttl_s=1.0)
-        placement = Placement(Membership(config), PlacementConfig("a", "h:1", heartbeat_s=0.05, ttl_s=1.0))
+        placement = Placement(Membership(config), PlacementConfig("a", "h:1", ttl_s=1.0, heartbeat_s=0.05))
         task = asyncio.create_task(placement.run())
         await asyncio.sleep(0.3)
         assert not task.done() and not placement.listed  # still heartbeating, never listed
@@ -185,3 +185,51 @@ def test_an_unreachable_cluster_is_a_log_unavailable_and_the_heartbeat_goes_on()
         await m.close()
 
     asyncio.run(body())
+
+
+def test_a_replica_stalled_by_a_gil_heavy_stretch_stays_listed_at_the_default_ttl(config):
+    """At the default TTL and heartbeat (settings) a stall of the replica's loop longer than the TTL,
+    holding the GIL most of the time (e.g. a long replay), never drops it (the heartbeat has a thread
+    of its own); a replica that stops is out within TTL + a heartbeat."""
+    import threading
+
+    from retriever.service.settings import RetrieverSettings
+
+    settings = RetrieverSettings()
+    ttl_s, heartbeat_s = settings.membership_ttl_s, settings.heartbeat_s
+    stalled: list[float] = []
+    stop = threading.Event()
+
+    async def replica_a():
+        placement = Placement(Membership(config), PlacementConfig("a", "h:1", ttl_s, heartbeat_s))
+        task = asyncio.create_task(placement.run())
+        await asyncio.sleep(0.5)
+        t0 = time.perf_counter()
+        while time.perf_counter() - t0 < ttl_s + 0.5:  # no await: the loop (and its heartbeat) stalls
+            sum(range(2000))
+        stalled.append(time.perf_counter() - t0)
+        while not stop.is_set():
+            await asyncio.sleep(0.02)
+        task.cancel()  # killed: no leave
+
+    thread = threading.Thread(target=lambda: asyncio.run(replica_a()))
+
+    async def observe():
+        m = Membership(config)
+        thread.start()
+        await asyncio.sleep(0.3)
+        seen = []
+        while not stalled or len(seen) < 40:
+            seen.append("a" in {x.replica_id for x in await m.members()})
+            await asyncio.sleep(0.05)
+        stop.set()
+        t0 = time.monotonic()
+        while "a" in {x.replica_id for x in await m.members()} and time.monotonic() - t0 < 3 * ttl_s:
+            await asyncio.sleep(0.05)
+        await m.close()
+        return seen, time.monotonic() - t0
+
+    seen, out_s = asyncio.run(observe())
+    thread.join(5)
+    assert stalled and stalled[0] >= ttl_s + 0.5 and all(seen), seen
+    assert out_s <= ttl_s + heartbeat_s + 0.3

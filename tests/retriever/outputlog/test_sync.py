@@ -280,3 +280,53 @@ def test_cluster_master_stopped_then_killed_never_fails_a_draft_and_its_replica_
         redis_cluster.wait_ok()
     assert slowest < 0.05, f"a session's calls took {slowest * 1e3:.1f} ms: something waited on Redis"
     assert sorted(payloads) == sorted(out.astype("<i4").tobytes() for out in outputs)  # each exactly once
+
+
+@pytest.mark.parametrize("budget", [2_000_000, 5_000])
+def test_a_replayed_index_drafts_exactly_as_one_built_entry_by_entry(log_config, budget):
+    """The replay (chunks of a tenant's entries in one insert call each) equals add_prior_output of each
+    entry in log order, own entries skipped and a corrupt one rejected, with and without evictions."""
+    rng = np.random.default_rng(budget)
+    entries = []
+    for tenant in ("t0", "t1", "t2"):
+        for i in range(rng.integers(5, 40)):
+            origin = "me" if rng.random() < 0.1 and i != 3 else "other"
+            tokens = rng.integers(0, 6 if tenant == "t0" else 50_000, rng.integers(1, 900)).astype(np.int32)
+            if tenant == "t1" and i == 3:
+                tokens[rng.integers(0, len(tokens))] = -7  # corrupt
+            entries.append(PendingOutput(tenant, encode_tokens(tokens), origin, 0, 0.0))
+    rng.shuffle(entries)  # tenants interleaved in the log; each origin's seqs increasing (else: duplicates)
+    entries = [PendingOutput(e.tenant, e.payload, e.origin, seq, 0.0) for seq, e in enumerate(entries, 1)]
+    config = DrafterConfig(tenant_token_budget=budget)
+
+    async def body():
+        writer = open_log(log_config)
+        await writer.append(entries)
+        await writer.close()
+        sync = LogSync(open_log(log_config), log_config, replica_id="me")
+        replayed = Drafter(config)
+        await sync.start(replayed)
+        assert await sync.wait_warm(10.0)
+        await sync.stop()
+        return replayed, sync.health()
+
+    replayed, health = asyncio.run(body())
+    built = Drafter(config)
+    for entry in sorted(entries, key=lambda e: ["t0", "t1", "t2"].index(e.tenant)):  # stable: log order per tenant
+        if entry.origin != "me":
+            try:
+                built.add_prior_output(entry.tenant, np.frombuffer(entry.payload, "<i4").astype(np.int32))
+            except ValueError:
+                pass
+    assert health.rejected == 1 and health.skipped_own == sum(e.origin == "me" for e in entries)
+    drafted = 0
+    for i in range(60):
+        entry = entries[int(rng.integers(0, len(entries)))]
+        tokens = np.frombuffer(entry.payload, "<i4").astype(np.int32)
+        end = int(rng.integers(1, len(tokens) + 1))
+        context = np.clip(tokens[max(0, end - 12):end], 0, None)
+        want, got = (d.draft(entry.tenant, f"p{i}", context, EMPTY, 64).tree for d in (built, replayed))
+        assert got.token_ids.tolist() == want.token_ids.tolist() and got.parents.tolist() == want.parents.tolist()
+        np.testing.assert_array_equal(got.scores, want.scores)
+        drafted += len(got) > 0
+    assert drafted > 30
