@@ -42,6 +42,7 @@ import numpy as np
 from retriever import _core
 from retriever.drafting.calibration import Calibration, prior_row
 from retriever.drafting.reference_set import PriorOutputs, store_passages
+from retriever.drafting.state import SessionState, TenantState
 from retriever.drafting.types import DrafterConfig, DrafterStats, DraftResult, DraftTree, EncodedDraft, Source
 from retriever.errors import NotFound, ResourceExhausted
 
@@ -54,69 +55,6 @@ if TYPE_CHECKING:
 
 
 
-class _Session:
-    """One generation: its core session (context index and last draft), reference set, idle clock
-    and what it is accounted for (`bytes`, `tokens`: its memory and context length at its last step)."""
-
-    __slots__ = ("core", "last_used_s", "reference", "reference_at", "owner", "bytes", "tokens", "prediction")
-
-    def __init__(self, prompt: np.ndarray, max_context_tokens: int, now_s: float, owner: "_Tenant",
-                 prediction: np.ndarray | None = None) -> None:
-        self.core = _core.Session(prompt, max_context_tokens)
-        self.last_used_s = now_s
-        self.reference: _core.OnlineIndex | None = None
-        self.reference_at = -1  # context length when the reference set was selected (-1: never)
-        self.owner = owner
-        self.bytes = 0
-        self.tokens = 0
-        self.prediction: _core.OnlineIndex | None = None  # the predicted output, one document
-        if prediction is not None and prediction.shape[0]:
-            self.prediction = _core.OnlineIndex(max(int(prediction.shape[0]), 1))
-            self.prediction.append(prediction)
-            self.prediction.end_document()
-
-    def recent(self, n: int) -> np.ndarray:  # [<= n] int32: the last n context tokens
-        return self.core.tokens(max(self.core.length - n, 0))
-
-    def output_tokens(self) -> np.ndarray:  # [output_len] int32
-        return self.core.tokens(self.core.prompt_length)
-
-
-class _Tenant:
-    """A tenant's prior outputs (index + embeddings for reference sets), its calibration and its
-    open sessions (session id -> session, least recently used first; `context_tokens`: their sum)."""
-
-    def __init__(self, config: DrafterConfig, prior: np.ndarray) -> None:
-        self.index: _core.OnlineIndex | None = None
-        self.prior_outputs = PriorOutputs(config.reference)
-        self._keep_outputs = Source.REFERENCE in config.sources  # only reference sets read them
-        self.calibration = Calibration(prior, config.calibration)
-        self._budget = config.tenant_token_budget
-        self.sessions: OrderedDict[str, _Session] = OrderedDict()
-        self.context_tokens = 0
-
-    def reserve(self, positions: int) -> None:
-        if self.index is None:
-            self.index = _core.OnlineIndex(self._budget)
-        self.index.reserve(positions)
-
-    def add_many(self, tokens: np.ndarray, lengths: np.ndarray) -> None:
-        if self.index is None:
-            self.index = _core.OnlineIndex(self._budget)
-        self.index.extend(tokens, lengths)
-        if self._keep_outputs:
-            for output in np.split(tokens, np.cumsum(lengths)[:-1]):
-                self.prior_outputs.add(output)
-
-    def add(self, tokens: np.ndarray) -> None:
-        if self.index is None:
-            self.index = _core.OnlineIndex(self._budget)
-        self.index.append(tokens)
-        self.index.end_document()
-        if self._keep_outputs:
-            self.prior_outputs.add(tokens)
-
-
 class Drafter:
     """Sessions, tenant indexes and corpora; see the module docstring for the lifecycle."""
 
@@ -127,8 +65,8 @@ class Drafter:
         `references`: FAISS stores feeding the reference sets (see `set_corpora`)."""
         self._config = config
         self._on_output = on_output
-        self._sessions: OrderedDict[tuple[str, str], _Session] = OrderedDict()  # least recently used first
-        self._tenants: OrderedDict[str, _Tenant] = OrderedDict()  # least recently used first
+        self._sessions: OrderedDict[tuple[str, str], SessionState] = OrderedDict()  # least recently used first
+        self._tenants: OrderedDict[str, TenantState] = OrderedDict()  # least recently used first
         self.evicted = 0  # idle sessions evicted to make room (quotas, memory budget)
         self._session_bytes = 0  # running total of the sessions' accounted memory (`_account`)
         p = config.params
@@ -189,7 +127,7 @@ class Drafter:
         return encoded
 
     def _step(self, tenant: str, session_id: str, prompt: np.ndarray | None, new_tokens: np.ndarray,
-              prediction: np.ndarray | None = None, verified_nodes: int | None = None) -> tuple[_Session, tuple]:
+              prediction: np.ndarray | None = None, verified_nodes: int | None = None) -> tuple[SessionState, tuple]:
         """The session (started or advanced, room made for it: `_make_room`) and the arguments of
         its core step but max_nodes (the last one, the prediction index, goes after max_nodes)."""
         now_s = time.monotonic()
@@ -229,7 +167,7 @@ class Drafter:
         labels += (["prediction"] if prediction else []) + ["build_tree"]
         return tuple(zip(labels, (float(x) / 1e9 for x in ns))) if len(ns) == len(labels) else ()
 
-    def _refresh_reference(self, session: _Session, state: _Tenant, pending: np.ndarray) -> None:
+    def _refresh_reference(self, session: SessionState, state: TenantState, pending: np.ndarray) -> None:
         """(Re)selects the session's reference set (prior outputs + FAISS passages) at its
         start and every refresh_tokens, over the context with `pending` (int32, about to be appended)."""
         params = self._config.reference
@@ -300,7 +238,7 @@ class Drafter:
         return DrafterStats(len(self._sessions), len(indexes), sum(ix.num_tokens for ix in indexes),
                             sessions + sum(ix.memory_bytes for ix in indexes), sessions, self.evicted)
 
-    def _tenant(self, tenant: str, required: bool = True) -> _Tenant | None:
+    def _tenant(self, tenant: str, required: bool = True) -> TenantState | None:
         """The tenant's state, created when new; at `max_tenants` the least recently used tenant without
         open sessions goes first. When every one has sessions: ResourceExhausted, or None if not `required`."""
         state = self._tenants.get(tenant)
@@ -310,7 +248,7 @@ class Drafter:
                 if not required:
                     return None
                 raise ResourceExhausted(f"tenants held must be at most {cap}, got {cap + 1} (all have open sessions)")
-            state = self._tenants[tenant] = _Tenant(self._config, self._prior)
+            state = self._tenants[tenant] = TenantState(self._config, self._prior)
         return state
 
     def _evict_tenant(self) -> bool:
@@ -328,7 +266,7 @@ class Drafter:
             del self._tenants[tenant]
 
     def _start(self, key: tuple[str, str], prompt: np.ndarray, new_tokens: np.ndarray, now_s: float,
-               prediction: np.ndarray | None = None) -> _Session:
+               prediction: np.ndarray | None = None) -> SessionState:
         n = int(prompt.shape[0]) + int(new_tokens.shape[0])
         self._check_length(n)
         if prediction is not None:
@@ -342,14 +280,14 @@ class Drafter:
             self._forget_if_empty(key[0])
             raise
         self._tenants[key[0]] = owner  # back if evicting its last (empty) session forgot it
-        session = _Session(prompt, self._config.max_context_tokens, now_s, owner, prediction)
+        session = SessionState(prompt, self._config.max_context_tokens, now_s, owner, prediction)
         self._sessions[key] = owner.sessions[key[1]] = session
         self._account(session)
         while len(self._sessions) > self._config.max_sessions:
             self._retire(next(iter(self._sessions)))
         return session
 
-    def _make_room(self, owner: _Tenant, key: tuple[str, str], tokens: int, now_s: float, new: bool) -> None:
+    def _make_room(self, owner: TenantState, key: tuple[str, str], tokens: int, now_s: float, new: bool) -> None:
         """Makes room for `tokens` more context tokens (and with `new` one more session) of `key`:
         evicts sessions idle at least `evict_idle_s` (least recently used first, never `key`) while the
         tenant's quotas or the session memory budget would be exceeded; raises ResourceExhausted when
@@ -384,7 +322,7 @@ class Drafter:
         self.evicted += 1
         return True
 
-    def _account(self, session: _Session) -> None:
+    def _account(self, session: SessionState) -> None:
         """Brings the running totals up to date with the session's memory and context length (O(1))."""
         now_bytes = session.core.memory_bytes + sum(ix.memory_bytes for ix in (session.reference, session.prediction)
                                                      if ix is not None)
@@ -393,7 +331,7 @@ class Drafter:
         session.owner.context_tokens += length - session.tokens
         session.bytes, session.tokens = now_bytes, length
 
-    def _drop(self, key: tuple[str, str]) -> _Session:
+    def _drop(self, key: tuple[str, str]) -> SessionState:
         """Removes the session from every table and its share of the running totals."""
         session = self._sessions.pop(key)
         del session.owner.sessions[key[1]]

@@ -1,0 +1,81 @@
+"""The drafter's per-session and per-tenant state (`retriever.drafting.drafter` owns and bounds them).
+
+A `SessionState` is one generation: its core session (context index and last draft), its
+predicted output (one document), reference set and accounting. A `TenantState` holds the
+tenant's prior outputs (index, and the outputs themselves where reference sets read them), its
+scoring calibration and its open sessions. Not thread-safe (the drafter's caller serializes).
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+
+import numpy as np
+
+from retriever import _core
+from retriever.drafting.calibration import Calibration
+from retriever.drafting.reference_set import PriorOutputs
+from retriever.drafting.types import DrafterConfig, Source
+
+
+class SessionState:
+    """One generation: its core session (context index and last draft), reference set, idle clock
+    and what it is accounted for (`bytes`, `tokens`: its memory and context length at its last step)."""
+
+    __slots__ = ("core", "last_used_s", "reference", "reference_at", "owner", "bytes", "tokens", "prediction")
+
+    def __init__(self, prompt: np.ndarray, max_context_tokens: int, now_s: float, owner: "TenantState",
+                 prediction: np.ndarray | None = None) -> None:
+        self.core = _core.Session(prompt, max_context_tokens)
+        self.last_used_s = now_s
+        self.reference: _core.OnlineIndex | None = None
+        self.reference_at = -1  # context length when the reference set was selected (-1: never)
+        self.owner = owner
+        self.bytes = 0
+        self.tokens = 0
+        self.prediction: _core.OnlineIndex | None = None  # the predicted output, one document
+        if prediction is not None and prediction.shape[0]:
+            self.prediction = _core.OnlineIndex(max(int(prediction.shape[0]), 1))
+            self.prediction.append(prediction)
+            self.prediction.end_document()
+
+    def recent(self, n: int) -> np.ndarray:  # [<= n] int32: the last n context tokens
+        return self.core.tokens(max(self.core.length - n, 0))
+
+    def output_tokens(self) -> np.ndarray:  # [output_len] int32
+        return self.core.tokens(self.core.prompt_length)
+
+
+class TenantState:
+    """A tenant's prior outputs (index + embeddings for reference sets), its calibration and its
+    open sessions (session id -> session, least recently used first; `context_tokens`: their sum)."""
+
+    def __init__(self, config: DrafterConfig, prior: np.ndarray) -> None:
+        self.index: _core.OnlineIndex | None = None
+        self.prior_outputs = PriorOutputs(config.reference)
+        self._keep_outputs = Source.REFERENCE in config.sources  # only reference sets read them
+        self.calibration = Calibration(prior, config.calibration)
+        self._budget = config.tenant_token_budget
+        self.sessions: OrderedDict[str, SessionState] = OrderedDict()
+        self.context_tokens = 0
+
+    def reserve(self, positions: int) -> None:
+        if self.index is None:
+            self.index = _core.OnlineIndex(self._budget)
+        self.index.reserve(positions)
+
+    def add_many(self, tokens: np.ndarray, lengths: np.ndarray) -> None:
+        if self.index is None:
+            self.index = _core.OnlineIndex(self._budget)
+        self.index.extend(tokens, lengths)
+        if self._keep_outputs:
+            for output in np.split(tokens, np.cumsum(lengths)[:-1]):
+                self.prior_outputs.add(output)
+
+    def add(self, tokens: np.ndarray) -> None:
+        if self.index is None:
+            self.index = _core.OnlineIndex(self._budget)
+        self.index.append(tokens)
+        self.index.end_document()
+        if self._keep_outputs:
+            self.prior_outputs.add(tokens)
