@@ -216,11 +216,12 @@ class GenerationTrust:
     is one piece of evidence (its first node), not 15.
 
     Example: prior 2; a chain whose first node (p 0.9) is rejected: expected 0.9, accepted 0 ->
-    t = 2 / 2.9 = 0.69, and p (0.9, 0.85, 0.8) at depths (1, 2, 3) -> (0.62, 0.40, 0.26). Ten
-    steps later (decay 0.9): expected 0.31, t = 0.87.
+    t = 2 / 2.9 = 0.69, and p (0.9, 0.85, 0.8) at depths (1, 2, 3) -> (0.62, 0.40, 0.26). Sixteen
+    steps later (decay 0.95, about the longest back-off, so misses across back-offs add up):
+    expected 0.40, t = 0.83.
     """
 
-    def __init__(self, prior: float = 2.0, decay: float = 0.9) -> None:
+    def __init__(self, prior: float = 2.0, decay: float = 0.95) -> None:
         self.prior, self.decay = prior, decay
         self.expected = 0.0  # decayed sum of the tested nodes' conditional probabilities
         self.accepted = 0.0  # decayed count of the accepted nodes
