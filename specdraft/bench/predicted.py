@@ -5,6 +5,11 @@ the user message holds the instruction and the file (the function's code block),
 model's chat template, and the prediction is the file. Each request runs greedily three times,
 interleaved (none / right / wrong: the next request's function), on one `Engine` drafting from an
 in-process `Drafter` (tenant = the variant, so each variant sees its own earlier outputs alike).
+The comparison is fair: the engine is untimed (`Engine(timed=False)`: its step policy prices each
+step by the cost curve's prediction, so how much of a tree it verifies and when it backs off do not
+follow the machine's clock; tokens/s is still measured by the clock), and each request's three
+variants start from the same policy state (`StepPolicy.snapshot` before the first, `restore`
+before each), so no variant inherits what an earlier variant taught the calibration.
 Printed: MAT and tokens/s per variant, the worst per-request MAT ratio right/none (target >= 0.98),
 the mean MAT ratio (target > 1), the tokens/s ratio wrong/none (target >= 0.95), and whether the
 three outputs agree (they must: greedy). FIM: `--fim` completions cut from stdlib files (prefix of
@@ -96,8 +101,9 @@ def run_edits(engine, loaded, drafter, requests: list[tuple[str, str]], max_new:
                                        tokenize=False)
         ids = list(tok.encode(text, add_special_tokens=False))
         wrong = requests[(i + 1) % len(requests)][1]
-        outputs = []
+        outputs, before = [], engine.policy.snapshot()
         for variant, prediction in zip(VARIANTS, ("", file, wrong)):
+            engine.policy.restore(before)  # each variant starts from the same policy state
             pred_ids = tok.encode(prediction, add_special_tokens=False) if prediction else []
             source = LocalDraftSource(drafter, tenant=variant, session_id=f"{variant}-{i}", prediction_ids=pred_ids)
             tokens, steps, s, first = _generate(engine, ids, max_new, source)
@@ -253,13 +259,14 @@ def run(args) -> int:
     settings = VerifierSettings.from_env(model=args.model, dtype=args.dtype, device=args.device,
                                          backend=args.backend, threads=args.threads, max_nodes=args.max_nodes)
     loaded = load(settings)
-    engine = Engine(loaded, max_nodes=args.max_nodes, cost_store=settings.cost_store())
+    engine = Engine(loaded, max_nodes=args.max_nodes, cost_store=settings.cost_store(), timed=False)
     for _ in engine.generate(list(loaded.tokenizer.encode("def f(x):\n    return")), 4):  # first-call costs
         pass
     tallies, same = run_edits(engine, loaded, Drafter(DrafterConfig()), requests, args.max_new_tokens)
     fim = run_fim(engine, loaded, Drafter(DrafterConfig()), fim_cuts(args.fim), args.fim_max_new_tokens)
     print(f"Predicted outputs: model={args.model} backend={loaded.kind} {loaded.precision}, "
           f"max_new_tokens={args.max_new_tokens}, "
-          f"max_nodes={args.max_nodes}, {len(requests)} edit requests")
+          f"max_nodes={args.max_nodes}, {len(requests)} edit requests; step policy untimed (steps priced by the "
+          f"cost curve, not the clock; tokens/s measured), each request's variants from the same policy state")
     print(table(tallies, same, fim, args.model, args.fim, args.fim_max_new_tokens))
     return 0

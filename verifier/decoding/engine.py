@@ -83,17 +83,19 @@ class Engine:
     """Generates with one model; not thread-safe (one generation at a time)."""
 
     def __init__(self, model: "Backend | LoadedModel", cost_model: CostModel | None = None, max_nodes: int = 64,
-                 calibrate: bool = True, cost_store: CostStore | None = None, save_every: int = 64) -> None:
+                 calibrate: bool = True, cost_store: CostStore | None = None, save_every: int = 64,
+                 timed: bool = True) -> None:
         """model: a Backend, or a LoadedModel (the HF backend). cost_model None: the curve kept in
         cost_store, else measured now on the model's device (a few seconds on a CPU) and kept there;
         the refined curve is written back after a generation once save_every steps have refined it.
-        calibrate: weigh draft scores by the acceptance rates observed so far."""
+        calibrate: weigh draft scores by the acceptance rates observed so far. timed False: the policy
+        prices steps by the cost curve's prediction, not the clock (`StepPolicy`; comparisons)."""
         self.backend: Backend = HFBackend(model) if isinstance(model, LoadedModel) else model
         self.max_nodes, self.cost_store, self.save_every = max_nodes, cost_store, save_every
         if cost_model is None:
             cost_model = (cost_store.load_or_measure(self.backend, 1 + max_nodes) if cost_store is not None
                           else CostModel.measure(self.backend, max_tokens=1 + max_nodes))
-        self.policy = StepPolicy(cost_model, calibrate)
+        self.policy = StepPolicy(cost_model, calibrate, timed=timed)
         self._saved_at = 0  # cost observations when the curve was last written
 
     @property

@@ -14,12 +14,20 @@ trees above the curve); a tree that paid ends the run of misses, and so does a n
 (`start`). After m misses in a row the next min(2^(m-1), max_skip) steps decode without asking
 (then one step asks again). So where drafts do not pay, a step costs what plain decoding costs.
 
+timed=False (comparisons that must not follow the machine's clock, e.g. `specdraft bench predicted`):
+a step is priced by the cost model's prediction for its size, not its measured time: the curve is not
+refined, the realized-miss rule judges the predicted cost, and the round trip is not measured (it
+stays at `draft_ns`: 0 for a new policy). `snapshot` / `restore` copy and put back the whole state
+(cost, calibration, round trip, misses), so several runs can start from the same one.
+
 Example: cost (1: 10 ms, 2: 12 ms), round trip 1 ms, a draft of one node scored 0.1 ->
 rates 1/10 (k=0) vs 1.1/12 (k=1): choose 0; with the round trip 1/11 < (1 - 0.02)/10: a miss,
 the next step asks nothing.
 """
 
 from __future__ import annotations
+
+import copy
 
 import numpy as np
 
@@ -31,9 +39,10 @@ class StepPolicy:
     """One engine's policy (not thread-safe; the engine runs one generation at a time)."""
 
     def __init__(self, cost: CostModel, calibrate: bool = True, tolerance: float = 0.02, max_skip: int = 16,
-                 draft_weight: float = 0.2) -> None:
-        """calibrate: weigh scores by observed acceptance (False: take them as probabilities)."""
-        self.cost = cost
+                 draft_weight: float = 0.2, timed: bool = True) -> None:
+        """calibrate: weigh scores by observed acceptance (False: take them as probabilities);
+        timed: price steps by their measured times (False: by the cost model's prediction)."""
+        self.cost, self.timed = cost, timed
         self.calibration = ScoreCalibration() if calibrate else None
         self.trust = GenerationTrust()
         self.tolerance, self.max_skip, self.draft_weight = tolerance, max_skip, draft_weight
@@ -41,6 +50,14 @@ class StepPolicy:
         self.misses = 0  # drafts in a row that did not pay
         self.skip = 0  # steps left to decode without asking for a draft
         self.skipped = 0  # steps decoded without asking, in all
+
+    def snapshot(self) -> "StepPolicy":
+        """A deep copy of the whole state, for `restore` (possibly several times)."""
+        return copy.deepcopy(self)
+
+    def restore(self, snapshot: "StepPolicy") -> None:
+        """Puts back the state `snapshot` copied (the snapshot itself stays unchanged)."""
+        self.__dict__.update(copy.deepcopy(snapshot).__dict__)
 
     def start(self) -> None:
         """A new generation: its drafts have not missed yet and are fully trusted (the cost and
@@ -73,7 +90,8 @@ class StepPolicy:
 
     def drafted(self, tree: DraftTree | None, draft_ns: int) -> None:
         """A draft call took draft_ns and gave this tree (None: no tree)."""
-        self.draft_ns += self.draft_weight * (draft_ns - self.draft_ns) if self.draft_ns else draft_ns
+        if self.timed:
+            self.draft_ns += self.draft_weight * (draft_ns - self.draft_ns) if self.draft_ns else draft_ns
         probs = self.probabilities(tree) if tree is not None else np.zeros(0)
         pays = float(np.max(self.cost.rates(probs, self.draft_ns))) * float(self.cost.at(1))
         if pays < 1.0 - self.tolerance:
@@ -88,10 +106,14 @@ class StepPolicy:
         acceptance and commit; `accepted_nodes` are the accepted node indexes. A verified tree
         whose tokens (accepted + the bonus) per ns, with the round trip, fell short of a plain
         step's by more than `tolerance` is a miss; one that paid ends the run of misses. Every
-        step refines the cost, the calibration and the trust (their evidence decays while nothing
-        is verified)."""
+        step refines the cost (timed only), the calibration and the trust (their evidence decays
+        while nothing is verified). Untimed: step_ns is ignored, the step costs what the curve
+        predicts."""
         plain_ns = float(self.cost.at(1))  # a plain step, as predicted before this one refines it
-        self.cost.observe(num_tokens, step_ns)
+        if self.timed:
+            self.cost.observe(num_tokens, step_ns)
+        else:
+            step_ns = float(self.cost.at(num_tokens))
         if len(tree):
             paid = (1 + len(accepted_nodes)) * plain_ns / (step_ns + self.draft_ns)
             if not accepted_nodes or paid < 1.0 - self.tolerance:  # nothing accepted never pays

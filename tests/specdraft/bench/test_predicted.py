@@ -1,11 +1,16 @@
-"""`specdraft bench predicted`'s inputs: edit requests from the refactor traces, FIM cuts from stdlib."""
+"""`specdraft bench predicted`'s inputs: edit requests from the refactor traces, FIM cuts from stdlib;
+its edit comparison (each request's variants from the same untimed policy state) on SmolLM2."""
 
 from pathlib import Path
 
 import pytest
 
-from specdraft.bench.predicted import FimScore, Tally, edit_requests, fim_cuts, fim_line, score_fim
+from retriever.drafting.drafter import Drafter
+from retriever.drafting.types import DrafterConfig
+from specdraft.bench.predicted import FimScore, Tally, edit_requests, fim_cuts, fim_line, run_edits, score_fim
 from specdraft.bench.replay import DEFAULT_TRACES, load_traces
+from verifier.decoding.cost import CostModel
+from verifier.decoding.engine import Engine
 
 ROOT = Path(__file__).resolve().parents[3]
 TOKENIZER = ROOT / ".." / "shared" / "models" / "qwen2.5-coder-1.5b"
@@ -56,3 +61,31 @@ def test_fim_line_reports_each_measure_out_of_the_completions():
     assert "first steps (the prompt's forward + one step) 4.0 s of 6.0 s, 7.0 tokens/s after them" in line
     assert "ended by the model 1/2" in line and "exact match 1/2" in line
     assert "exact with trailing whitespace trimmed 1/2, the middle's lines then more 2/2, first line 2/2" in line
+
+
+class RecordingEngine(Engine):
+    """A real engine that notes its policy's state as each generation starts."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.starts: list[tuple] = []
+
+    def generate(self, *args, **kwargs):
+        p = self.policy
+        self.starts.append((p.cost.cost_ns, p.cost.scale, p.draft_ns, p.misses, p.calibration.verified.tolist(),
+                            p.calibration.accepted.tolist()))
+        return super().generate(*args, **kwargs)
+
+
+def test_each_request_s_variants_start_from_the_same_policy_state(smollm2):
+    """Every variant of a request starts from the state the request found (the calibration learned by
+    one variant would steer the next one's trees); predictions all empty, so the variants draft alike
+    and, untimed, their MATs are equal request by request."""
+    engine = RecordingEngine(smollm2, CostModel((1, 2, 17), (10e6, 11e6, 30e6)), max_nodes=16, timed=False)
+    code = ["def add(a, b):\n    return a + b\n", "def scale(xs, k):\n    return [x * k for x in xs]\n"]
+    requests = [(f"Repeat this code exactly.\n\n```python\n{c}```", "") for c in code]
+    tallies, same = run_edits(engine, smollm2, Drafter(DrafterConfig()), requests, 16)
+    first, second = engine.starts[:3], engine.starts[3:]
+    assert len(engine.starts) == 6 and first == [first[0]] * 3 and second == [second[0]] * 3
+    assert first[0] != second[0]  # the first request's runs did teach the policy (kept for the next request)
+    assert same and tallies["none"].mats == tallies["right"].mats == tallies["wrong"].mats

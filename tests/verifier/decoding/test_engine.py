@@ -2,7 +2,8 @@
 plain greedy output (HF `generate`) token for token, with the in-process retriever drafter, with
 oracle trees hidden among random branches, and with garbage drafts; the KV cache after a step
 equals the cache of plain decoding over the accepted tokens; seeded sampling with drafting emits
-exactly the tokens of seeded sampling without; stop tokens, max tokens, a failing drafter."""
+exactly the tokens of seeded sampling without; stop tokens, max tokens, a failing drafter; an
+untimed engine (steps priced by the cost curve) never refines the curve."""
 
 from __future__ import annotations
 
@@ -140,6 +141,18 @@ def test_greedy_with_retriever_drafts_equals_plain(engine, prompts, reference, i
     if i == 0:  # a repetitive prompt: context drafts get accepted
         assert sum(s.accepted_nodes for s in steps) >= NEW // 2 and len(steps) <= NEW // 4
         assert all(src == 1 for s in steps for src in s.accepted_sources)  # Source.CONTEXT
+
+
+@pytest.mark.parametrize("timed", [True, False])
+def test_an_untimed_engine_never_refines_its_curve_and_emits_the_same(smollm2, prompts, reference, timed):
+    curve = CostModel((1, 2, 17), (10e6, 12e6, 30e6))  # refinable (weight 0.1), unlike the flat one
+    engine = Engine(smollm2, curve, max_nodes=16, timed=timed)
+    assert engine.policy.timed is timed
+    out, steps = run(engine, prompts[0], LocalDraftSource(Drafter(DrafterConfig())))
+    assert out == reference[0] and any(s.accepted_nodes for s in steps)
+    assert (curve.observed, curve.scale == 1.0) == ((len(steps), False) if timed else (0, True))
+    assert timed or (curve.tokens, curve.cost_ns) == ((1, 2, 17), (10e6, 12e6, 30e6))  # untimed: as built
+    assert (engine.policy.draft_ns > 0) is timed  # the round trip is measured only when timed
 
 
 @pytest.mark.parametrize("i", range(len(PROMPTS)))

@@ -116,3 +116,36 @@ def test_a_wide_tree_is_worth_at_most_one_token_per_level_after_calibration():
                      np.zeros(8, np.uint8))
     assert p.calibrated(wide).sum() == pytest.approx(1.0)
     assert p.choose(wide) <= 1  # 8 siblings taken alone: 1 + 7.9 tokens for 20 ms would pick all 8
+
+
+def test_untimed_prices_steps_by_the_curve_and_never_refines_it():
+    p = policy(timed=False, tolerance=0.02)
+    curve = (p.cost.tokens, p.cost.cost_ns, p.cost.scale)
+    p.drafted(None, int(5 * MS))  # the round trip is not measured: priced at draft_ns = 0, no miss
+    assert p.draft_ns == 0.0 and p.misses == 0
+    p.stepped(2, int(100 * MS), chain(0.95), [0])  # priced 12 ms: 2 * 10 / 12 pays
+    assert p.misses == 0
+    p.stepped(4, int(1 * MS), chain(0.95, 0.9, 0.9), [0])  # priced 30 ms: 20 / 30 does not
+    assert p.misses == 1 and p.skip == 1
+    assert (p.cost.tokens, p.cost.cost_ns, p.cost.scale) == curve and p.cost.observed == 0
+    timed = policy(tolerance=0.02)  # the same two steps, timed: the clock decides, and refines the curve
+    timed.stepped(2, int(100 * MS), chain(0.95), [0])
+    assert timed.misses == 1 and timed.cost.observed == 1 and timed.cost.scale > 1.0
+
+
+def test_restore_puts_back_the_snapshot_every_time():
+    p = StepPolicy(CostModel((1, 8), (10 * MS, 20 * MS)), calibrate=True)
+    p.drafted(chain(0.9), int(2 * MS))
+    p.stepped(2, int(15 * MS), chain(0.9), [0])
+    snap = p.snapshot()
+    state = (p.cost.tokens, p.cost.cost_ns, p.cost.scale, p.draft_ns, p.misses, p.skip,
+             p.calibration.verified.tolist(), p.calibration.accepted.tolist(), p.trust.factor)
+    for _ in range(2):  # each time: diverge (misses, a slower curve, a distrusting calibration), restore
+        p.drafted(chain(0.9), int(8 * MS))
+        for _ in range(5):
+            p.stepped(3, int(40 * MS), chain(0.9, 0.9), [])
+        assert (p.cost.scale, p.misses) != (state[2], state[4])
+        p.restore(snap)
+        assert (p.cost.tokens, p.cost.cost_ns, p.cost.scale, p.draft_ns, p.misses, p.skip,
+                p.calibration.verified.tolist(), p.calibration.accepted.tolist(), p.trust.factor) == state
+        assert p.cost is not snap.cost and p.calibration is not snap.calibration  # the snapshot stays apart
