@@ -98,8 +98,8 @@ class RetrieverSettings:
     advertise_address: str = ""  # host:port clients reach this replica at (empty: the bound host:port)
     replica_capacity: int = 1  # relative share of tenants
     tenant_owners: int = 2  # replicas owning each tenant (R)
-    membership_ttl_s: float = 2.0  # a replica not heard from this long is out (a loop stall under ~1.6 s is not)
-    heartbeat_s: float = 0.4  # how often a replica re-registers (TTL / 5: four heartbeats may be missed)
+    membership_ttl_s: float = 1.5  # a replica not heard from this long is out (its heartbeat thread's, not its loop's)
+    heartbeat_s: float = 0.3  # how often a replica re-registers (TTL / 5: four heartbeats may be missed)
     # Auth and transport security (SECURITY.md); both off by default.
     auth_tokens_file: str = ""  # bearer tokens bound to tenants (retriever.credentials); empty: no auth
     tls_cert: str = ""  # PEM certificate chain; with tls_key the server speaks TLS only
