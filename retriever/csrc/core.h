@@ -87,6 +87,7 @@ class OnlineIndex {
   int32_t at(int64_t pos) const { return ring_[pos & mask_]; }
   int64_t live_positions() const { return end_ - base_; }
   void push(int32_t token);
+  void put(int32_t token);  // token and its prefix hash at end_, then ++end_ (the ring has room)
   void grow_ring(int64_t min_capacity = 0);
   void evict_over_budget();
   void rehash(int lvl, int64_t min_positions = 0);

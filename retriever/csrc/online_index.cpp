@@ -223,13 +223,17 @@ int64_t OnlineIndex::doc_start_of(int64_t p) const {
   return std::prev(it)->first;
 }
 
+void OnlineIndex::put(int32_t token) {
+  const uint64_t before = end_ > 0 ? hash_[(end_ - 1) & mask_] : 0;
+  ring_[end_ & mask_] = token;
+  hash_[end_ & mask_] = before * kBase + static_cast<uint64_t>(static_cast<int64_t>(token) + 2);
+  ++end_;
+}
+
 void OnlineIndex::push(int32_t token) {
   if (end_ - std::max<int64_t>(base_ - 1, 0) + 1 > mask_ + 1) grow_ring();
   const int64_t p = end_;
-  const uint64_t before = p > 0 ? hash_[(p - 1) & mask_] : 0;
-  ring_[p & mask_] = token;
-  hash_[p & mask_] = before * kBase + static_cast<uint64_t>(static_cast<int64_t>(token) + 2);
-  ++end_;
+  put(token);
   if (token == kSeparator) {
     for (int l = 0; l < kNumLevels; ++l) prev_[(p & mask_) * kNumLevels + l] = 0;
     return;
@@ -300,19 +304,11 @@ void OnlineIndex::extend(const int32_t* tokens, size_t n, const int64_t* lengths
   const int32_t* t = tokens;
   for (size_t d = 0; d < num_docs; ++d) {  // tokens, prefix hashes and documents first
     const int64_t start = end_;
-    for (int64_t i = 0; i < lengths[d]; ++i) {
-      const uint64_t before = end_ > 0 ? hash_[(end_ - 1) & mask_] : 0;
-      ring_[end_ & mask_] = t[i];
-      hash_[end_ & mask_] = before * kBase + static_cast<uint64_t>(static_cast<int64_t>(t[i]) + 2);
-      ++end_;
-    }
+    for (int64_t i = 0; i < lengths[d]; ++i) put(t[i]);
     t += lengths[d];
     live_tokens_ += lengths[d];
     docs_.emplace_back(start, end_);
-    const uint64_t before = end_ > 0 ? hash_[(end_ - 1) & mask_] : 0;
-    ring_[end_ & mask_] = kSeparator;
-    hash_[end_ & mask_] = before * kBase + static_cast<uint64_t>(static_cast<int64_t>(kSeparator) + 2);
-    ++end_;
+    put(kSeparator);
   }
   extend_levels(first);
 }

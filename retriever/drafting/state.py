@@ -59,23 +59,24 @@ class TenantState:
         self.sessions: OrderedDict[str, SessionState] = OrderedDict()
         self.context_tokens = 0
 
-    def reserve(self, positions: int) -> None:
+    def _own_index(self) -> _core.OnlineIndex:
+        """The prior outputs' index, made on first use."""
         if self.index is None:
             self.index = _core.OnlineIndex(self._budget)
-        self.index.reserve(positions)
+        return self.index
+
+    def reserve(self, positions: int) -> None:
+        self._own_index().reserve(positions)
 
     def add_many(self, tokens: np.ndarray, lengths: np.ndarray) -> None:
-        if self.index is None:
-            self.index = _core.OnlineIndex(self._budget)
-        self.index.extend(tokens, lengths)
+        self._own_index().extend(tokens, lengths)
         if self._keep_outputs:
             for output in np.split(tokens, np.cumsum(lengths)[:-1]):
                 self.prior_outputs.add(output)
 
     def add(self, tokens: np.ndarray) -> None:
-        if self.index is None:
-            self.index = _core.OnlineIndex(self._budget)
-        self.index.append(tokens)
-        self.index.end_document()
+        index = self._own_index()
+        index.append(tokens)
+        index.end_document()
         if self._keep_outputs:
             self.prior_outputs.add(tokens)

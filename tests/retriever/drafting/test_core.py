@@ -58,6 +58,19 @@ def test_suffix_array_rejects_bad_depth():
         _core.build_suffix_array(np.array([1, 2], np.int32), 0)
 
 
+def query_matches_reference(rng: random.Random, index, model, ctx: list[int]):
+    """Queries `index` with random knobs, asserts the trie equals the slow reference `model`'s;
+    returns (the trie, the knobs)."""
+    knobs = dict(max_match=rng.choice([3, 64]), max_depth=rng.choice([1, 5, 64]),
+                 max_occurrences=rng.choice([1, 4, 32]), max_nodes=rng.choice([3, 512]),
+                 exponent=rng.choice([1.0, 2.0]))
+    got = _core.testing.query(index, np.array(ctx, np.int32), params(**knobs))
+    want = model.query(ctx, knobs["max_match"], knobs["max_depth"], knobs["max_occurrences"],
+                       knobs["max_nodes"], knobs["exponent"])
+    assert_same_trie(got, want)
+    return got, knobs
+
+
 @pytest.mark.parametrize("seed", range(60))
 def test_online_query_matches_reference(seed):
     rng = random.Random(seed)
@@ -78,14 +91,7 @@ def test_online_query_matches_reference(seed):
     assert index.num_tokens == sum(map(len, model._live()))
     assert index.num_documents == len(model.docs)
     for _ in range(5):
-        ctx = context_from(rng, docs, vocab)
-        knobs = dict(max_match=rng.choice([3, 64]), max_depth=rng.choice([1, 5, 64]),
-                     max_occurrences=rng.choice([1, 4, 32]), max_nodes=rng.choice([3, 512]),
-                     exponent=rng.choice([1.0, 2.0]))
-        got = _core.testing.query(index, np.array(ctx, np.int32), params(**knobs))
-        want = model.query(ctx, knobs["max_match"], knobs["max_depth"], knobs["max_occurrences"],
-                           knobs["max_nodes"], knobs["exponent"])
-        assert_same_trie(got, want)
+        query_matches_reference(rng, index, model, context_from(rng, docs, vocab))
 
 
 @pytest.mark.parametrize("seed", range(60))
@@ -118,13 +124,7 @@ def test_online_extend_matches_reference_and_the_live_path(seed):
     assert index.num_documents == live.num_documents == len(model.docs)
     for _ in range(8):
         ctx = context_from(rng, docs, vocab)
-        knobs = dict(max_match=rng.choice([3, 64]), max_depth=rng.choice([1, 5, 64]),
-                     max_occurrences=rng.choice([1, 4, 32]), max_nodes=rng.choice([3, 512]),
-                     exponent=rng.choice([1.0, 2.0]))
-        got = _core.testing.query(index, np.array(ctx, np.int32), params(**knobs))
-        want = model.query(ctx, knobs["max_match"], knobs["max_depth"], knobs["max_occurrences"],
-                           knobs["max_nodes"], knobs["exponent"])
-        assert_same_trie(got, want)
+        got, knobs = query_matches_reference(rng, index, model, ctx)
         same = _core.testing.query(live, np.array(ctx, np.int32), params(**knobs))
         assert (got.tokens.tolist(), got.parents.tolist(), got.mass.tolist()) == (
             same.tokens.tolist(), same.parents.tolist(), same.mass.tolist())
