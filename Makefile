@@ -28,6 +28,10 @@ STDLIB = $(shell $(PY) -c "import sysconfig; print(sysconfig.get_paths()['stdlib
 STDLIB_OPTS = --glob '*.py' --exclude site-packages --exclude dist-packages
 # pip: no prompts, no progress bars in CI logs.
 PIP = $(PY) -m pip --disable-pip-version-check --no-input
+# llama.cpp compiles with -march=native; on x86-64 without its AMX tile kernels: a VM may report
+# AMX to the compiler yet fault on its first tile instruction (a segfault in ggml_backend_amx_mul_mat
+# on the first forward, seen on a 2-core Xeon VM). AVX-512 and the rest stay native.
+NO_AMX := $(if $(filter x86_64,$(shell uname -m)),-mno-amx-tile -mno-amx-int8 -mno-amx-bf16)
 
 .PHONY: qwen-gguf setup demo replay test protos indexes bench bench-replay bench-latency bench-index bench-log redis-server clean-indexes
 
@@ -38,7 +42,7 @@ setup: redis-server
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install --quiet --upgrade pip
 	$(PIP) install --progress-bar off torch==2.13.0
-	$(PIP) install --progress-bar off -e '.[dev,verifier,faiss,llama]'
+	CFLAGS="$(NO_AMX) $$CFLAGS" CXXFLAGS="$(NO_AMX) $$CXXFLAGS" $(PIP) install --progress-bar off -e '.[dev,verifier,faiss,llama]'
 	@# On a machine without a GPU a CUDA torch (several GB) must never come in through a dependency.
 	@if ! command -v nvidia-smi >/dev/null 2>&1 && $(PIP) list --format=freeze 2>/dev/null | grep -qiE '^nvidia-'; then \
 		echo "error: a CUDA torch build got installed into $(VENV) on a machine without a GPU" >&2; exit 1; fi

@@ -158,11 +158,12 @@ def per_source(max_nodes: int) -> int:
     return keep + (keep + 3) // 4
 
 
-def build_tree(sources: list[tuple[Trie, float, float, int]], max_nodes: int, min_score: float):
-    """build_tree: (tokens, parents, scores, sources) of the best nodes of the merged tries."""
+def build_tree(sources: list[tuple[Trie, float, float, int, bool]], max_nodes: int, min_score: float):
+    """build_tree: (tokens, parents, scores, sources) of the best nodes of the merged tries.
+    sources: (trie, reliability, half_match, source id, counted once: max with the score so far)."""
     merged = Trie()
     best: list[tuple[float, int]] = []  # (largest contribution, source id)
-    for trie, reliability, half_match, source_id in sources:
+    for trie, reliability, half_match, source_id, once in sources:
         if not trie.tokens or trie.root_mass <= 0 or trie.match_length <= 0:
             continue
         m = trie.match_length  # float32 arithmetic, in the core's order
@@ -175,7 +176,9 @@ def build_tree(sources: list[tuple[Trie, float, float, int]], max_nodes: int, mi
                 local.append(-1)
                 continue
             c = f32(scale * f32(mass))
-            v = merged.add_child(-1 if p < 0 else local[p], t, c)
+            v = merged.add_child(-1 if p < 0 else local[p], t, f32(0) if once else c)
+            if once:
+                merged.mass[v] = max(merged.mass[v], c)
             local.append(v)
             if v == len(best):
                 best.append((c, source_id))
@@ -211,13 +214,14 @@ def calib_cell(e: int, share, support: int) -> int:
     return (eb * 5 + sb) * 5 + nb
 
 
-def build_tree_calibrated(sources: list[tuple[Trie, int, int]], calib, max_nodes: int, min_score: float):
-    """Calibrated build_tree: sources are (trie, calib row, source id); calib float32 [R, C].
-    Returns (tokens, parents, scores, sources, flat cells)."""
+def build_tree_calibrated(sources: list[tuple[Trie, int, int, bool]], calib, max_nodes: int, min_score: float):
+    """Calibrated build_tree: sources are (trie, calib row, source id, counted once: max with the
+    score so far, not noisy-OR); calib float32 [R, C]. Returns (tokens, parents, scores, sources,
+    flat cells)."""
     merged = Trie()
     rest: list[float] = []  # merged: prod over sources of (1 - P_s)
     best: list[tuple[float, int, int]] = []  # (largest P_s, source id, flat cell)
-    for trie, row, source_id in sources:
+    for trie, row, source_id, once in sources:
         if not trie.tokens or trie.root_mass <= 0 or trie.match_length <= 0:
             continue
         prob, depth, cells = [], [], []
@@ -241,7 +245,7 @@ def build_tree_calibrated(sources: list[tuple[Trie, int, int]], calib, max_nodes
                 rest.append(f32(f32(1) - c))
                 best.append((c, source_id, flat))
             else:
-                rest[v] = f32(rest[v] * f32(f32(1) - c))
+                rest[v] = min(rest[v], f32(f32(1) - c)) if once else f32(rest[v] * f32(f32(1) - c))
                 if c > best[v][0]:
                     best[v] = (c, source_id, flat)
     score = [f32(f32(1) - r) for r in rest]

@@ -152,7 +152,8 @@ NB_MODULE(_core, m) {
       .def_rw("params", &SourceConfig::params)
       .def_rw("reliability", &SourceConfig::reliability)
       .def_rw("half_match", &SourceConfig::half_match)
-      .def_rw("source_id", &SourceConfig::source_id);
+      .def_rw("source_id", &SourceConfig::source_id)
+      .def_rw("counted_once", &SourceConfig::counted_once);
 
   nb::class_<Candidates>(m, "Candidates")
       .def_prop_ro("tokens", [](const Candidates& c) { return to_numpy(std::vector<int32_t>(c.tokens)); }, nb::rv_policy::automatic)
@@ -304,14 +305,16 @@ NB_MODULE(_core, m) {
   testing.def("build_tree", [](const std::vector<std::pair<const Candidates*, SourceConfig>>& sources, int max_nodes,
                          float min_score) {
           std::vector<SourceInput> inputs;
-          for (const auto& [c, cfg] : sources) inputs.push_back(SourceInput{c, cfg.reliability, cfg.half_match, cfg.source_id});
+          for (const auto& [c, cfg] : sources)
+            inputs.push_back(SourceInput{c, cfg.reliability, cfg.half_match, cfg.source_id, nullptr, 0, cfg.counted_once});
           return tree_to_numpy(build_tree(inputs, max_nodes, min_score));
         }, "sources"_a, "max_nodes"_a, "min_score"_a);
   testing.def("build_tree_calibrated", [](const std::vector<std::pair<const Candidates*, SourceConfig>>& sources,
                                     CalibIn calib, TokensIn rows, int max_nodes, float min_score) {
           check_rows(calib, rows, sources.size());
           std::vector<SourceInput> inputs;
-          for (const auto& [c, cfg] : sources) inputs.push_back(SourceInput{c, cfg.reliability, cfg.half_match, cfg.source_id});
+          for (const auto& [c, cfg] : sources)
+            inputs.push_back(SourceInput{c, cfg.reliability, cfg.half_match, cfg.source_id, nullptr, 0, cfg.counted_once});
           for (size_t i = 0; i < inputs.size(); ++i) {
             inputs[i].calib_row = rows.data()[i];
             inputs[i].calib = calib.data() + static_cast<size_t>(rows.data()[i]) * kCalibCells;

@@ -193,6 +193,7 @@ struct SourceInput {
   int32_t source_id;
   const float* calib = nullptr;  // [kCalibCells] P(node | parent) per cell; null: heuristic score
   int32_t calib_row = 0;         // reported cells are calib_row * kCalibCells + cell
+  bool counted_once = false;     // see SourceConfig::counted_once
 };
 
 // The draft: node i proposes tokens[i] after parents[i] (-1 = after the context).
@@ -209,6 +210,8 @@ struct DraftTree {
 // >= min_score. score(v) = min(1, sum_s conf_s * mass_s(v) / root_mass_s).
 // With calib set on every source instead: a source's path probability P_s(v) = P_s(parent)
 // * calib[cell(v)], and score(v) = 1 - prod_s (1 - min(P_s(v), kMaxSourceProb)) (noisy-OR).
+// A counted_once source, merged in order, makes a node's score so far max(it, its own
+// contribution) instead of adding to it (sum or noisy-OR).
 DraftTree build_tree(const std::vector<SourceInput>& sources, int max_nodes, float min_score);
 constexpr float kMaxSourceProb = 0.999f;
 
@@ -244,6 +247,11 @@ struct SourceConfig {
   float reliability = 1.0f;
   float half_match = 1.0f;
   int32_t source_id = 0;
+  // Not an independent witness of what the sources before it propose (the session's prediction
+  // mostly repeats the prompt, so it and the context propose the same text): where it proposes a
+  // node they proposed, the node keeps the larger of the two scores instead of their sum /
+  // noisy-OR. Its own nodes score as any source's.
+  bool counted_once = false;
 };
 
 // One index to query for a draft: exactly one of online / corpus is set. calib: that

@@ -49,13 +49,16 @@ struct MergedTrie {
     mask = cap - 1;
   }
 
-  // Find-or-add the child; adds contrib to its score and tracks the largest contributor.
-  int32_t add(int32_t parent, int32_t token, float contrib, int32_t source_id, int32_t cell) {
+  // Find-or-add the child; adds contrib to its score (once: the larger of the two) and tracks
+  // the largest contributor.
+  int32_t add(int32_t parent, int32_t token, float contrib, int32_t source_id, int32_t cell, bool once) {
     const uint64_t key = (static_cast<uint64_t>(parent + 1) << 32) | static_cast<uint32_t>(token);
     for (uint64_t i = (key * 0x9E3779B97F4A7C15ull) >> shift;; i = (i + 1) & mask) {
       if (keys[i] == key) {
         const int32_t v = slots[i];
-        if (noisy_or) {
+        if (once) {  // max(fused, contrib); noisy-OR keeps the complement
+          score[v] = noisy_or ? std::min(score[v], 1.0f - contrib) : std::max(score[v], contrib);
+        } else if (noisy_or) {
           score[v] *= 1.0f - contrib;
         } else {
           score[v] += contrib;
@@ -122,7 +125,8 @@ void merge_source(const SourceInput& s, size_t k, Workspace& ws) {
   for (size_t i = 0; i < c.size(); ++i) {
     const int32_t parent = c.parents[i];
     if (!ws.keep[i] || (parent >= 0 && ws.local[parent] < 0)) continue;
-    ws.local[i] = ws.merged.add(parent < 0 ? -1 : ws.local[parent], c.tokens[i], scale * c.mass[i], s.source_id, -1);
+    ws.local[i] = ws.merged.add(parent < 0 ? -1 : ws.local[parent], c.tokens[i], scale * c.mass[i], s.source_id, -1,
+                                s.counted_once);
   }
 }
 
@@ -148,7 +152,7 @@ void merge_calibrated(const SourceInput& s, size_t k, Workspace& ws) {
     if (!ws.keep[i] || (parent >= 0 && ws.local[parent] < 0)) continue;
     ws.local[i] = ws.merged.add(parent < 0 ? -1 : ws.local[parent], c.tokens[i],
                                 std::min(ws.prob[i], kMaxSourceProb), s.source_id,
-                                s.calib_row * kCalibCells + ws.cell[i]);
+                                s.calib_row * kCalibCells + ws.cell[i], s.counted_once);
   }
 }
 

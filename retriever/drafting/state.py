@@ -1,7 +1,7 @@
 """The drafter's per-session and per-tenant state (`retriever.drafting.drafter` owns and bounds them).
 
 A `SessionState` is one generation: its core session (context index and last draft), its
-predicted output (one document), reference set and accounting. A `TenantState` holds the
+predicted output (one document; none where the prompt repeats it), reference set and accounting. A `TenantState` holds the
 tenant's prior outputs (index, and the outputs themselves where reference sets read them), its
 scoring calibration and its open sessions. Not thread-safe (the drafter's caller serializes).
 """
@@ -16,6 +16,29 @@ from retriever import _core
 from retriever.drafting.calibration import Calibration
 from retriever.drafting.reference_set import PriorOutputs
 from retriever.drafting.types import DrafterConfig, Source
+
+
+MIN_REPEATED_TOKENS = 8  # a shorter prediction is always a source of its own
+
+
+def repeats(prompt: np.ndarray, prediction: np.ndarray) -> bool:
+    """Whether `prompt` ([n] int32) holds `prediction` ([k] int32) but for its first and last token
+    (an embedded copy's edge tokens merge with the text around it), k >= MIN_REPEATED_TOKENS.
+
+    Edit clients send the file in the messages and again as the prediction: the context then
+    proposes every continuation the prediction would, so the prediction is no source of its own
+    (it would only count that evidence twice). Linear time (a byte search, aligned hits only).
+
+    Example: prompt [1, 2, 30, 31, 32, 33, 34, 35, 36, 37, 3], prediction [9, 31, .., 37, 8] -> True.
+    """
+    if prediction.shape[0] < MIN_REPEATED_TOKENS:
+        return False
+    hay = np.ascontiguousarray(prompt, np.int32).tobytes()
+    needle = np.ascontiguousarray(prediction[1:-1], np.int32).tobytes()
+    at = hay.find(needle)
+    while at >= 0 and at % 4:  # a hit inside a token's bytes is no hit
+        at = hay.find(needle, at + 1)
+    return at >= 0
 
 
 class SessionState:
@@ -34,7 +57,7 @@ class SessionState:
         self.bytes = 0
         self.tokens = 0
         self.prediction: _core.OnlineIndex | None = None  # the predicted output, one document
-        if prediction is not None and prediction.shape[0]:
+        if prediction is not None and prediction.shape[0] and not repeats(prompt, prediction):
             self.prediction = _core.OnlineIndex(max(int(prediction.shape[0]), 1))
             self.prediction.append(prediction)
             self.prediction.end_document()

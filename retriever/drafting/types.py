@@ -48,6 +48,9 @@ class SourceWeights:
     max_match: int = 64
     match_exponent: float = 1.0
     max_candidates: int = 512  # nodes of the source's trie, longest matches first
+    # not an independent witness of the sources merged before it: where both propose a node, the
+    # larger score counts, not their noisy-OR / sum (`_core.SourceConfig.counted_once`)
+    counted_once: bool = False
 
     def config(self, source: Source) -> _core.SourceConfig:
         params = _core.QueryParams()
@@ -61,6 +64,7 @@ class SourceWeights:
         cfg.reliability = self.reliability
         cfg.half_match = self.half_match
         cfg.source_id = int(source)
+        cfg.counted_once = self.counted_once
         return cfg
 
 
@@ -84,8 +88,10 @@ class DraftingParams:
     corpus: SourceWeights = SourceWeights(reliability=0.5, half_match=8.0, max_occurrences=16, max_candidates=256,
                                           max_depth=16)
     reference: SourceWeights = SourceWeights(reliability=1.0, half_match=0.5)
-    # the prediction is matched like the context (it is, in effect, more of it)
-    prediction: SourceWeights = SourceWeights(reliability=1.0, half_match=2.0)
+    # the prediction is matched like the context (it is, in effect, more of it); edit clients send
+    # the file both in the messages and as the prediction, so where the two propose the same
+    # continuation it is one piece of evidence, not two
+    prediction: SourceWeights = SourceWeights(reliability=1.0, half_match=2.0, counted_once=True)
     min_score: float = 1e-3
 
 

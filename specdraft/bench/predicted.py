@@ -10,9 +10,14 @@ step by the cost curve's prediction, so how much of a tree it verifies and when 
 follow the machine's clock; tokens/s is still measured by the clock), and each request's three
 variants start from the same policy state (`StepPolicy.snapshot` before the first, `restore`
 before each), so no variant inherits what an earlier variant taught the calibration.
-Printed: MAT and tokens/s per variant, the worst per-request MAT ratio right/none (target >= 0.98),
-the mean MAT ratio (target > 1), the tokens/s ratio wrong/none (target >= 0.95), and whether the
-three outputs agree (they must: greedy). FIM: `--fim` completions cut from stdlib files (prefix of
+Each output is also replayed through a second drafter (same tenants, sessions and predictions) with
+whole trees verified, as `specdraft bench replay` does for the traces: the drafts' MAT, which a step
+policy's choices do not move (under the cost-aware policy a request of 128 tokens takes ~6-20 steps,
+so one step more or less moves its MAT by 5-15%).
+Printed: MAT (step policy and drafts') and tokens/s per variant, the worst per-request drafts' MAT
+ratio right/none (target >= 0.98), the ratio of the mean drafts' MATs (target > 1), the tokens/s
+ratio wrong/none (target >= 0.95), the same MAT ratios under the step policy, and whether the three
+outputs agree (they must: greedy). FIM: `--fim` completions cut from stdlib files (prefix of
 up to 40 lines, middle of 1-5 lines, suffix of up to 20 lines; files and cuts drawn with a fixed
 seed), run greedily on the model's FIM prompt (`verifier.api.fim`) up to `--fim-max-new-tokens`:
 MAT, tokens/s (and apart: the first steps, which hold the prompt's forward, and the tokens/s
@@ -89,13 +94,46 @@ def _generate(engine, ids: list[int], max_new: int, source, stop_ids: list[int] 
     return tokens, steps, time.perf_counter() - t0, first
 
 
-def run_edits(engine, loaded, drafter, requests: list[tuple[str, str]], max_new: int) -> tuple[dict, bool]:
-    """Tallies by variant and whether every request's three outputs agree."""
+def replay_drafts(source, prompt_ids: list[int], output: list[int], max_nodes: int) -> tuple[int, int]:
+    """(tokens, steps) of `output` replayed through a draft source with whole trees verified (the
+    drafts' MAT, whatever a step policy would verify): each step accepts the tree's longest root path
+    equal to the output's next tokens, plus the next token (the bonus), and reports them as the
+    engine does (verified_nodes: the whole tree)."""
+    from specdraft.bench.replay import accepted_length
+
+    source.start(prompt_ids)
+    pos = steps = verified = 0
+    new: list[int] = []
+    while pos < len(output):
+        tree = source.draft(new, max_nodes, verified)
+        verified = len(tree) if tree is not None else 0
+        accepted = accepted_length(tree.token_ids, tree.parents, output[pos:]) if verified else 0
+        new = output[pos:pos + accepted + 1]
+        pos, steps = pos + len(new), steps + 1
+    source.end(verified)
+    return pos, steps
+
+
+@dataclass
+class EditResults:
+    """Per variant: the engine's generations (`engine`: its step policy's MAT, tokens/s) and the same
+    outputs replayed with whole trees verified (`drafts`: the drafts' MAT); whether every request's
+    three outputs agree."""
+
+    engine: dict[str, Tally]
+    drafts: dict[str, Tally]
+    same: bool
+
+
+def run_edits(engine, loaded, drafter, requests: list[tuple[str, str]], max_new: int,
+              replay_drafter=None) -> EditResults:
+    """Each request's three variants on the engine (from one policy state), then, with `replay_drafter`
+    (another drafter, so the engine's sees only its own sessions), each variant's output replayed
+    through it with the same tenant, session and prediction (`replay_drafts`)."""
     from verifier.drafting import LocalDraftSource
 
     tok = loaded.tokenizer
-    tallies = {v: Tally() for v in VARIANTS}
-    same = True
+    out = EditResults({v: Tally() for v in VARIANTS}, {v: Tally() for v in VARIANTS}, True)
     for i, (message, file) in enumerate(requests):
         text = tok.apply_chat_template([{"role": "user", "content": message}], add_generation_prompt=True,
                                        tokenize=False)
@@ -107,13 +145,20 @@ def run_edits(engine, loaded, drafter, requests: list[tuple[str, str]], max_new:
             pred_ids = tok.encode(prediction, add_special_tokens=False) if prediction else []
             source = LocalDraftSource(drafter, tenant=variant, session_id=f"{variant}-{i}", prediction_ids=pred_ids)
             tokens, steps, s, first = _generate(engine, ids, max_new, source)
-            tallies[variant].add(len(tokens), steps, s, first)
+            out.engine[variant].add(len(tokens), steps, s, first)
             outputs.append(tokens)
-        same &= outputs[0] == outputs[1] == outputs[2]
-        print(f"  edit {i}: MAT none {tallies['none'].mats[-1]:.2f} right {tallies['right'].mats[-1]:.2f} "
-              f"wrong {tallies['wrong'].mats[-1]:.2f}; output right {'=' if outputs[1] == outputs[0] else '!='} none, "
-              f"wrong {'=' if outputs[2] == outputs[0] else '!='} none", flush=True)
-    return tallies, same
+            if replay_drafter is not None:
+                replay = LocalDraftSource(replay_drafter, tenant=variant, session_id=f"{variant}-{i}",
+                                          prediction_ids=pred_ids)
+                out.drafts[variant].add(*replay_drafts(replay, ids, tokens, engine.max_nodes), 0.0, 0.0)
+        out.same &= outputs[0] == outputs[1] == outputs[2]
+        mats = " ".join(f"{v} {out.engine[v].mats[-1]:.2f}" for v in VARIANTS)
+        drafts = (" ".join(f"{v} {out.drafts[v].mats[-1]:.2f}" for v in VARIANTS)
+                  if replay_drafter is not None else "not replayed")
+        print(f"  edit {i}: MAT {mats}; drafts' MAT (whole trees) {drafts}; output right "
+              f"{'=' if outputs[1] == outputs[0] else '!='} none, wrong {'=' if outputs[2] == outputs[0] else '!='} "
+              f"none", flush=True)
+    return out
 
 
 def fim_cuts(n: int, seed: int = 0) -> list[tuple[str, str, str]]:
@@ -208,16 +253,30 @@ def fim_line(t: Tally, scores: list[FimScore], n_asked: int, max_new: int) -> st
             f"{count('first_line')}")
 
 
-def table(tallies: dict, same: bool, fim, model: str, n_fim: int, fim_max_new: int) -> str:
-    none, right, wrong = (tallies[v] for v in VARIANTS)
-    lines = ["| variant | requests | tokens | MAT | tokens/s |", "|---|---|---|---|---|"]
-    lines += [f"| {v} | {len(t.mats)} | {t.tokens} | {t.mat:.2f} | {t.tok_s:.1f} |" for v, t in tallies.items()]
+def ratios(right: Tally, none: Tally) -> tuple[float, float]:
+    """(worst per-request MAT ratio right / none, ratio of the mean per-request MATs)."""
     worst = min((r / n for r, n in zip(right.mats, none.mats) if n), default=0.0)
     mean = (sum(right.mats) / len(right.mats)) / (sum(none.mats) / len(none.mats)) if none.mats else 0.0
-    lines += ["", f"right/none MAT: worst request {worst:.3f} (target >= 0.98), mean {mean:.3f} (target > 1); "
+    return worst, mean
+
+
+def table(results: EditResults, fim, model: str, n_fim: int, fim_max_new: int) -> str:
+    """The edits' table, the targets (MAT: the drafts'; tokens/s: the engine's) and the FIM line."""
+    tallies, drafts = results.engine, results.drafts
+    lines = ["| variant | requests | tokens | MAT (step policy) | drafts' MAT (whole trees) | tokens/s |",
+             "|---|---|---|---|---|---|"]
+    lines += [f"| {v} | {len(t.mats)} | {t.tokens} | {t.mat:.2f} | {drafts[v].mat:.2f} | {t.tok_s:.1f} |"
+              for v, t in tallies.items()]
+    none, wrong = tallies["none"], tallies["wrong"]
+    (worst, mean), (p_worst, p_mean) = ratios(drafts["right"], drafts["none"]), ratios(tallies["right"], none)
+    lines += ["", f"right/none drafts' MAT: worst request {worst:.3f} (target >= 0.98), mean {mean:.3f} (target > 1); "
               f"wrong/none tokens/s {wrong.tok_s / none.tok_s if none.tok_s else 0:.3f} (target >= 0.95); "
-              f"same output in all three: {'yes' if same else 'NO'}"]
-    if fim is None:
+              f"same output in all three: {'yes' if results.same else 'NO'}",
+              f"right/none MAT under the step policy (steps of one request: a step moves it by 1/steps): worst "
+              f"request {p_worst:.3f}, mean {p_mean:.3f}"]
+    if n_fim == 0:
+        lines.append("FIM: none asked (--fim 0)")
+    elif fim is None:
         lines.append(f"FIM: skipped, model {model} has no fill-in-the-middle tokens")
     else:
         lines.append(fim_line(*fim, n_fim, fim_max_new))
@@ -262,11 +321,12 @@ def run(args) -> int:
     engine = Engine(loaded, max_nodes=args.max_nodes, cost_store=settings.cost_store(), timed=False)
     for _ in engine.generate(list(loaded.tokenizer.encode("def f(x):\n    return")), 4):  # first-call costs
         pass
-    tallies, same = run_edits(engine, loaded, Drafter(DrafterConfig()), requests, args.max_new_tokens)
+    edits = run_edits(engine, loaded, Drafter(DrafterConfig()), requests, args.max_new_tokens,
+                      replay_drafter=Drafter(DrafterConfig()))
     fim = run_fim(engine, loaded, Drafter(DrafterConfig()), fim_cuts(args.fim), args.fim_max_new_tokens)
     print(f"Predicted outputs: model={args.model} backend={loaded.kind} {loaded.precision}, "
           f"max_new_tokens={args.max_new_tokens}, "
           f"max_nodes={args.max_nodes}, {len(requests)} edit requests; step policy untimed (steps priced by the "
           f"cost curve, not the clock; tokens/s measured), each request's variants from the same policy state")
-    print(table(tallies, same, fim, args.model, args.fim, args.fim_max_new_tokens))
+    print(table(edits, fim, args.model, args.fim, args.fim_max_new_tokens))
     return 0

@@ -37,6 +37,7 @@ class Knobs:
     exponent: float
     reliability: float
     half_match: float
+    counted_once: bool = False  # max with the sources before it, not another witness
 
     def config(self, source_id: int) -> "_core.SourceConfig":
         p = _core.QueryParams()
@@ -44,6 +45,7 @@ class Knobs:
         p.max_nodes, p.match_exponent = self.max_nodes, self.exponent
         cfg = _core.SourceConfig()
         cfg.params, cfg.reliability, cfg.half_match, cfg.source_id = p, self.reliability, self.half_match, source_id
+        cfg.counted_once = self.counted_once
         return cfg
 
 
@@ -62,7 +64,7 @@ class TreeCase:
 def random_knobs(rng: random.Random) -> Knobs:
     return Knobs(rng.choice([0, 1, 2, 3, 8, 64]), rng.choice([0, 1, 2, 5, 64]), rng.choice([0, 1, 2, 3, 32]),
                  rng.choice([0, 1, 4, 512]), rng.choice([0.5, 1.0, 2.0]), rng.uniform(0.05, 1.5),
-                 rng.uniform(0.1, 8.0))
+                 rng.uniform(0.1, 8.0), rng.random() < 0.3)
 
 
 def random_case(rng: random.Random) -> TreeCase:
@@ -166,10 +168,12 @@ def check_case(case: TreeCase, work: Path) -> bool:
     found = [(_core.testing.query(ix, ctx, c.params), c) for ix, c in zip([*online, *corpora], [*cfgs, *corpus_cfgs])]
     for i, (c, _) in enumerate(found):
         _same_trie(c, _reference_trie(case, i))
-    want = ref.build_tree([(_as_trie(c), cfg.reliability, cfg.half_match, cfg.source_id) for c, cfg in found],
+    want = ref.build_tree([(_as_trie(c), cfg.reliability, cfg.half_match, cfg.source_id, cfg.counted_once)
+                           for c, cfg in found],
                           case.max_nodes, case.min_score)
     _same_tree(tree, want, "draft")
-    want = ref.build_tree_calibrated([(_as_trie(c), int(r), cfg.source_id) for (c, cfg), r in zip(found, row_of)],
+    want = ref.build_tree_calibrated([(_as_trie(c), int(r), cfg.source_id, cfg.counted_once)
+                                      for (c, cfg), r in zip(found, row_of)],
                                      calib.tolist(), case.max_nodes, case.min_score)
     _same_tree(calibrated, want, "draft_calibrated")
     assert calibrated[4].tolist() == want[4], "draft_calibrated: cells differ"

@@ -158,7 +158,7 @@ def test_every_request_gets_the_predicted_answer_and_the_server_stays_healthy(se
 
 knobs = st.builds(Knobs, st.sampled_from([0, 1, 2, 3, 8, 64]), st.sampled_from([0, 1, 2, 5, 64]),
                   st.sampled_from([0, 1, 2, 3, 32]), st.sampled_from([0, 1, 4, 512]), st.sampled_from([0.5, 1.0, 2.0]),
-                  st.floats(0.05, 1.5), st.floats(0.1, 8.0))
+                  st.floats(0.05, 1.5), st.floats(0.1, 8.0), st.booleans())
 
 
 @st.composite

@@ -56,7 +56,8 @@ def test_calibrated_build_tree_matches_reference(seed):
     calib = np.random.default_rng(seed).uniform(0.05, 1.0, (len(found) + 1, CALIB_CELLS)).astype(np.float32)
     rows = np.array([rng.randrange(len(calib)) for _ in found], np.int32)
     max_nodes, min_score = rng.choice([0, 1, 8, 64, 1000]), rng.choice([0.0, 1e-3, 0.2])
-    want = ref.build_tree_calibrated([(as_trie(c), int(r), cfg.source_id) for (c, cfg), r in zip(found, rows)],
+    want = ref.build_tree_calibrated([(as_trie(c), int(r), cfg.source_id, cfg.counted_once)
+                                      for (c, cfg), r in zip(found, rows)],
                                      calib.tolist(), max_nodes, min_score)
     for got in (_core.testing.build_tree_calibrated(found, calib, rows, max_nodes, min_score),
                 _core.testing.draft_calibrated(ctx, [ix for ix, _ in sources], [cfg for _, cfg in sources], [], [], calib,

@@ -243,6 +243,7 @@ def random_sources(rng: random.Random):
         cfg = _core.SourceConfig()
         cfg.reliability, cfg.half_match, cfg.source_id = rng.uniform(0.1, 1.5), rng.uniform(0.5, 8), source_id
         cfg.params = params(max_occurrences=rng.choice([2, 32]), exponent=rng.choice([1.0, 2.0]))
+        cfg.counted_once = rng.random() < 0.3
         out.append((index, cfg))
     return docs, out
 
@@ -254,7 +255,8 @@ def test_build_tree_and_draft_match_reference(seed):
     ctx = np.array(context_from(rng, docs, 6), np.int32)
     found = [(_core.testing.query(ix, ctx, cfg.params), cfg) for ix, cfg in sources]
     max_nodes, min_score = rng.choice([0, 1, 8, 64, 1000]), rng.choice([0.0, 1e-3, 0.2])
-    want = ref.build_tree([(as_trie(c), cfg.reliability, cfg.half_match, cfg.source_id) for c, cfg in found],
+    want = ref.build_tree([(as_trie(c), cfg.reliability, cfg.half_match, cfg.source_id, cfg.counted_once)
+                           for c, cfg in found],
                           max_nodes, min_score)
     for got in (_core.testing.build_tree(found, max_nodes, min_score),
                 _core.testing.draft(ctx, [ix for ix, _ in sources], [cfg for _, cfg in sources], [], [],

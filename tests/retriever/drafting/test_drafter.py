@@ -7,6 +7,7 @@ import pytest
 
 import retriever.drafting.drafter as drafter_module
 from retriever.drafting.drafter import Drafter
+from retriever.drafting.state import MIN_REPEATED_TOKENS, repeats
 from retriever.drafting.types import DrafterConfig, Source
 from retriever.errors import NotFound, ResourceExhausted
 
@@ -128,6 +129,72 @@ def test_prediction_drafts_its_continuation_and_picks_it_up_after_a_departure():
     back = d.draft("t", "s", None, ids(15, 16), 8).tree  # the output rejoins the prediction
     assert back.token_ids[:3].tolist() == [17, 18, 19] and back.sources[0] == Source.PREDICTION
     assert [label for label, _ in d.last_lookup_s()] == ["context", "prediction", "build_tree"]
+
+
+def _paths(tree) -> dict[tuple[int, ...], float]:
+    """{root-to-node token path: score} of a draft tree."""
+    out: dict[tuple[int, ...], tuple[int, ...]] = {}
+    for i, (t, p) in enumerate(zip(tree.token_ids.tolist(), tree.parents.tolist())):
+        out[i] = (out[p] if p >= 0 else ()) + (t,)
+    return {out[i]: float(s) for i, s in enumerate(tree.scores.tolist())}
+
+
+def test_a_prediction_agreeing_with_the_context_is_counted_once():
+    """Where the context and the prediction propose the same continuation, its score is the larger
+    of theirs (one piece of evidence), not their noisy-OR; the prediction's own nodes score as its
+    source alone."""
+    prompt = ids(1, 2, 20, 21, 22, 23, 24, 25, 26, 27, 3, 20, 21)  # the answer begins copying 20 .. 27
+    prediction = ids(20, 21, 22, 23, 24, 25, 26, 27, 28, 29)  # the same text, then more: not repeated
+    alone = {src: Drafter(DrafterConfig(sources=frozenset({src}))) for src in (Source.CONTEXT, Source.PREDICTION)}
+    context = _paths(alone[Source.CONTEXT].draft("t", "s", prompt, EMPTY, 16).tree)
+    predicted = _paths(alone[Source.PREDICTION].draft("t", "s", prompt, EMPTY, 16, prediction=prediction).tree)
+    both = _paths(Drafter(DrafterConfig()).draft("t", "s", prompt, EMPTY, 16, prediction=prediction).tree)
+    assert (22, 23, 24, 25, 26, 27, 28, 29) in predicted and (22, 23, 24, 25, 26, 27, 3) in context
+    assert set(both) == set(context) | set(predicted)
+    for path, score in both.items():
+        assert score == pytest.approx(max(context.get(path, 0.0), predicted.get(path, 0.0)), rel=1e-6)
+    noisy_or = 1 - (1 - context[(22,)]) * (1 - predicted[(22,)])
+    assert both[(22,)] < noisy_or - 0.05  # what counting it twice gave
+
+
+def test_a_prediction_the_prompt_repeats_is_no_source_of_its_own():
+    """Edit clients send the file in the messages and as the prediction: the drafts are those
+    without the prediction (the context proposes all it would), edge tokens merged or not."""
+    file = list(range(40, 60))
+    prompt = ids(1, 2, *file[:-1], 61, 3, 40, 41, 42)  # the prompt's copy ends in another token (61)
+    for prediction in (ids(*file), ids(7, *file[1:])):
+        with_it, without = Drafter(DrafterConfig()), Drafter(DrafterConfig())
+        a = with_it.draft("t", "s", prompt, EMPTY, 16, prediction=prediction).tree
+        b = without.draft("t", "s", prompt, EMPTY, 16).tree
+        assert a.token_ids.tolist() == b.token_ids.tolist() and a.scores.tolist() == b.scores.tolist()
+        assert [label for label, _ in with_it.last_lookup_s()] == ["context", "build_tree"]
+    shifted = Drafter(DrafterConfig())  # a token inside the copy differs: a source of its own
+    shifted.draft("t", "s", ids(1, *file[:5], 99, *file[6:]), EMPTY, 16, prediction=ids(*file))
+    assert [label for label, _ in shifted.last_lookup_s()] == ["context", "prediction", "build_tree"]
+
+
+def _repeats_reference(prompt: list[int], prediction: list[int]) -> bool:
+    core = prediction[1:-1]
+    return len(prediction) >= MIN_REPEATED_TOKENS and any(
+        prompt[i:i + len(core)] == core for i in range(len(prompt) - len(core) + 1))
+
+
+@pytest.mark.parametrize("seed", range(30))
+def test_repeats_matches_the_reference_on_random_inputs(seed):
+    rng = np.random.default_rng(seed)
+    for _ in range(50):
+        vocab = int(rng.choice([2, 3, 300, 70_000]))  # large ids: multi-byte tokens, misaligned byte hits
+        prompt = rng.integers(0, vocab, int(rng.integers(0, 40))).astype(np.int32)
+        if len(prompt) > 4 and rng.random() < 0.5:  # often an embedded copy, its edges changed or not
+            i = int(rng.integers(0, len(prompt) - 2))
+            prediction = prompt[i:i + int(rng.integers(2, 20))].copy()
+            prediction[[0, -1]] = rng.integers(0, vocab, 2)
+        else:
+            prediction = rng.integers(0, vocab, int(rng.integers(0, 12))).astype(np.int32)
+        assert repeats(prompt, prediction) == _repeats_reference(prompt.tolist(), prediction.tolist())
+    # 65536 is bytes 00 00 01 00 and 256 is 00 01 00 00: the copy's bytes lie in the prompt's, 1 byte off
+    assert ids(*[65536] * 9).tobytes().find(ids(*[256] * 7).tobytes()) == 1
+    assert not repeats(ids(*[65536] * 9), ids(*[256] * 9))
 
 
 def test_prediction_only_with_the_session_and_off_with_its_source():

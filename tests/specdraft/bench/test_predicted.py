@@ -7,7 +7,11 @@ import pytest
 
 from retriever.drafting.drafter import Drafter
 from retriever.drafting.types import DrafterConfig
-from specdraft.bench.predicted import FimScore, Tally, edit_requests, fim_cuts, fim_line, run_edits, score_fim
+import numpy as np
+
+from retriever.drafting.types import DraftTree
+from specdraft.bench.predicted import (VARIANTS, EditResults, FimScore, Tally, edit_requests, fim_cuts, fim_line,
+                                        replay_drafts, run_edits, score_fim, table)
 from specdraft.bench.replay import DEFAULT_TRACES, load_traces
 from verifier.decoding.cost import CostModel
 from verifier.decoding.engine import Engine
@@ -84,8 +88,57 @@ def test_each_request_s_variants_start_from_the_same_policy_state(smollm2):
     engine = RecordingEngine(smollm2, CostModel((1, 2, 17), (10e6, 11e6, 30e6)), max_nodes=16, timed=False)
     code = ["def add(a, b):\n    return a + b\n", "def scale(xs, k):\n    return [x * k for x in xs]\n"]
     requests = [(f"Repeat this code exactly.\n\n```python\n{c}```", "") for c in code]
-    tallies, same = run_edits(engine, smollm2, Drafter(DrafterConfig()), requests, 16)
+    results = run_edits(engine, smollm2, Drafter(DrafterConfig()), requests, 16, replay_drafter=Drafter(DrafterConfig()))
     first, second = engine.starts[:3], engine.starts[3:]
     assert len(engine.starts) == 6 and first == [first[0]] * 3 and second == [second[0]] * 3
     assert first[0] != second[0]  # the first request's runs did teach the policy (kept for the next request)
-    assert same and tallies["none"].mats == tallies["right"].mats == tallies["wrong"].mats
+    tallies, drafts = results.engine, results.drafts
+    assert results.same and tallies["none"].mats == tallies["right"].mats == tallies["wrong"].mats
+    assert drafts["none"].tokens == tallies["none"].tokens == 32 and drafts["none"].mats == drafts["wrong"].mats
+    assert min(drafts["none"].mats) > 1.0  # "repeat this code": the whole-tree replay accepts drafts
+
+
+class ListSource:
+    """A draft source proposing fixed trees in turn, noting what the replay reports."""
+
+    def __init__(self, trees: list[DraftTree | None]) -> None:
+        self.trees, self.calls, self.ended = list(trees), [], None
+
+    def start(self, prompt_ids):
+        self.prompt = list(prompt_ids)
+
+    def draft(self, new_tokens, max_nodes, verified_nodes=0):
+        self.calls.append((list(new_tokens), verified_nodes))
+        return self.trees.pop(0)
+
+    def end(self, verified_nodes=0):
+        self.ended = verified_nodes
+
+
+def test_replay_accepts_the_longest_matching_path_and_the_bonus_token():
+    # output 5 6 7 8 9; tree 1: 5 -> 6 -> 0 and 5 -> 7 (accepts 5 6, bonus 7); no tree (bonus 8); tree 3: 9
+    first = DraftTree(np.array([5, 6, 0, 7], np.int32), np.array([-1, 0, 1, 0], np.int32), np.ones(4, np.float32),
+                      np.ones(4, np.uint8))
+    source = ListSource([first, None, DraftTree.chain([9])])
+    assert replay_drafts(source, [1, 2], [5, 6, 7, 8, 9], 8) == (5, 3)
+    assert source.calls == [([], 0), ([5, 6, 7], 4), ([8], 0)] and source.ended == 1 and source.prompt == [1, 2]
+
+
+def test_the_table_judges_the_drafts_mat_and_prints_the_policy_s_beside_it():
+    def tallies(mats):
+        out = {v: Tally() for v in VARIANTS}
+        for v, per in zip(VARIANTS, mats):
+            for tokens, steps in per:
+                out[v].add(tokens, steps, 1.0, 0.5)
+        return out
+
+    results = EditResults(tallies([[(10, 5), (10, 2)], [(10, 5), (10, 1)], [(10, 5), (10, 2)]]),
+                          tallies([[(10, 4), (10, 2)], [(10, 5), (10, 1)], [(10, 4), (10, 2)]]), True)
+    text = table(results, None, "m", 0, 0)
+    assert text.endswith("FIM: none asked (--fim 0)") and table(results, None, "m", 5, 9).endswith(
+        "FIM: skipped, model m has no fill-in-the-middle tokens")
+    assert "| right | 2 | 20 | 3.33 | 3.33 | 10.0 |" in text
+    assert "right/none drafts' MAT: worst request 0.800 (target >= 0.98), mean 1.600 (target > 1)" in text
+    assert "wrong/none tokens/s 1.000" in text and "same output in all three: yes" in text
+    assert "MAT under the step policy (steps of one request: a step moves it by 1/steps): worst request 1.000, " \
+           "mean 1.714" in text
