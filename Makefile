@@ -43,6 +43,11 @@ setup: redis-server
 	$(PIP) install --quiet --upgrade pip
 	$(PIP) install --progress-bar off torch==2.13.0
 	CFLAGS="$(NO_AMX) $$CFLAGS" CXXFLAGS="$(NO_AMX) $$CXXFLAGS" $(PIP) install --progress-bar off -e '.[dev,verifier,faiss,llama]'
+	@# A wheel pip cached from a build before NO_AMX (or elsewhere) may hold the AMX kernels: build it again.
+	@if [ -n "$(NO_AMX)" ] && $(PY) -c "import llama_cpp, sys; sys.exit('AMX_INT8 = 1' not in llama_cpp.llama_print_system_info().decode())"; then \
+		echo "llama-cpp-python holds AMX kernels (a wheel from pip's cache): compiling it again without them"; \
+		CFLAGS="$(NO_AMX) $$CFLAGS" CXXFLAGS="$(NO_AMX) $$CXXFLAGS" $(PIP) install --progress-bar off --no-cache-dir \
+			--force-reinstall --no-deps "llama-cpp-python==$$($(PY) -c 'import llama_cpp; print(llama_cpp.__version__)')"; fi
 	@# On a machine without a GPU a CUDA torch (several GB) must never come in through a dependency.
 	@if ! command -v nvidia-smi >/dev/null 2>&1 && $(PIP) list --format=freeze 2>/dev/null | grep -qiE '^nvidia-'; then \
 		echo "error: a CUDA torch build got installed into $(VENV) on a machine without a GPU" >&2; exit 1; fi
