@@ -32,6 +32,7 @@ PIP = $(PY) -m pip --disable-pip-version-check --no-input
 # AMX to the compiler yet fault on its first tile instruction (a segfault in ggml_backend_amx_mul_mat
 # on the first forward, seen on a 2-core Xeon VM). AVX-512 and the rest stay native.
 NO_AMX := $(if $(filter x86_64,$(shell uname -m)),-mno-amx-tile -mno-amx-int8 -mno-amx-bf16)
+NO_AMX_ENV = CFLAGS="$(NO_AMX) $$CFLAGS" CXXFLAGS="$(NO_AMX) $$CXXFLAGS"
 
 .PHONY: qwen-gguf setup demo replay test protos indexes bench bench-replay bench-latency bench-index bench-log redis-server clean-indexes
 
@@ -42,11 +43,11 @@ setup: redis-server
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install --quiet --upgrade pip
 	$(PIP) install --progress-bar off torch==2.13.0
-	CFLAGS="$(NO_AMX) $$CFLAGS" CXXFLAGS="$(NO_AMX) $$CXXFLAGS" $(PIP) install --progress-bar off -e '.[dev,verifier,faiss,llama]'
+	$(NO_AMX_ENV) $(PIP) install --progress-bar off -e '.[dev,verifier,faiss,llama]'
 	@# A wheel pip cached from a build before NO_AMX (or elsewhere) may hold the AMX kernels: build it again.
 	@if [ -n "$(NO_AMX)" ] && $(PY) -c "import llama_cpp, sys; sys.exit('AMX_INT8 = 1' not in llama_cpp.llama_print_system_info().decode())"; then \
 		echo "llama-cpp-python holds AMX kernels (a wheel from pip's cache): compiling it again without them"; \
-		CFLAGS="$(NO_AMX) $$CFLAGS" CXXFLAGS="$(NO_AMX) $$CXXFLAGS" $(PIP) install --progress-bar off --no-cache-dir \
+		$(NO_AMX_ENV) $(PIP) install --progress-bar off --no-cache-dir \
 			--force-reinstall --no-deps "llama-cpp-python==$$($(PY) -c 'import llama_cpp; print(llama_cpp.__version__)')"; fi
 	@# On a machine without a GPU a CUDA torch (several GB) must never come in through a dependency.
 	@if ! command -v nvidia-smi >/dev/null 2>&1 && $(PIP) list --format=freeze 2>/dev/null | grep -qiE '^nvidia-'; then \

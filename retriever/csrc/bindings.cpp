@@ -305,16 +305,14 @@ NB_MODULE(_core, m) {
   testing.def("build_tree", [](const std::vector<std::pair<const Candidates*, SourceConfig>>& sources, int max_nodes,
                          float min_score) {
           std::vector<SourceInput> inputs;
-          for (const auto& [c, cfg] : sources)
-            inputs.push_back(SourceInput{c, cfg.reliability, cfg.half_match, cfg.source_id, nullptr, 0, cfg.counted_once});
+          for (const auto& [c, cfg] : sources) inputs.push_back(source_input(c, cfg));
           return tree_to_numpy(build_tree(inputs, max_nodes, min_score));
         }, "sources"_a, "max_nodes"_a, "min_score"_a);
   testing.def("build_tree_calibrated", [](const std::vector<std::pair<const Candidates*, SourceConfig>>& sources,
                                     CalibIn calib, TokensIn rows, int max_nodes, float min_score) {
           check_rows(calib, rows, sources.size());
           std::vector<SourceInput> inputs;
-          for (const auto& [c, cfg] : sources)
-            inputs.push_back(SourceInput{c, cfg.reliability, cfg.half_match, cfg.source_id, nullptr, 0, cfg.counted_once});
+          for (const auto& [c, cfg] : sources) inputs.push_back(source_input(c, cfg));
           for (size_t i = 0; i < inputs.size(); ++i) {
             inputs[i].calib_row = rows.data()[i];
             inputs[i].calib = calib.data() + static_cast<size_t>(rows.data()[i]) * kCalibCells;

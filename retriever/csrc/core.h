@@ -254,6 +254,12 @@ struct SourceConfig {
   bool counted_once = false;
 };
 
+// A source's candidates and config as build_tree takes them (calib: its table row, null: heuristic).
+inline SourceInput source_input(const Candidates* candidates, const SourceConfig& cfg, const float* calib = nullptr,
+                                int32_t calib_row = 0) {
+  return SourceInput{candidates, cfg.reliability, cfg.half_match, cfg.source_id, calib, calib_row, cfg.counted_once};
+}
+
 // One index to query for a draft: exactly one of online / corpus is set. calib: that
 // source's row of a calibration table ([kCalibCells]; null on every source: heuristic).
 struct IndexSource {

@@ -49,8 +49,7 @@ DraftTree draft_from(const int32_t* context, size_t n, const std::vector<IndexSo
       (*lookup_ns)[i] = t1 - t;
       t = t1;
     }
-    inputs.push_back(SourceInput{&found[i], s.config->reliability, s.config->half_match, s.config->source_id,
-                                 s.calib, s.calib_row, s.config->counted_once});
+    inputs.push_back(source_input(&found[i], *s.config, s.calib, s.calib_row));
   }
   DraftTree tree = build_tree(inputs, max_nodes, min_score);
   if (lookup_ns) lookup_ns->back() = now_ns() - t;

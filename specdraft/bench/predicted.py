@@ -12,8 +12,8 @@ variants start from the same policy state (`StepPolicy.snapshot` before the firs
 before each), so no variant inherits what an earlier variant taught the calibration.
 Each output is also replayed through a second drafter (same tenants, sessions and predictions) with
 whole trees verified, as `specdraft bench replay` does for the traces: the drafts' MAT, which a step
-policy's choices do not move (under the cost-aware policy a request of 128 tokens takes ~6-20 steps,
-so one step more or less moves its MAT by 5-15%).
+policy's choices do not move (under the cost-aware policy a request of 128 tokens takes 4-20 steps,
+so one step more or less moves its MAT by 5-25%).
 Printed: MAT (step policy and drafts') and tokens/s per variant, the worst per-request drafts' MAT
 ratio right/none (target >= 0.98), the ratio of the mean drafts' MATs (target > 1), the tokens/s
 ratio wrong/none (target >= 0.95), the same MAT ratios under the step policy, and whether the three
@@ -126,10 +126,10 @@ class EditResults:
 
 
 def run_edits(engine, loaded, drafter, requests: list[tuple[str, str]], max_new: int,
-              replay_drafter=None) -> EditResults:
-    """Each request's three variants on the engine (from one policy state), then, with `replay_drafter`
-    (another drafter, so the engine's sees only its own sessions), each variant's output replayed
-    through it with the same tenant, session and prediction (`replay_drafts`)."""
+              replay_drafter) -> EditResults:
+    """Each request's three variants on the engine (from one policy state), each output then replayed
+    through `replay_drafter` (another drafter, so the engine's sees only its own sessions) with the same
+    tenant, session and prediction (`replay_drafts`)."""
     from verifier.drafting import LocalDraftSource
 
     tok = loaded.tokenizer
@@ -147,14 +147,12 @@ def run_edits(engine, loaded, drafter, requests: list[tuple[str, str]], max_new:
             tokens, steps, s, first = _generate(engine, ids, max_new, source)
             out.engine[variant].add(len(tokens), steps, s, first)
             outputs.append(tokens)
-            if replay_drafter is not None:
-                replay = LocalDraftSource(replay_drafter, tenant=variant, session_id=f"{variant}-{i}",
-                                          prediction_ids=pred_ids)
-                out.drafts[variant].add(*replay_drafts(replay, ids, tokens, engine.max_nodes), 0.0, 0.0)
+            replay = LocalDraftSource(replay_drafter, tenant=variant, session_id=f"{variant}-{i}",
+                                      prediction_ids=pred_ids)
+            out.drafts[variant].add(*replay_drafts(replay, ids, tokens, engine.max_nodes), 0.0, 0.0)
         out.same &= outputs[0] == outputs[1] == outputs[2]
         mats = " ".join(f"{v} {out.engine[v].mats[-1]:.2f}" for v in VARIANTS)
-        drafts = (" ".join(f"{v} {out.drafts[v].mats[-1]:.2f}" for v in VARIANTS)
-                  if replay_drafter is not None else "not replayed")
+        drafts = " ".join(f"{v} {out.drafts[v].mats[-1]:.2f}" for v in VARIANTS)
         print(f"  edit {i}: MAT {mats}; drafts' MAT (whole trees) {drafts}; output right "
               f"{'=' if outputs[1] == outputs[0] else '!='} none, wrong {'=' if outputs[2] == outputs[0] else '!='} "
               f"none", flush=True)
