@@ -252,7 +252,7 @@ NB_MODULE(_core, m) {
              new (p) DraftPlan{context, tenant, reference, prediction, use_context, std::move(corpora),
                                std::move(corpus), min_score, calibrate, prior_strength, decay};
            }, "context"_a, "tenant"_a, "reference"_a, "use_context"_a, "corpora"_a, "corpus_configs"_a,
-           "min_score"_a, "calibrate"_a, "prior_strength"_a, "decay"_a, "prediction"_a = SourceConfig{},
+           "min_score"_a, "calibrate"_a, "prior_strength"_a, "decay"_a, "prediction"_a,
            nb::keep_alive<1, 6>());
 
   nb::class_<Session>(m, "Session", "One generation's context (prompt + accepted output) and its last draft.")

@@ -146,6 +146,8 @@ class Drafter:
             if verified_nodes is not None:
                 session.core.keep_verified(verified_nodes)
         session.last_used_s = now_s
+        if self._use_prediction:
+            session.follow(new_tokens)
         state = session.owner
         self._tenants.move_to_end(tenant)
         if self._use_reference:
@@ -324,8 +326,8 @@ class Drafter:
 
     def _account(self, session: SessionState) -> None:
         """Brings the running totals up to date with the session's memory and context length (O(1))."""
-        now_bytes = session.core.memory_bytes + sum(ix.memory_bytes for ix in (session.reference, session.prediction)
-                                                     if ix is not None)
+        now_bytes = session.core.memory_bytes + session.rewrites_bytes + sum(
+            ix.memory_bytes for ix in (session.reference, session.prediction) if ix is not None)
         length = session.core.length
         self._session_bytes += now_bytes - session.bytes
         session.owner.context_tokens += length - session.tokens

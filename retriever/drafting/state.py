@@ -1,7 +1,9 @@
 """The drafter's per-session and per-tenant state (`retriever.drafting.drafter` owns and bounds them).
 
 A `SessionState` is one generation: its core session (context index and last draft), its
-predicted output (one document; none where the prompt repeats it), reference set and accounting. A `TenantState` holds the
+predicted-output index (the client's prediction, one document, none where the prompt repeats it;
+then the copied text rewritten with the substitutions the output made, `rewrites.Rewrites`),
+reference set and accounting. A `TenantState` holds the
 tenant's prior outputs (index, and the outputs themselves where reference sets read them), its
 scoring calibration and its open sessions. Not thread-safe (the drafter's caller serializes).
 """
@@ -15,6 +17,7 @@ import numpy as np
 from retriever import _core
 from retriever.drafting.calibration import Calibration
 from retriever.drafting.reference_set import PriorOutputs
+from retriever.drafting.rewrites import SPAN, Rewrites, find
 from retriever.drafting.types import DrafterConfig, Source
 
 
@@ -33,19 +36,19 @@ def repeats(prompt: np.ndarray, prediction: np.ndarray) -> bool:
     """
     if prediction.shape[0] < MIN_REPEATED_TOKENS:
         return False
-    hay = np.ascontiguousarray(prompt, np.int32).tobytes()
-    needle = np.ascontiguousarray(prediction[1:-1], np.int32).tobytes()
-    at = hay.find(needle)
-    while at >= 0 and at % 4:  # a hit inside a token's bytes is no hit
-        at = hay.find(needle, at + 1)
-    return at >= 0
+    return find(np.ascontiguousarray(prompt, np.int32).tobytes(), prediction[1:-1], 0, prompt.shape[0]) >= 0
+
+
+REWRITES_KEPT = 2  # rewritten documents a predicted-output index keeps besides the client's prediction
 
 
 class SessionState:
-    """One generation: its core session (context index and last draft), reference set, idle clock
-    and what it is accounted for (`bytes`, `tokens`: its memory and context length at its last step)."""
+    """One generation: its core session (context index and last draft), predicted-output index and
+    the rewrites that feed it, reference set, idle clock and what it is accounted for (`bytes`,
+    `tokens`: its memory and context length at its last step)."""
 
-    __slots__ = ("core", "last_used_s", "reference", "reference_at", "owner", "bytes", "tokens", "prediction")
+    __slots__ = ("core", "last_used_s", "reference", "reference_at", "owner", "bytes", "tokens", "prediction",
+                 "rewrites")
 
     def __init__(self, prompt: np.ndarray, max_context_tokens: int, now_s: float, owner: "TenantState",
                  prediction: np.ndarray | None = None) -> None:
@@ -56,11 +59,32 @@ class SessionState:
         self.owner = owner
         self.bytes = 0
         self.tokens = 0
-        self.prediction: _core.OnlineIndex | None = None  # the predicted output, one document
+        self.prediction: _core.OnlineIndex | None = None  # predicted outputs: the client's, then rewrites
         if prediction is not None and prediction.shape[0] and not repeats(prompt, prediction):
-            self.prediction = _core.OnlineIndex(max(int(prediction.shape[0]), 1))
-            self.prediction.append(prediction)
-            self.prediction.end_document()
+            self.predict(prediction)
+        # the texts the output may copy: the prompt, and the client's prediction where it is a source
+        self.rewrites = (Rewrites(prompt),) + ((Rewrites(prediction),) if self.prediction is not None else ())
+
+    @property
+    def rewrites_bytes(self) -> int:
+        return sum(r.memory_bytes for r in self.rewrites)
+
+    def predict(self, tokens: np.ndarray) -> None:
+        """Adds one predicted output ([k] int32; a rewrite is at most SPAN tokens) to the
+        predicted-output index, made on first use to hold it and REWRITES_KEPT rewrites more (past
+        that the oldest documents go first, the client's prediction among them: each rewrite holds
+        the rest of the text from before its substitution, every substitution learned applied)."""
+        if self.prediction is None:
+            self.prediction = _core.OnlineIndex(int(tokens.shape[0]) + REWRITES_KEPT * SPAN)
+        self.prediction.append(tokens)
+        self.prediction.end_document()
+
+    def follow(self, new_tokens: np.ndarray) -> None:
+        """The output's next tokens ([k] int32): a substitution they teach adds the rewritten text."""
+        for rewrites in self.rewrites:
+            doc = rewrites.extend(new_tokens)
+            if doc is not None:
+                self.predict(doc)
 
     def recent(self, n: int) -> np.ndarray:  # [<= n] int32: the last n context tokens
         return self.core.tokens(max(self.core.length - n, 0))

@@ -22,7 +22,9 @@ class Source(IntEnum):
     TENANT = 2
     CORPUS = 3
     REFERENCE = 4  # the session's reference set: the tenant's prior outputs and FAISS passages most like it
-    PREDICTION = 5  # the session's predicted output (OpenAI Predicted Outputs), when its client sent one
+    # the session's predicted output: its client's (OpenAI Predicted Outputs), and the text the output
+    # copies rewritten with the substitutions it made (`retriever.drafting.rewrites`)
+    PREDICTION = 5
 
 
 ALL_SOURCES = frozenset(Source)

@@ -18,7 +18,8 @@ def prompt(n: int, seed: int = 0) -> np.ndarray:  # [n] int32
 
 def accounted(d: Drafter) -> int:
     """The sessions' memory summed the slow way (what the running total must equal)."""
-    return sum(s.core.memory_bytes + (s.reference.memory_bytes if s.reference is not None else 0)
+    return sum(s.core.memory_bytes + s.rewrites_bytes
+               + sum(ix.memory_bytes for ix in (s.reference, s.prediction) if ix is not None)
                for s in d._sessions.values())
 
 
@@ -32,7 +33,7 @@ def test_memory_budget_refuses_with_a_precise_message_and_the_running_total_stay
             opened += 1
     assert 1 <= opened < 10
     assert d.stats().memory_bytes >= accounted(d) == d._session_bytes <= budget
-    d.draft("t0", "s0", None, prompt(300, 99), 8)  # extended, restarted and ended: the total follows
+    d.draft("t0", "s0", None, prompt(100, 99), 8)  # extended, restarted and ended: the total follows
     d.draft("t1", "s1", prompt(100, 7), EMPTY, 8)
     d.end_session("t2", "s2")
     assert d._session_bytes == accounted(d)

@@ -104,7 +104,8 @@ def test_session_steps_match_observe_then_stateless_draft(tmp_path, seed):
     cfgs = [_config(rng, s) for s in (1, 2, 4, 3)]  # context, tenant, reference, corpus
     calibrate, use_context = rng.random() < 0.75, rng.random() < 0.85
     min_score = rng.choice([0.0, 1e-3])
-    plan = _core.DraftPlan(*cfgs[:3], use_context, [corpus], [cfgs[3]], min_score, calibrate, 3.0, 0.9)
+    plan = _core.DraftPlan(*cfgs[:3], use_context, [corpus], [cfgs[3]], min_score, calibrate, 3.0, 0.9,
+                           _core.SourceConfig())
     prior = np.random.default_rng(seed).uniform(0.05, 0.95, 4 * CALIB_CELLS).astype(np.float32)
     got_cal = [np.zeros(prior.size), np.zeros(prior.size), prior.copy()]
     want_cal = [a.copy() for a in got_cal]
@@ -140,7 +141,7 @@ def test_session_steps_match_observe_then_stateless_draft(tmp_path, seed):
 
 def test_session_draft_checks_its_calibration_table(tmp_path):
     cfg = _core.SourceConfig()
-    plan = _core.DraftPlan(cfg, cfg, cfg, True, [], [], 0.0, True, 3.0, 0.9)
+    plan = _core.DraftPlan(cfg, cfg, cfg, True, [], [], 0.0, True, 3.0, 0.9, cfg)
     session, small = _core.Session(ids(1, 2, 1), 100), np.zeros(2 * CALIB_CELLS, np.float32)
     with pytest.raises(ValueError, match=f"calibration table must have {3 * CALIB_CELLS} cells, got {2 * CALIB_CELLS}"):
         _core.session_draft(session, EMPTY, None, None, plan, np.zeros(small.size), np.zeros(small.size), small,
@@ -148,7 +149,7 @@ def test_session_draft_checks_its_calibration_table(tmp_path):
     with pytest.raises(ValueError, match="one length"):
         _core.session_draft(session, EMPTY, None, None, plan, np.zeros(3), np.zeros(small.size), small, small, 8)
     with pytest.raises(ValueError, match="one SourceConfig"):
-        _core.DraftPlan(cfg, cfg, cfg, True, [], [cfg], 0.0, True, 3.0, 0.9)
+        _core.DraftPlan(cfg, cfg, cfg, True, [], [cfg], 0.0, True, 3.0, 0.9, cfg)
 
 
 def test_calibrated_inputs_are_checked():
