@@ -27,6 +27,7 @@ whole source rewritten, `a b c d tot e f g tot h`.
 from __future__ import annotations
 
 from collections import deque
+from typing import Sequence
 
 import numpy as np
 
@@ -38,7 +39,7 @@ SPAN = 4096  # longest document
 MAX_SUBS = 16  # substitutions kept per source (later ones are not learned)
 
 
-def find(hay: bytes, needle: "list[int] | np.ndarray", lo: int, hi: int) -> int:
+def find(hay: bytes, needle: "Sequence[int] | np.ndarray", lo: int, hi: int) -> int:
     """The first position q in [lo, hi) where the int32 tokens of `hay` hold `needle` (-1: none);
     aligned hits only (a byte search: a hit inside a token's bytes is no hit)."""
     pattern = np.asarray(needle, np.int32).tobytes()
@@ -78,10 +79,10 @@ def rewrite(tokens: np.ndarray, subs: dict[tuple[int, ...], tuple[int, ...]]) ->
     hay = np.ascontiguousarray(tokens, np.int32).tobytes()
     hits = []  # (position, -len(old), new)
     for old, new in subs.items():
-        at = find(hay, list(old), 0, len(tokens))
+        at = find(hay, old, 0, len(tokens))
         while at >= 0:
             hits.append((at, -len(old), new))
-            at = find(hay, list(old), at + 1, len(tokens))
+            at = find(hay, old, at + 1, len(tokens))
     hits.sort()
     pieces, replaced, i = [], [], 0
     for at, neg_len, new in hits:
@@ -98,7 +99,6 @@ class Rewrites:
 
     def __init__(self, source: np.ndarray) -> None:
         self.source = np.ascontiguousarray(source, np.int32)
-        self._hay = self.source.tobytes()
         keys = gram_keys(self.source, ANCHOR)  # [n - ANCHOR + 1] uint64
         order = np.argsort(keys, kind="stable")
         self._keys, self._at = keys[order], order.astype(np.int32)  # ANCHOR-grams sorted by hash, then position
@@ -110,7 +110,7 @@ class Rewrites:
 
     @property
     def memory_bytes(self) -> int:
-        return 2 * self.source.nbytes + self._keys.nbytes + self._at.nbytes  # tokens, bytes, anchor index
+        return self.source.nbytes + self._keys.nbytes + self._at.nbytes  # tokens, anchor index
 
     def extend(self, tokens: np.ndarray) -> np.ndarray | None:
         """Follows `tokens` ([k] int32, the output's next ones); returns the rewritten source text
@@ -150,7 +150,9 @@ class Rewrites:
         self.divergence = (s0, since)
         if since >= RESYNC:
             out = list(self.recent)[-since:]
-            q = find(self._hay, out[-RESYNC:], s0, min(s0 + MAX_GAP + 1, len(self.source)))
+            window = self.source[s0:s0 + MAX_GAP + RESYNC].tobytes()  # resyncs at s0 .. s0 + MAX_GAP
+            q = find(window, out[-RESYNC:], 0, MAX_GAP + 1)
+            q = s0 + q if q >= 0 else -1
             if q >= 0:
                 self.divergence, self.pos = None, q + RESYNC
                 self.last = self.pos
