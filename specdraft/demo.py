@@ -26,7 +26,7 @@ from specdraft.local import generate, in_process_retriever, in_process_verifier,
 from verifier.api.cli import IN_PROCESS, model_args, settings_from_args
 from verifier.api.settings import VerifierSettings
 
-__all__ = ["DEMO_PROMPTS", "ensure_stdlib_index", "register", "run_demo"]
+__all__ = ["DEMO_PROMPTS", "ensure_stdlib_index", "lookup_tokens", "register", "run_demo"]
 QWEN_ALIAS = "qwen"  # the demo's default model: Qwen2.5-Coder-1.5B-Instruct Q4_K_M (GGUF, fetched once)
 _WARM_UP = DemoPrompt("warm-up", "warm-up", "text", "def f(x):\n    return", 8)
 
@@ -65,6 +65,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     demo.add_argument("--max-new-tokens", type=int, help="every row's budget (default: each row's own, 64-160)")
     demo.add_argument("--rows", help="comma-separated rows to run (default: all: "
                                      f"{','.join(p.name for p in DEMO_PROMPTS)})")
+    demo.add_argument("--lookup", default="16", help="llama.cpp prompt lookup anchors: predicted tokens, "
+                                                     "comma-separated (default 16; its own default is 10)")
     demo.add_argument("--tenant", help="drafting tenant (default: a fresh one per run; reuse one to see prior "
                                        "outputs of earlier runs drafted from)")
     demo.set_defaults(run=_demo)
@@ -79,6 +81,7 @@ def _demo(args: argparse.Namespace) -> int:
         args.model = "smollm2" if args.backend == "hf" else QWEN_ALIAS
     try:
         select(args.rows)
+        lookup_tokens(args.lookup)
         settings = settings_from_args(args, host="127.0.0.1", port=0, http_port=-1, **IN_PROCESS)
         if settings.model == QWEN_ALIAS:
             settings = settings.replace(model=str(ensure_gguf(QWEN, cache_root(settings.model_spec()))))
@@ -90,12 +93,12 @@ def _demo(args: argparse.Namespace) -> int:
 
 def run_demo(args: argparse.Namespace, settings: VerifierSettings) -> int:
     """`specdraft demo` with `settings` from the model flags; args: index_dir, out, json, max_new_tokens,
-    rows, tenant (each may be None)."""
+    rows, tenant (each may be None), lookup (`lookup_tokens`' text)."""
     from verifier.decoding.model import cache_root
 
     t0, load_before = time.perf_counter(), os.getloadavg()
     model = load_backend(settings, cache_root(settings.model_spec()))
-    anchors = Anchors(model, settings)
+    anchors = Anchors(model, settings, lookup_tokens(args.lookup))
     print(f"model {settings.model} ({model.kind}, {model.precision}) and anchors ({', '.join(anchors.methods)}) "
           f"ready in {time.perf_counter() - t0:.1f} s", flush=True)
     slug = "".join(c if c.isalnum() else "-" for c in Path(settings.model).name)
@@ -123,6 +126,17 @@ def run_demo(args: argparse.Namespace, settings: VerifierSettings) -> int:
     chart(rows, args.out, title)
     print(f"chart: {args.out}\njson: {json_path}")
     return 0
+
+
+def lookup_tokens(text: str) -> tuple[int, ...]:
+    """`--lookup`: "10,16" -> (10, 16). Raises ValueError unless 1-4 distinct integers in [1, 64]."""
+    try:
+        tokens = tuple(int(t) for t in text.split(","))
+    except ValueError:
+        tokens = ()
+    if not 1 <= len(tokens) <= 4 or len(set(tokens)) < len(tokens) or not all(1 <= t <= 64 for t in tokens):
+        raise ValueError(f"--lookup must be 1-4 distinct comma-separated integers in [1, 64], got {text!r}")
+    return tokens
 
 
 def _row(stub, anchors: Anchors, tokenizer, p: DemoPrompt, max_new_tokens: int, tenant: str,

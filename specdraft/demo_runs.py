@@ -1,6 +1,7 @@
 """The demo's runs of one prompt: plain decoding and specdraft through the in-process verifier (gRPC),
-and the anchors on the same model: llama.cpp's own prompt lookup decoding at 10 and 16 predicted
-tokens (`specdraft.bench.generate.llama_lookups`), or HF transformers' prompt lookup for the HF backend.
+and the anchors on the same model: llama.cpp's own prompt lookup decoding (`Anchors`: 16 predicted
+tokens by default, the setting that is faster on code edits; `--lookup 10,16` runs both), or HF
+transformers' prompt lookup for the HF backend.
 
 Every run is timed the same way from the caller's side: `first_s` (the prompt's prefill and the
 first step), `total_s`; its decode rate counts the tokens after the first step over the time after
@@ -80,19 +81,18 @@ def prompt_ids(p: DemoPrompt, tokenizer) -> list[int]:
 
 
 class Anchors:
-    """The baselines of one backend on the model file: llama.cpp prompt lookup at 10 and 16 predicted
-    tokens (one `Llama` object: the 16-token run swaps the draft model in and reuses the 10-token run's
-    prefill of the same prompt, so its end-to-end time is not comparable; its decode rate is), or HF's."""
+    """The baselines of one backend on the model file: llama.cpp prompt lookup at each of
+    `lookup_tokens` predicted tokens (one `Llama` object: a later setting swaps the draft model in
+    and reuses the first run's prefill of the same prompt, so its end-to-end time is not comparable;
+    its decode rate is), or HF's prompt lookup at 10 (`lookup_tokens` unused)."""
 
-    _LOOKUP_TOKENS = (10, 16)
-
-    def __init__(self, backend, settings: VerifierSettings) -> None:
+    def __init__(self, backend, settings: VerifierSettings, lookup_tokens: tuple[int, ...]) -> None:
         from specdraft.bench.generate import llama_lookup_model
 
-        self._backend, self._llm = backend, None
+        self._backend, self._llm, self._lookup_tokens = backend, None, lookup_tokens
         if backend.kind == "llama.cpp":
             self._llm = llama_lookup_model(backend.path, settings.threads, n_ctx=_LOOKUP_CTX)
-            self.methods: tuple[str, ...] = tuple(f"llama.cpp lookup {n}" for n in self._LOOKUP_TOKENS)
+            self.methods: tuple[str, ...] = tuple(f"llama.cpp lookup {n}" for n in lookup_tokens)
         else:
             self.methods = ("HF lookup 10",)
 
@@ -105,7 +105,7 @@ class Anchors:
 
         self._llm.reset()  # no KV prefix kept from the previous prompt: the first run prefills the whole prompt
         out = []
-        for method, n in zip(self.methods, self._LOOKUP_TOKENS):
+        for method, n in zip(self.methods, self._lookup_tokens):
             self._llm.draft_model = LlamaPromptLookupDecoding(num_pred_tokens=n)
             tokens, seconds, first_s = llama_lookup(self._llm, ids, max_new_tokens)
             out.append(Run(method, tuple(tokens), first_s, seconds, 1, 0))

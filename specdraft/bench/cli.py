@@ -1,5 +1,5 @@
-"""`specdraft bench replay|latency|ablation|index|generate|log|overload|abuse|abuse-http|predicted|cluster`: the
-benchmarks behind the README's figures.
+"""`specdraft bench replay|latency|ablation|index|generate|log|overload|abuse|abuse-http|predicted|cluster|
+attach`: the benchmarks behind the README's figures.
 
 Each command prints a table and returns 0; `--json PATH` also writes the typed result.
 """
@@ -113,6 +113,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p = sub.add_parser("cluster", help="tenants sharded over 3 retrievers on a Redis Cluster: memory, kill -9s")
     cluster.add_arguments(p)
     p.set_defaults(run=cluster.run)
+
+    from specdraft.bench import attach
+
+    p = sub.add_parser("attach", help="the HF transformers attachment's first and later calls vs plain generate")
+    attach.add_arguments(p)
+    p.set_defaults(run=attach.run)
 
     from specdraft.bench import abuse_http
 

@@ -87,6 +87,13 @@ class SpecdraftGenerate:
                                         cost_store=self.cost_store)
         return self._engines[key]
 
+    def curve_kept(self, model) -> bool:
+        """Whether the cost curve of `model` on this machine is kept in the cost folder (else the
+        first call of an engine for it measures the curve, a few seconds on a CPU)."""
+        from verifier.decoding.hf import HFBackend
+
+        return self.cost_model is not None or self.cost_store.load(HFBackend(_loaded(model))) is not None
+
     def close(self) -> None:
         self.client.close()
 

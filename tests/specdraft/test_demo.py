@@ -1,7 +1,7 @@
 """`specdraft demo` (the README's main job) end to end, shortened: real model, stdlib index, retriever and
 verifier on free ports, the anchors, the table, the JSON and the chart. On HF (SmolLM2-135M, three rows, HF
 prompt lookup as the anchor) and on llama.cpp through the command line (SmolLM2-135M Q4_1, two rows,
-llama.cpp's prompt lookup at 10 and 16); Qwen2.5-Coder, the default, is not fetched in CI."""
+llama.cpp's prompt lookup at 10 and 16: `--lookup 10,16`); Qwen2.5-Coder, the default, is not fetched in CI."""
 
 import argparse
 import json
@@ -9,14 +9,14 @@ import json
 import pytest
 
 from specdraft.cli import main
-from specdraft.demo import DEMO_PROMPTS, run_demo
+from specdraft.demo import DEMO_PROMPTS, lookup_tokens, run_demo
 from verifier.api.settings import VerifierSettings
 
 
 def test_demo_prints_the_table_and_writes_the_chart(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("SPECDRAFT_DATA_DIR", str(tmp_path / "data"))  # the retriever's file log
     args = argparse.Namespace(index_dir=tmp_path / "stdlib", out=tmp_path / "demo.png", json=None, max_new_tokens=4,
-                              rows="rename,complete,tests-again", tenant=None)  # a chat edit, a completion, a tenant
+                              rows="rename,complete,tests-again", tenant=None, lookup="16")  # a chat edit, a completion, a tenant
     assert run_demo(args, VerifierSettings(host="127.0.0.1", port=0, http_port=-1, backend="hf")) == 0
     out = capsys.readouterr().out
     names = ("rename", "complete", "tests-again")
@@ -34,7 +34,7 @@ def test_demo_on_llama_cpp_runs_the_llama_cpp_prompt_lookup_anchors(tmp_path, mo
     monkeypatch.setenv("SPECDRAFT_DATA_DIR", str(tmp_path / "data"))
     rc = main(["demo", "--backend", "llama.cpp", "--model", "smollm2", "--rows", "rename,tests-again",
                "--max-new-tokens", "12", "--index-dir", str(tmp_path / "stdlib"), "--out", str(tmp_path / "d.png"),
-               "--json", str(tmp_path / "figures.json"), "--threads", "2"])
+               "--json", str(tmp_path / "figures.json"), "--threads", "2", "--lookup", "10,16"])
     assert rc == 0
     doc = json.loads((tmp_path / "figures.json").read_text())
     assert doc["backend"] == "llama.cpp" and [r["name"] for r in doc["rows"]] == ["rename", "tests-again"]
@@ -50,6 +50,16 @@ def test_demo_on_llama_cpp_runs_the_llama_cpp_prompt_lookup_anchors(tmp_path, mo
 def test_unknown_rows_are_refused_before_anything_loads(capsys):
     assert main(["demo", "--rows", "rename,nope"]) == 2
     assert "rows must be among" in capsys.readouterr().err
+
+
+def test_lookup_anchors_parse_or_are_refused_before_anything_loads(capsys):
+    assert lookup_tokens("16") == (16,) and lookup_tokens("10,16") == (10, 16)
+    for bad in ("", "x", "0", "65", "10,10", "1,2,3,4,5", "10;16"):
+        with pytest.raises(ValueError, match="--lookup must be 1-4 distinct comma-separated integers"):
+            lookup_tokens(bad)
+    assert main(["demo", "--lookup", "ten"]) == 2
+    err = capsys.readouterr().err
+    assert "--lookup must be 1-4 distinct" in err and "got 'ten'" in err
 
 
 def test_the_gguf_tokenizer_is_cached_and_loads_the_same(tmp_path):

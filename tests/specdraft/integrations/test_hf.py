@@ -73,3 +73,15 @@ def test_sampling_settings_map_to_lossless_sampling(smollm2, retriever_target):
     finally:
         attach.close()
     assert torch.equal(out[:, :ids.shape[1]], ids) and ids.shape[1] < out.shape[1] <= ids.shape[1] + 6
+
+
+def test_curve_kept_says_whether_the_first_call_measures_the_cost_curve(smollm2, tmp_path):
+    given = SpecdraftGenerate("127.0.0.1:1", cost_model=CostModel.flat())
+    kept = SpecdraftGenerate("127.0.0.1:1", cost_dir=str(tmp_path / "costs"), deadline_s=0.01)
+    try:
+        assert given.curve_kept(smollm2.model) and not kept.curve_kept(smollm2.model)
+        smollm2.model.generate(_ids(smollm2), max_new_tokens=2, do_sample=False, custom_generate=kept)
+        assert kept.curve_kept(smollm2.model)  # the first call measured it and kept it for the next process
+    finally:
+        given.close()
+        kept.close()
