@@ -115,6 +115,7 @@ def measure(model_name: str, sources: list[tuple[str, str]], max_new_tokens: int
     """Plain `generate` then `calls` attachment calls per (name, source), against the retriever at target."""
     import torch
 
+    from specdraft.bench.generate import Prompt, prompt_ids
     from specdraft.integrations.hf import SpecdraftGenerate
     from verifier.decoding.model import ModelSpec, load_model
 
@@ -125,7 +126,8 @@ def measure(model_name: str, sources: list[tuple[str, str]], max_new_tokens: int
     probe.close()
     tasks = []
     for name, source in sources:
-        ids = _prompt(loaded.tokenizer, source)  # [1, p] int64
+        task = Prompt(name, "copy", f"Repeat this code:\n```python\n{source}```", chat=True)
+        ids = torch.tensor([prompt_ids(task, loaded.tokenizer)], dtype=torch.int64)  # [1, p]
         model.generate(ids, max_new_tokens=2, do_sample=False)  # the process's first-call costs: not timed
         plain_s, plain = _timed(lambda: model.generate(ids, **kw))
         attach = SpecdraftGenerate(target, tenant=f"bench-attach-{uuid.uuid4().hex[:8]}")
@@ -139,13 +141,6 @@ def measure(model_name: str, sources: list[tuple[str, str]], max_new_tokens: int
             attach.close()
         tasks.append(AttachTask(name, ids.shape[1], plain_s, plain.shape[1] - ids.shape[1], tuple(runs)))
     return AttachResult(model_name, max_new_tokens, curve_on_disk, tuple(tasks))
-
-
-def _prompt(tokenizer, source: str):
-    """[1, p] int64: the copy task under the model's chat template."""
-    chat = [{"role": "user", "content": f"Repeat this code:\n```python\n{source}```"}]
-    ids = tokenizer.apply_chat_template(chat, add_generation_prompt=True, return_tensors="pt")
-    return ids if not isinstance(ids, dict) and hasattr(ids, "shape") else ids["input_ids"]
 
 
 def _timed(fn):

@@ -88,8 +88,8 @@ class SpecdraftGenerate:
         return self._engines[key]
 
     def curve_kept(self, model) -> bool:
-        """Whether the cost curve of `model` on this machine is kept in the cost folder (else the
-        first call of an engine for it measures the curve, a few seconds on a CPU)."""
+        """Whether the cost curve of `model` was given (`cost_model`) or is kept in the cost folder for
+        this machine (else the first call of an engine for it measures the curve, seconds on a CPU)."""
         from verifier.decoding.hf import HFBackend
 
         return self.cost_model is not None or self.cost_store.load(HFBackend(_loaded(model))) is not None
