@@ -25,6 +25,7 @@ from specdraft.demo_workloads import DEMO_PROMPTS, DemoPrompt, select
 from specdraft.local import generate, in_process_retriever, in_process_verifier, verifier_stub
 from verifier.api.cli import IN_PROCESS, model_args, settings_from_args
 from verifier.api.settings import VerifierSettings
+from verifier.decoding.divergence import NEAR_TIE_LOGITS, first_divergence
 
 __all__ = ["DEMO_PROMPTS", "ensure_stdlib_index", "lookup_tokens", "register", "run_demo"]
 QWEN_ALIAS = "qwen"  # the demo's default model: Qwen2.5-Coder-1.5B-Instruct Q4_K_M (GGUF, fetched once)
@@ -111,14 +112,16 @@ def run_demo(args: argparse.Namespace, settings: VerifierSettings) -> int:
             generate(stub, grpc_request(_WARM_UP, 16, no_draft, "warm-up"))
         anchors.warm_up(prompt_ids(_WARM_UP, model.tokenizer))
         keeps_prefix = getattr(model, "keeps_prefix", False)
-        rows = [_row(stub, anchors, model.tokenizer, p, args.max_new_tokens or p.max_new_tokens, tenant, keeps_prefix)
+        rows = [_row(stub, anchors, model, p, args.max_new_tokens or p.max_new_tokens, tenant, keeps_prefix)
                 for p in select(args.rows)]
     total_s, load_after = time.perf_counter() - t0, os.getloadavg()
     title = (f"{Path(settings.model).name} on {model.kind} ({model.precision}), load average "
              f"{load_before[0]:.2f} -> {load_after[0]:.2f}, demo {total_s:.0f} s")
     print(table(rows))
     print(f"decode tokens/s: after the first token (prefill excluded); e2e x: specdraft over plain with the "
-          f"prefill (one shared prefill where the backend keeps the prompt's cache, counted in both); {title}")
+          f"prefill (one shared prefill where the backend keeps the prompt's cache, counted in both); same output: "
+          f"where specdraft's output parts from plain's, plain's top-2 logit margin at that token (replayed one token "
+          f"at a time), a near-tie under {NEAR_TIE_LOGITS}; {title}")
     json_path = args.json or args.out.with_suffix(".json")
     write_json(rows, json_path, {"model": settings.model, "backend": model.kind, "precision": model.precision,
                                  "max_nodes": settings.max_nodes, "tenant": tenant, "total_s": round(total_s, 1),
@@ -139,15 +142,18 @@ def lookup_tokens(text: str) -> tuple[int, ...]:
     return tokens
 
 
-def _row(stub, anchors: Anchors, tokenizer, p: DemoPrompt, max_new_tokens: int, tenant: str,
+def _row(stub, anchors: Anchors, model, p: DemoPrompt, max_new_tokens: int, tenant: str,
          keeps_prefix: bool) -> DemoRow:
     """Plain, specdraft (drafting for `tenant`: earlier rows' outputs are its prior outputs), the anchors.
     keeps_prefix: the backend keeps a prompt's cache (llama.cpp), so a one-token request prefills it
-    once, timed, and plain and specdraft both start from it (neither pays, or gains, the prefill)."""
+    once, timed, and plain and specdraft both start from it (neither pays, or gains, the prefill).
+    Where specdraft's output parts from plain's, `model` (the verifier's backend, idle between
+    requests) replays the plain run to that token (`first_divergence`)."""
     prefill_s = grpc_run(stub, p, 1, False, "prefill").total_s if keeps_prefix else 0.0
     plain = grpc_run(stub, p, max_new_tokens, False, tenant)
     drafted = grpc_run(stub, p, max_new_tokens, True, tenant)
-    ids = prompt_ids(p, tokenizer)
-    row = DemoRow(p, len(ids), (plain, *anchors.runs(ids, max_new_tokens), drafted), prefill_s)
+    ids = prompt_ids(p, model.tokenizer)
+    divergence = first_divergence(model, ids, plain.token_ids, drafted.token_ids)
+    row = DemoRow(p, len(ids), (plain, *anchors.runs(ids, max_new_tokens), drafted), prefill_s, divergence)
     print(f"  {p.name:<13} done: {len(drafted.token_ids)} tokens, {row.speedup():.2f}x plain", flush=True)
     return row

@@ -4,7 +4,8 @@ A `DemoRow` holds one prompt's runs: plain first, then the anchors, specdraft la
 ratios of decode rates (`Run.decode_tok_s`: tokens after the first step per second after it), the
 end-to-end speedup a ratio of tokens per second over the whole request: the run's time, plus
 `prefill_s` where plain and specdraft started from one shared prefill (a backend keeping the
-prompt's cache). Example: plain 16 tok/s,
+prompt's cache). Where specdraft's output parts from plain's, `divergence` says where, and the plain
+run's top-2 logit margin there (a near-tie of the backend's batched decode, or not). Example: plain 16 tok/s,
 llama.cpp lookup 10 / 16 at 14 / 19 tok/s, specdraft 40 tok/s -> 2.50x plain, 2.11x the best lookup.
 """
 
@@ -13,9 +14,13 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from specdraft.demo_runs import PLAIN, SPECDRAFT, Run
 from specdraft.demo_workloads import DemoPrompt
+
+if TYPE_CHECKING:
+    from verifier.decoding.divergence import Divergence
 
 
 @dataclass(frozen=True)
@@ -24,6 +29,7 @@ class DemoRow:
     prompt_tokens: int
     runs: tuple[Run, ...]  # plain, the anchors, specdraft
     prefill_s: float = 0.0  # the prompt's prefill shared by plain and specdraft (0: each run prefilled)
+    divergence: "Divergence | None" = None  # where specdraft's output first parts from plain's (None: it does not)
 
     def run(self, method: str) -> Run:
         return next(r for r in self.runs if r.method == method)
@@ -65,12 +71,29 @@ def table(rows: list[DemoRow]) -> str:
     for row in rows:
         draft = row.run(SPECDRAFT)
         differ = [short[a.method] for a in row.anchors if not row.same_as_plain(a.method)]
-        same = ("yes" if row.same_as_plain(SPECDRAFT) else "NO") + (f" ({', '.join(differ)} differ)" if differ else "")
+        same = _same(row) + (f" ({', '.join(differ)} differ)" if differ else "")
         lines.append(f"{row.prompt.name:<13} {len(draft.token_ids):>6} "
                      + " ".join(f"{row.run(m).decode_tok_s:>15.1f}" for m in methods)
                      + f" {draft.mat or 0:>5.2f} {row.speedup():>6.2f}x {row.over_best_anchor():>7.2f}x "
                        f"{row.e2e_speedup():>5.2f}x  {same}")
     return "\n".join(lines)
+
+
+def _same(row: DemoRow) -> str:
+    """'yes'; 'near-tie at token 37 (margin 0.12)' where specdraft parts from plain at a near-tie of
+    plain's logits; 'NO at token 37 (margin 3.20)' where it does not; 'NO' where no replay told."""
+    if row.same_as_plain(SPECDRAFT):
+        return "yes"
+    d = row.divergence
+    if d is None:
+        return "NO"
+    return f"{'near-tie' if d.near_tie else 'NO'} at token {d.position} (margin {d.margin:.2f})"
+
+
+def _divergence_json(d: "Divergence | None") -> dict | None:
+    return None if d is None else {"position": d.position, "plain_token": d.plain_token, "other_token": d.other_token,
+                                   "plain_top2_logits": [round(x, 4) for x in d.best],
+                                   "margin": round(d.margin, 4), "near_tie": d.near_tie}
 
 
 def _run_json(row: DemoRow, run: Run) -> dict:
@@ -86,7 +109,8 @@ def write_json(rows: list[DemoRow], path: Path, header: dict) -> None:
         "name": r.prompt.name, "workload": r.prompt.workload, "kind": r.prompt.kind,
         "prompt_tokens": r.prompt_tokens, "max_new_tokens": r.prompt.max_new_tokens, "prefill_s": round(r.prefill_s, 3),
         "speedup": round(r.speedup(), 3), "over_best_lookup": round(r.over_best_anchor(), 3),
-        "e2e_speedup": round(r.e2e_speedup(), 3), "runs": [_run_json(r, run) for run in r.runs]} for r in rows])
+        "e2e_speedup": round(r.e2e_speedup(), 3), "divergence": _divergence_json(r.divergence),
+        "runs": [_run_json(r, run) for run in r.runs]} for r in rows])
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(doc, indent=2) + "\n")
 

@@ -42,6 +42,7 @@ def test_demo_on_llama_cpp_runs_the_llama_cpp_prompt_lookup_anchors(tmp_path, mo
         methods = {run["method"]: run for run in row["runs"]}
         assert list(methods) == ["plain", "llama.cpp lookup 10", "llama.cpp lookup 16", "specdraft"]
         assert methods["specdraft"]["same_as_plain"] and methods["plain"]["new_tokens"] == 12
+        assert row["divergence"] is None  # nothing to replay where the outputs are equal
         assert all(run["new_tokens"] == 12 and run["decode_tok_s"] > 0 for run in row["runs"])
         assert row["prefill_s"] > 0  # llama.cpp keeps the prompt's cache: one prefill for plain and specdraft
     assert "lookup16 tok/s" in capsys.readouterr().out and (tmp_path / "d.png").exists()

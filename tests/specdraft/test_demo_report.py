@@ -8,6 +8,7 @@ import pytest
 from specdraft.demo_report import DemoRow, chart, table, write_json
 from specdraft.demo_runs import Run
 from specdraft.demo_workloads import DEMO_PROMPTS, select
+from verifier.decoding.divergence import NEAR_TIE_LOGITS, Divergence
 
 P = DEMO_PROMPTS[0]
 
@@ -42,7 +43,23 @@ def test_the_table_flags_outputs_that_differ_from_plain():
     first, second = lines[2].split(), lines[3].split()
     assert first[:7] == ["rename", "41", "16.0", "20.0", "40.0", "80.0", "4.10"]
     assert first[7:] == ["5.00x", "2.00x", "1.36x", "yes"]
-    assert second[0] == "rename" and lines[3].endswith("NO (lookup16 differ)")
+    assert second[0] == "rename" and lines[3].endswith("NO (lookup16 differ)")  # no replay told where
+
+
+def test_the_table_and_json_say_where_specdraft_parts_from_plain_and_whether_at_a_near_tie(tmp_path):
+    parted = tuple(range(40)) + (99,)  # parts from plain at token 40
+    tie = Divergence(40, 40, 99, (12.5, 12.5 - NEAR_TIE_LOGITS / 4), 12.1)
+    wide = Divergence(40, 40, 99, (12.5, 12.5 - 3 * NEAR_TIE_LOGITS), 2.0)
+    assert tie.near_tie and not wide.near_tie
+    assert not Divergence(0, 1, 2, (1.0 + NEAR_TIE_LOGITS, 1.0), 0.5).near_tie  # the bound itself is not a tie
+    rows = [DemoRow(P, 600, _row(draft_ids=parted).runs, divergence=d) for d in (tie, wide)]
+    lines = table(rows).splitlines()
+    assert lines[2].endswith("near-tie at token 40 (margin 0.25)") and lines[3].endswith("NO at token 40 (margin 3.00)")
+    write_json(rows, tmp_path / "d.json", {})
+    first, second = json.loads((tmp_path / "d.json").read_text())["rows"]
+    assert first["divergence"] == {"position": 40, "plain_token": 40, "other_token": 99, "plain_top2_logits": [12.5, 12.25],
+                                   "margin": 0.25, "near_tie": True}
+    assert second["divergence"]["near_tie"] is False and second["divergence"]["margin"] == 3.0
 
 
 def test_json_and_chart(tmp_path):
@@ -52,7 +69,7 @@ def test_json_and_chart(tmp_path):
     assert doc["model"] == "m" and len(doc["rows"]) == 2
     r = doc["rows"][1]
     assert (r["name"], r["workload"], r["prompt_tokens"], r["speedup"]) == ("rename", "edit", 600, 5.0)
-    assert r["prefill_s"] == 0.0
+    assert r["prefill_s"] == 0.0 and r["divergence"] is None
     by_method = {run["method"]: run for run in r["runs"]}
     assert by_method["llama.cpp lookup 16"]["same_as_plain"] is False and by_method["specdraft"]["same_as_plain"]
     assert by_method["specdraft"]["decode_tok_s"] == 80.0 and by_method["specdraft"]["mat"] == pytest.approx(4.1)

@@ -4,7 +4,7 @@ A backend whose batched forward is not bit-identical to its one-token forward (l
 quantized kernels on Qwen2.5-Coder) can flip an argmax where the plain run's two best logits
 are nearly tied. `first_divergence(backend, prompt_ids, plain, other)` replays the plain run one
 token at a time up to the first differing position and returns the plain run's two best logits
-there: a small margin is a numerical near-tie, a large one a bug.
+there: a margin under `NEAR_TIE_LOGITS` is a numerical near-tie, a larger one a bug.
 
 Example: plain [5, 9, 4], other [5, 9, 7] -> position 2, plain_token 4, other_token 7, and the
 logits after prompt + [5, 9] (their top two, and the other token's).
@@ -22,6 +22,10 @@ from retriever.drafting.types import DraftTree
 if TYPE_CHECKING:
     from verifier.decoding.backend import Backend
 
+# A plain-run top-2 margin under this is a flip of a near-tie: llama.cpp's batched logits for
+# Qwen2.5-Coder Q4_K_M drift from its one-token logits by up to ~0.8 (measured).
+NEAR_TIE_LOGITS = 1.0
+
 
 @dataclass(frozen=True)
 class Divergence:
@@ -35,6 +39,11 @@ class Divergence:
     def margin(self) -> float:
         """Best minus second-best logit of the plain run (>= 0)."""
         return self.best[0] - self.best[1]
+
+    @property
+    def near_tie(self) -> bool:
+        """Whether the plain run's two best logits there are within `NEAR_TIE_LOGITS`."""
+        return self.margin < NEAR_TIE_LOGITS
 
 
 def first_divergence(backend: "Backend", prompt_ids: Sequence[int], plain: Sequence[int], other: Sequence[int]
