@@ -12,7 +12,9 @@ Contract of one step (cache holds `cache_len` entries, the root token is not in 
 ids, depth, ancestor, parent rows), the cache holding the tree until `commit(cache, cache_len,
 accepted)` keeps prefix + root + the accepted nodes (root to leaf) and drops the rest.
 `timer(cache_len)` returns a function timing a chain forward of t tokens (ns) over a cache of
-cache_len tokens, for the cost model.
+cache_len tokens, for the cost model. Optional attributes tell `CostModel.measure` the shape of
+the curve: `sizes` (forwards padded to these sizes: a staircase), `tiled` (true: the kernels tile
+the batch, a size may cost less than a smaller one: timed at every size).
 """
 
 from __future__ import annotations

@@ -7,9 +7,11 @@ curve, or measures it (`CostModel.measure`) and writes it; `save(backend, cost)`
 refined by the steps that ran. A missing, unreadable or foreign file is measured again; a folder
 that cannot be written is logged, never an error (the curve is an optimization).
 
-File format, version 1: {"version": 1, "key": {...}, "tokens": [1, 2, ...], "cost_ns": [...],
+File format, version 2: {"version": 2, "key": {...}, "tokens": [1, 2, ...], "cost_ns": [...],
 "baseline_tokens": [...], "baseline_cost_ns": [...]} (the refined curve, and the measured one that
-bounds its shape: `CostModel`; a file without a baseline takes its curve as the baseline).
+bounds its shape: `CostModel`; a file without a baseline takes its curve as the baseline). Version
+2 curves may fall where a backend's kernels tile the batch (llama.cpp, timed at every size); a
+version-1 file (every curve rising, llama.cpp timed at powers of two) is measured again.
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ if TYPE_CHECKING:
     from verifier.decoding.backend import Backend
 
 log = logging.getLogger(__name__)
-VERSION = 1
+VERSION = 2
 
 
 @dataclass(frozen=True)

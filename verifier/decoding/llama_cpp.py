@@ -70,6 +70,7 @@ class LlamaCppBackend:
 
     kind = "llama.cpp"
     keeps_prefix = True  # `start` keeps what a new context shares with the cache (callers may time a prefill once)
+    tiled = True  # its CPU matmuls tile the batch: 32 tokens may cost less than 31 (the cost curve is timed at every size)
 
     def __init__(self, path: str, max_nodes: int = 64, n_ctx: int = 4096, n_threads: int = 0,
                  tokenizer: object | None = None) -> None:

@@ -11,13 +11,15 @@ from verifier.decoding.cost import CostModel, ScoreCalibration
 
 
 def ref_at(tokens: list[int], costs: list[float], n: float) -> float:
-    """Piecewise-linear cost through the measured points, extended with the last slope (never falling)."""
+    """Piecewise-linear cost through the measured points, extended with the slope from the last
+    point at or below half the last size (never falling)."""
     if n <= tokens[-1]:
         for (x0, y0), (x1, y1) in zip(zip(tokens, costs), zip(tokens[1:], costs[1:])):
             if x0 <= n <= x1:
                 return y0 + (y1 - y0) * (n - x0) / (x1 - x0)
         return costs[0]
-    slope = (costs[-1] - costs[-2]) / (tokens[-1] - tokens[-2]) if len(tokens) > 1 else 0.0
+    k = max([i for i, x in enumerate(tokens) if x <= tokens[-1] / 2], default=0)
+    slope = (costs[-1] - costs[k]) / (tokens[-1] - tokens[k]) if len(tokens) > 1 else 0.0
     return costs[-1] + max(slope, 0.0) * (n - tokens[-1])
 
 
@@ -89,8 +91,8 @@ def ref_observe(points: dict[int, float], scale: float, weight: float, t: int, n
                 bx: list[int], by: list[float]) -> tuple[dict[int, float], float]:
     """CostModel.observe written out: ns clipped to [1/2, 2] x the curve at t; the scale moves
     weight of the way toward scale x ns / curve(t); the shape's point at t moves weight / 2 toward
-    ns / new scale; points left of t at most its value, right of it at least; then every point's
-    ratio to the 1-token point within [2/3, 3/2] x the baseline's (bx, by)."""
+    ns / new scale (the others stay: a curve may fall); then every point's ratio to the 1-token
+    point within [2/3, 3/2] x the baseline's (bx, by)."""
     xs, ys = list(points), list(points.values())
     shape = ref_at(xs, ys, t)
     current = scale * shape
@@ -99,7 +101,7 @@ def ref_observe(points: dict[int, float], scale: float, weight: float, t: int, n
     target = shape + weight / 2 * (ns / scale - shape)
     out = dict(points)
     out[t] = target
-    out = {x: (min(c, target) if x < t else max(c, target) if x > t else c) for x, c in sorted(out.items())}
+    out = dict(sorted(out.items()))
     first = out[1]
     return {x: min(max(c, first * ref_at(bx, by, x) / by[0] * 2 / 3), first * ref_at(bx, by, x) / by[0] * 1.5)
             for x, c in out.items()}, scale
@@ -109,7 +111,7 @@ def ref_observe(points: dict[int, float], scale: float, weight: float, t: int, n
 def test_observe_matches_a_slow_reference(seed):
     rng = np.random.default_rng(seed)
     sizes = [1] + sorted(set(rng.integers(2, 40, int(rng.integers(0, 5))).tolist()))
-    costs = (np.cumsum(rng.uniform(0.0, 5.0, len(sizes))) + 10.0).tolist()
+    costs = (np.cumsum(rng.uniform(-2.0, 5.0, len(sizes))) + 10.0).tolist()  # falling here and there (tiles)
     weight = float(rng.uniform(0.05, 1.0))
     cm = CostModel(tuple(sizes), tuple(costs), weight=weight)
     points, scale = dict(zip(sizes, costs)), 1.0
@@ -119,8 +121,41 @@ def test_observe_matches_a_slow_reference(seed):
         cm.observe(t, ns)
         assert cm.tokens == tuple(points) and cm.scale == pytest.approx(scale)
         assert cm.cost_ns == pytest.approx(list(points.values()))
-        assert all(b >= a for a, b in zip(cm.cost_ns, cm.cost_ns[1:]))  # never cheaper with more tokens
     assert cm.observed == 30
+
+
+def test_a_falling_curve_is_kept_and_the_larger_cheaper_prefix_verified():
+    """The class doc's example: 4 tokens cost less than 3 (a whole tile), so 3 nodes beat 2."""
+    cm = CostModel((1, 2, 4), (10.0, 30.0, 20.0))
+    assert cm.cost_ns == (10.0, 30.0, 20.0) and float(cm.at(3)) == pytest.approx(25.0)
+    assert cm.best_prefix(np.array([0.9, 0.5, 0.1], np.float32)) == 3
+    assert cm.best_prefix(np.array([0.9, 0.5], np.float32)) == 0  # no third node: 2.4 / 25 < 1 / 10
+    dense = CostModel(tuple(range(1, 9)), (10.0, 12.0, 14.0, 12.0, 16.0, 18.0, 20.0, 16.0))
+    assert float(dense.at(10)) == pytest.approx(16.0 + 2 * (16.0 - 12.0) / 4)  # the slope over the last half, 4..8
+
+
+def _tiled_timer(falls_at: int, noise: list[float]):
+    """Pure stand-in for a tiled backend's `timer`: t tokens cost 100 + 10 t ns, but a multiple of
+    `falls_at` costs 10 t; each call multiplies by the next noise factor (the first call is the warm-up)."""
+    calls = []
+
+    def time_chain(t: int) -> int:
+        calls.append(t)
+        return int((10 * t if t % falls_at == 0 else 100 + 10 * t) * noise[len(calls) - 1])
+    return time_chain, calls
+
+
+def test_a_tiled_backend_is_timed_at_every_size_up_then_down_keeping_the_least():
+    from verifier.decoding.cost import _measure_every_size
+
+    time_chain, calls = _tiled_timer(4, [9.0] + [1.5] * 6 + [1.0] * 6)  # the first pass ran slow
+    cm = _measure_every_size(time_chain, 6, stop_ratio=100.0)
+    assert calls == [1, 1, 2, 3, 4, 5, 6, 6, 5, 4, 3, 2, 1]
+    assert cm.tokens == (1, 2, 3, 4, 5, 6) and cm.cost_ns == (110.0, 120.0, 130.0, 40.0, 150.0, 160.0)
+    assert cm.best_prefix(np.full(5, 0.9, np.float32)) == 3  # 4 tokens: a whole tile
+    time_chain, calls = _tiled_timer(4, [1.0] * 20)
+    stopped = _measure_every_size(time_chain, 64, stop_ratio=1.15)  # 3 tokens cost 130 > 1.15 x 110: stop there
+    assert stopped.tokens == (1, 2, 3) and calls == [1, 1, 2, 3, 3, 2, 1]
 
 
 def test_observe_converges_to_the_steps_that_run_and_flat_never_moves():

@@ -32,6 +32,7 @@ def test_a_curve_is_measured_once_then_read(backend, tmp_path):
     store = CostStore(tmp_path / "costs")
     assert store.load(backend) is None
     measured = store.load_or_measure(backend, 17)
+    assert backend.tiled and measured.tokens == tuple(range(1, len(measured.tokens) + 1))  # every size timed
     files = list((tmp_path / "costs").iterdir())
     assert [f.name for f in files] == [CostKey.of(backend).file_name()]
     data = json.loads(files[0].read_text())
