@@ -277,6 +277,7 @@ def test_full_in_process_replay_reaches_the_anchor():
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(3600)  # every trace, on demand: past the suite's 600 s per test
 @pytest.mark.skipif(not TRACES.exists(), reason=f"no traces at {TRACES}")
 def test_full_grpc_replay_reaches_the_anchor():
     from specdraft.bench.backends import GrpcBackend
