@@ -84,7 +84,11 @@ class Anchors:
     """The baselines of one backend on the model file: llama.cpp prompt lookup at each of
     `lookup_tokens` predicted tokens (one `Llama` object: a later setting swaps the draft model in
     and reuses the first run's prefill of the same prompt, so its end-to-end time is not comparable;
-    its decode rate is), or HF's prompt lookup at 10 (`lookup_tokens` unused)."""
+    its decode rate is), or HF's prompt lookup at 10 (`lookup_tokens` unused).
+
+    The lookup prefills each prompt in its own context: `Llama` runs without flash attention (its
+    default), whose V cache layout cannot load the verifier backend's (`llama_state_seq_set_data`:
+    "incompatible V transposition"), and with it on the anchor decoded ~6% slower here."""
 
     def __init__(self, backend, settings: VerifierSettings, lookup_tokens: tuple[int, ...]) -> None:
         from specdraft.bench.generate import llama_lookup_model
