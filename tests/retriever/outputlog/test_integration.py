@@ -27,7 +27,8 @@ class Node:
     def __init__(self, **settings) -> None:
         from retriever.service.server import create_server
 
-        self.server, port = create_server(RetrieverSettings(host="127.0.0.1", port=0, **settings))
+        # no queue-wait shedding: a loaded CI host delays reads past its 5 ms default
+        self.server, port = create_server(RetrieverSettings(host="127.0.0.1", port=0, max_queue_wait_ms=0, **settings))
         self.channel = grpc.insecure_channel(f"127.0.0.1:{port}")
         self.stub, self.health = pb_grpc.RetrieverStub(self.channel), health_pb2_grpc.HealthStub(self.channel)
         self.sid = 0

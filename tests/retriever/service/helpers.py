@@ -38,8 +38,10 @@ def make_tokenizer(path: Path, vocab: int) -> Path:
 
 
 def settings(**changes) -> RetrieverSettings:
+    # max_queue_wait_ms 0: a loaded CI host delays a read by over the default 5 ms and the server sheds the
+    # request; only the queue-wait tests turn it on
     base = dict(host="127.0.0.1", port=0, output_log="off", default_max_nodes=8, max_nodes_cap=16, max_new_tokens=64,
-                max_context_tokens=4096, max_batch=4)
+                max_context_tokens=4096, max_batch=4, max_queue_wait_ms=0)
     return RetrieverSettings(**{**base, **changes})
 
 

@@ -48,7 +48,8 @@ def corpus(tmp_path_factory):
 @pytest.fixture(scope="module")
 def retriever(corpus):
     s = RetrieverSettings(host="127.0.0.1", port=0, metrics_port=0, output_log="file", data_dir=str(corpus / "data"),
-                          indexes=(str(corpus / "corpus"),), max_batch=2, default_max_nodes=8, max_nodes_cap=8)
+                          indexes=(str(corpus / "corpus"),), max_batch=2, default_max_nodes=8, max_nodes_cap=8,
+                          max_queue_wait_ms=0)  # no queue-wait shedding under CI load
     server, port = create_server(s)
     assert server.wait_ready(10)
     with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:

@@ -55,7 +55,8 @@ def verifier(engine, json_log):
     from verifier.api.server import create_server as create_verifier
     from verifier.api.settings import VerifierSettings
 
-    retriever, retriever_port = create_server(RetrieverSettings(host="127.0.0.1", port=0, output_log="off"))
+    retriever, retriever_port = create_server(RetrieverSettings(host="127.0.0.1", port=0, output_log="off",
+                                                                max_queue_wait_ms=0))  # no shedding under CI load
     server, port = create_verifier(VerifierSettings(host="127.0.0.1", port=0, http_port=0, metrics_port=0,
                                                   retriever=f"127.0.0.1:{retriever_port}"), engine=engine)
     with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
