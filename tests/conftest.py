@@ -21,10 +21,9 @@ def smollm2():
 @pytest.fixture(scope="module")
 def retriever_target():
     from retriever.service.server import create_server
-    from retriever.service.settings import RetrieverSettings
+    from tests.retriever.service.helpers import loopback_settings
 
-    # no queue-wait shedding: a loaded CI host delays reads past its 5 ms default (tests/retriever/service/helpers.py)
-    server, port = create_server(RetrieverSettings(host="127.0.0.1", port=0, output_log="off", max_queue_wait_ms=0))
+    server, port = create_server(loopback_settings(output_log="off"))
     assert server.wait_ready(10)
     yield f"127.0.0.1:{port}"
     server.stop(0).wait()

@@ -22,10 +22,9 @@ DEADLINE_S = 0.05
 def start_retriever(port: int = 0):
     """A real retriever server (no corpora) on 127.0.0.1:port; returns (server, port)."""
     from retriever.service.server import create_server
-    from retriever.service.settings import RetrieverSettings
+    from tests.retriever.service.helpers import loopback_settings
 
-    # no queue-wait shedding: a loaded CI host delays reads past its 5 ms default (tests/retriever/service/helpers.py)
-    server, port = create_server(RetrieverSettings(host="127.0.0.1", port=port, output_log="off", max_queue_wait_ms=0))
+    server, port = create_server(loopback_settings(port=port, output_log="off"))
     assert server.wait_ready(10), "the retriever must load (no indexes) within 10 s"
     return server, port
 
@@ -261,11 +260,10 @@ class RecordingDrafter:
 
 def test_the_session_tells_the_server_how_much_of_each_draft_was_verified():
     from retriever.service.server import create_server
-    from retriever.service.settings import RetrieverSettings
+    from tests.retriever.service.helpers import loopback_settings
 
     drafter = RecordingDrafter()
-    server, port = create_server(RetrieverSettings(host="127.0.0.1", port=0, output_log="off", max_queue_wait_ms=0),
-                                 drafter=drafter)
+    server, port = create_server(loopback_settings(output_log="off"), drafter=drafter)
     client = RetrieverClient(f"127.0.0.1:{port}", deadline_s=5.0, call_timeout_s=5.0)
     try:
         assert server.wait_ready(10)

@@ -14,8 +14,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from protos.specdraft.v1 import retriever_pb2 as pb
 from protos.specdraft.v1 import retriever_pb2_grpc as pb_grpc
-from retriever.service.settings import RetrieverSettings
 from tests.redis_fixtures import RedisServer, require_redis_server
+from tests.retriever.service.helpers import loopback_settings
 
 SERVING, NOT_SERVING = health_pb2.HealthCheckResponse.SERVING, health_pb2.HealthCheckResponse.NOT_SERVING
 LOG_HEALTH = "specdraft.v1.OutputLog"
@@ -27,8 +27,7 @@ class Node:
     def __init__(self, **settings) -> None:
         from retriever.service.server import create_server
 
-        # no queue-wait shedding: a loaded CI host delays reads past its 5 ms default
-        self.server, port = create_server(RetrieverSettings(host="127.0.0.1", port=0, max_queue_wait_ms=0, **settings))
+        self.server, port = create_server(loopback_settings(**settings))
         self.channel = grpc.insecure_channel(f"127.0.0.1:{port}")
         self.stub, self.health = pb_grpc.RetrieverStub(self.channel), health_pb2_grpc.HealthStub(self.channel)
         self.sid = 0

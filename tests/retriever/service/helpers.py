@@ -37,12 +37,17 @@ def make_tokenizer(path: Path, vocab: int) -> Path:
     return path
 
 
+def loopback_settings(**changes) -> RetrieverSettings:
+    """A tested retriever's settings: 127.0.0.1, a free port, no queue-wait shedding (max_queue_wait_ms 0:
+    a loaded CI host delays a read past the 5 ms default and the server refuses the request, which looks
+    like a drafting bug; only the queue-wait tests turn it on), then `changes`."""
+    return RetrieverSettings(**{"host": "127.0.0.1", "port": 0, "max_queue_wait_ms": 0, **changes})
+
+
 def settings(**changes) -> RetrieverSettings:
-    # max_queue_wait_ms 0: a loaded CI host delays a read by over the default 5 ms and the server sheds the
-    # request; only the queue-wait tests turn it on
-    base = dict(host="127.0.0.1", port=0, output_log="off", default_max_nodes=8, max_nodes_cap=16, max_new_tokens=64,
-                max_context_tokens=4096, max_batch=4, max_queue_wait_ms=0)
-    return RetrieverSettings(**{**base, **changes})
+    base = dict(output_log="off", default_max_nodes=8, max_nodes_cap=16, max_new_tokens=64, max_context_tokens=4096,
+                max_batch=4)
+    return loopback_settings(**{**base, **changes})
 
 
 class Running:

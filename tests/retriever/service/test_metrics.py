@@ -26,7 +26,7 @@ from retriever.service.settings import RetrieverSettings
 from retriever.store.datastore import write_datastore
 from retriever.store.loading import tokenizer_info
 from tests.metrics_scrape import check_conventions, scrape, value
-from tests.retriever.service.helpers import make_tokenizer, start_cli
+from tests.retriever.service.helpers import loopback_settings, make_tokenizer, start_cli
 
 PROMPT = [5, 6, 7, 8, 9, 5, 6, 7, 8, 9, 5, 6]
 
@@ -47,9 +47,8 @@ def corpus(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def retriever(corpus):
-    s = RetrieverSettings(host="127.0.0.1", port=0, metrics_port=0, output_log="file", data_dir=str(corpus / "data"),
-                          indexes=(str(corpus / "corpus"),), max_batch=2, default_max_nodes=8, max_nodes_cap=8,
-                          max_queue_wait_ms=0)  # no queue-wait shedding under CI load
+    s = loopback_settings(metrics_port=0, output_log="file", data_dir=str(corpus / "data"),
+                          indexes=(str(corpus / "corpus"),), max_batch=2, default_max_nodes=8, max_nodes_cap=8)
     server, port = create_server(s)
     assert server.wait_ready(10)
     with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:

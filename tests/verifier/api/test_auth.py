@@ -70,10 +70,10 @@ def secrets_dir(tmp_path_factory) -> Path:
 def mtls_retriever(certs, secrets_dir):  # noqa: F811
     """A retriever (no indexes: context drafts) with tokens, TLS and client certificates required."""
     from retriever.service.server import create_server
-    from retriever.service.settings import RetrieverSettings
+    from tests.retriever.service.helpers import loopback_settings
 
-    server, port = create_server(RetrieverSettings(
-        host="127.0.0.1", port=0, output_log="off", metrics_port=0, max_queue_wait_ms=0,  # no shedding under CI load
+    server, port = create_server(loopback_settings(
+        output_log="off", metrics_port=0,
         auth_tokens_file=str(secrets_dir / "retriever-tokens"), tls_cert=str(certs / "server.pem"),
         tls_key=str(certs / "server.key"), tls_client_ca=str(certs / "ca.pem")))
     assert server.wait_ready(10)

@@ -15,8 +15,8 @@ import pytest
 
 from retriever.logs import JsonFormatter
 from retriever.service.server import create_server
-from retriever.service.settings import RetrieverSettings
 from tests.metrics_scrape import SECRET, check_conventions, scrape, value
+from tests.retriever.service.helpers import loopback_settings
 from verifier.decoding.stats import source_name
 
 
@@ -55,8 +55,7 @@ def verifier(engine, json_log):
     from verifier.api.server import create_server as create_verifier
     from verifier.api.settings import VerifierSettings
 
-    retriever, retriever_port = create_server(RetrieverSettings(host="127.0.0.1", port=0, output_log="off",
-                                                                max_queue_wait_ms=0))  # no shedding under CI load
+    retriever, retriever_port = create_server(loopback_settings(output_log="off"))
     server, port = create_verifier(VerifierSettings(host="127.0.0.1", port=0, http_port=0, metrics_port=0,
                                                   retriever=f"127.0.0.1:{retriever_port}"), engine=engine)
     with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
